@@ -55,7 +55,7 @@ def load_pipeline(model_id, device, dtype):
     a model that is neither local nor reachable gives a UserError that says what to do.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     local_dir = os.path.isdir(model_id)
     if not local_dir and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
         raise UserError(f"model folder {model_id!r} does not exist")

@@ -1,0 +1,111 @@
+"""Evaluate detection: AUC and TPR@1%/3%FPR of memorized vs non-memorized prompt scores from detect_mem.py.
+
+    python detect_eval.py --mem det_outputs/sd1_mem_gen4.pt --nmem det_outputs/sd1_nmem_gen4.pt
+
+A prompt's score is the mean over the measured sampling steps (or the steps given by --steps). Prints one line,
+writes the numbers as JSON and the ROC curve as PNG beside the inputs (or where --out says).
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from utils.cli import UserError, guarded, warn
+from utils.io import atomic_write_bytes, atomic_write_json, library_versions
+from utils.metrics import TPR_RULES, detection_metrics
+
+TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mem", default="det_outputs/sd1_mem_gen4.pt", help="scores of memorized prompts (.pt)")
+    p.add_argument("--nmem", default="det_outputs/sd1_nmem_gen4.pt", help="scores of non-memorized prompts (.pt)")
+    p.add_argument("--steps", default=None,
+                   help="comma-separated 1-based steps to average (default: all measured steps)")
+    p.add_argument("--tpr_rule", default="closest", choices=TPR_RULES,
+                   help="closest: ROC point with FPR nearest the target (reference); strict: best TPR with FPR<=target")
+    p.add_argument("--out", default=None, help="JSON path (default: <mem stem>_vs_<nmem stem>.eval.json beside --mem)")
+    p.add_argument("--no_plot", action="store_true", help="skip the ROC curve PNG")
+    return p.parse_args(argv)
+
+
+def load_scores(path, steps):
+    """[prompts, steps] tensor from detect_mem.py -> per-prompt mean over the chosen steps (numpy float64)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run detect_mem.py first")
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a detect_mem.py result ({type(e).__name__})")
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] == 0:
+        raise UserError(f"{path} does not hold a [prompts, steps] tensor")
+    if steps is not None:
+        if max(steps) > t.shape[1]:
+            raise UserError(f"{path} has {t.shape[1]} measured step(s); --steps asks for step {max(steps)}")
+        t = t[:, [s - 1 for s in steps]]
+    return t.double().mean(dim=1).numpy()
+
+
+def parse_steps(text):
+    if text is None:
+        return None
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--steps must be comma-separated integers, got {text!r}")
+    if not steps or min(steps) < 1:
+        raise UserError("--steps are 1-based step numbers")
+    return steps
+
+
+def plot_roc(res, title):
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.plot(res["roc"]["fpr"], res["roc"]["tpr"], lw=1.5, label=f"AUC {res['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@guarded
+def main(argv=None):
+    args = parse_args(argv)
+    steps = parse_steps(args.steps)
+    mem, nmem = load_scores(args.mem, steps), load_scores(args.nmem, steps)
+    keep_m, keep_n = np.isfinite(mem), np.isfinite(nmem)
+    if (~keep_m).any() or (~keep_n).any():
+        warn(f"dropped {int((~keep_m).sum())} memorized and {int((~keep_n).sum())} non-memorized prompt(s) "
+             "with NaN scores")
+    mem, nmem = mem[keep_m], nmem[keep_n]
+    if len(mem) == 0 or len(nmem) == 0:
+        raise UserError("need at least one finite score in each of --mem and --nmem")
+    res = detection_metrics(mem, nmem, TARGET_FPRS, args.tpr_rule)
+    if res["auc"] < 0.5:
+        warn(f"AUC {res['auc']:.3f} is below 0.5: memorized prompts score LOWER than non-memorized ones; "
+             "reported as is (check that --mem and --nmem are not swapped)")
+    tprs = " | ".join(f"TPR@{f * 100:g}%FPR: {v:.3f}" for f, v in res["tpr_at_fpr"].items())
+    print(f"AUC: {res['auc']:.3f} | {tprs}")
+
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+    out = args.out or os.path.join(os.path.dirname(args.mem) or ".", f"{stem(args.mem)}_vs_{stem(args.nmem)}.eval.json")
+    res.update(mem_file=args.mem, nmem_file=args.nmem, steps=steps or "all",
+               dropped_nan=dict(mem=int((~keep_m).sum()), nmem=int((~keep_n).sum())), versions=library_versions())
+    atomic_write_json(out, res)
+    if not args.no_plot:
+        atomic_write_bytes(os.path.splitext(out)[0] + ".roc.png", plot_roc(res, f"{stem(args.mem)} vs {stem(args.nmem)}"))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny SD-shaped pipelines saved as folders, the prompt mirror, and the repo root on sys.path."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+SHARED_PROMPTS = os.path.normpath(os.path.join(ROOT, "..", "shared", "prompts"))
+
+
+@pytest.fixture(scope="session")
+def prompt_mirror():
+    """The verified copy of the paper's prompt files beside the checkout (CI lays ../shared beside it)."""
+    if not os.path.isdir(SHARED_PROMPTS):
+        pytest.skip("no ../shared/prompts mirror beside this checkout")
+    return SHARED_PROMPTS
+
+
+def _saved_tiny(tmp_path_factory, prediction_type):
+    from utils.tiny import tiny_pipeline
+    folder = tmp_path_factory.mktemp(f"tiny_{prediction_type}")
+    tiny_pipeline(prediction_type=prediction_type, seed=0).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_eps_dir(tmp_path_factory):
+    """Folder of a tiny random epsilon-prediction SD pipeline (loads with from_pretrained)."""
+    return _saved_tiny(tmp_path_factory, "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_v_dir(tmp_path_factory):
+    """Folder of a tiny random v-prediction SD pipeline."""
+    return _saved_tiny(tmp_path_factory, "v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_eps(tiny_eps_dir):
+    import torch
+    from utils.models import load_pipeline
+    return load_pipeline(tiny_eps_dir, torch.device("cpu"), torch.float32)

@@ -1,0 +1,124 @@
+"""Score, HVP and detection math against closed forms, finite differences and dense Jacobians."""
+import pytest
+import torch
+
+from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
+from utils.detection import cfg_embeddings, sharpness_scores
+from utils.scores import alpha_sigma, hvp_delta, pair_score_fn, score_difference, score_from_output
+
+SHAPE = (4, 4, 4)
+
+
+def _conditions(k, seed=0):
+    """Uncond: broad N(0, I); K conds: narrow Gaussians (small variance = sharp peak) with random means."""
+    g = torch.Generator().manual_seed(seed)
+    uncond = gaussian_embedding(torch.zeros(1, *SHAPE), torch.zeros(1, *SHAPE))
+    mu = torch.randn(k, *SHAPE, generator=g)
+    log_s2 = torch.log(torch.rand(k, *SHAPE, generator=g) * 0.5 + 0.01)
+    return gaussian_embedding(mu, log_s2), uncond
+
+
+def _analytic_metric(model, x, t, cond, uncond):
+    """||H_delta s_delta|| per (prompt, generation) from the closed form: H = -diag(1/v)."""
+    k, n = cond.shape[0], x.shape[0]
+    xs = x.repeat(k, 1, 1, 1)
+    c = cond.repeat_interleave(n, 0)
+    u = uncond.expand(k * n, -1, -1)
+    s_d = model.score(xs, t, c) - model.score(xs, t, u)
+    _, _, _, v_c = model.marginal(t, c)
+    _, _, _, v_u = model.marginal(t, u)
+    h = (-1 / v_c + 1 / v_u) * s_d
+    return h.flatten(1).norm(dim=1).view(k, n)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_score_from_output_matches_closed_form(pred):
+    sched = ddim_scheduler(pred)
+    model = GaussianUNet(sched.alphas_cumprod, SHAPE, pred).double()
+    cond, uncond = _conditions(2)
+    x = torch.randn(2, *SHAPE, dtype=torch.float64)
+    for t in (981, 500, 21):
+        alpha, sigma = alpha_sigma(sched, t)
+        out = model(x, t, cond.double())[0]
+        got = score_from_output(out, x, alpha.double(), sigma.double(), pred)
+        torch.testing.assert_close(got, model.score(x, t, cond.double()), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_detection_step1_equals_analytic_value(pred):
+    sched = ddim_scheduler(pred)
+    model = GaussianUNet(sched.alphas_cumprod, SHAPE, pred)
+    cond, uncond = _conditions(3)
+    lat = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
+    vals, cost = sharpness_scores(model, sched, cond, uncond, lat, hvp_sampling_num=1)
+    assert vals.shape == (3, 4, 1) and cost == {"unet_forwards": 1, "jvps": 1}
+    expected = _analytic_metric(model, lat, sched.timesteps[0], cond, uncond)
+    torch.testing.assert_close(vals[..., 0], expected, rtol=1e-4, atol=0)
+    # Sharper condition (smaller data variance) -> larger metric: the paper's premise holds in the closed form.
+    assert (expected > 0).all()
+
+
+def test_detection_later_steps_follow_ddim_cfg_path_and_make_no_extra_call():
+    sched = ddim_scheduler()
+    model = GaussianUNet(sched.alphas_cumprod, SHAPE).double()
+    cond, uncond = _conditions(2)
+    cond, uncond = cond.double(), uncond.double()
+    lat = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    steps, g = 3, 7.5
+    model.calls = 0
+    vals, cost = sharpness_scores(model, sched, cond, uncond, lat, hvp_sampling_num=steps, guidance_scale=g)
+    # One forward + one JVP (which calls the function once) per measured step, nothing after the last one.
+    assert cost == {"unet_forwards": steps, "jvps": steps} and model.calls == 2 * steps
+    # Independent DDIM (eta=0) with CFG on the closed-form model, written out here.
+    ts = sched.timesteps
+    x = lat.repeat(2, 1, 1, 1)
+    c, u = cond.repeat_interleave(3, 0), uncond.expand(6, -1, -1)
+    for i in range(steps):
+        t = int(ts[i])
+        expected = _analytic_metric(model, x[:3], t, cond[:1], uncond)[0], _analytic_metric(model, x[3:], t, cond[1:], uncond)[0]
+        torch.testing.assert_close(vals[0, :, i], expected[0].float(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(vals[1, :, i], expected[1].float(), rtol=1e-5, atol=0)
+        abar = sched.alphas_cumprod[t].double()
+        abar_prev = sched.alphas_cumprod[t - 20].double()
+        eps = model(x, t, u)[0] + g * (model(x, t, c)[0] - model(x, t, u)[0])
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+
+
+def test_reference_v_score_scales_metric_by_inverse_sigma_squared():
+    sched = ddim_scheduler("v_prediction")
+    model = GaussianUNet(sched.alphas_cumprod, SHAPE, "v_prediction").double()
+    cond, uncond = _conditions(2)
+    lat = torch.randn(2, *SHAPE, dtype=torch.float64)
+    a, _ = sharpness_scores(model, sched, cond.double(), uncond.double(), lat, v_score="correct")
+    b, _ = sharpness_scores(model, sched, cond.double(), uncond.double(), lat, v_score="reference")
+    _, sigma = alpha_sigma(sched, sched.timesteps[0])
+    torch.testing.assert_close(b, a / sigma.item() ** 2, rtol=1e-5, atol=0)
+
+
+def test_hvp_matches_dense_jacobian_and_finite_differences(tiny_eps):
+    import copy
+    pipe = tiny_eps
+    unet = copy.deepcopy(pipe.unet).double()  # float64 so that finite differences are accurate
+    sched = pipe.scheduler
+    sched.set_timesteps(50)
+    t = sched.timesteps[0]
+    alpha, sigma = alpha_sigma(sched, t)
+    with torch.no_grad():
+        cond = pipe.encode_prompt(["a red square"], "cpu", 1, False)[0]
+        uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
+    embeds = cfg_embeddings(cond, uncond, 1).double()
+    fn = pair_score_fn(unet, t, embeds, alpha.double(), sigma.double(), "epsilon")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    v = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        h = hvp_delta(fn, x, v)
+        # Central finite difference of s_delta along v.
+        eps = 1e-5
+        fd = (score_difference(fn(x + eps * v)) - score_difference(fn(x - eps * v))) / (2 * eps)
+    torch.testing.assert_close(h, fd, rtol=1e-5, atol=1e-7 * fd.abs().max().item())
+    # Dense Jacobian of x -> s_delta(x) (reverse mode, independent of the JVP path).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        jac = torch.autograd.functional.jacobian(lambda z: score_difference(fn(z.view_as(x))).flatten(), x.flatten())
+    torch.testing.assert_close(h.flatten(), jac @ v.flatten(), rtol=1e-9, atol=1e-12 * jac.abs().max().item())
