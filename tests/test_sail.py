@@ -1,0 +1,202 @@
+"""SAIL: faithfulness to the reference algorithm, behaviour on a closed-form sharp Gaussian, bookkeeping, CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mitigate_mem
+from gaussian import GaussianUNet, gaussian_embedding
+from utils.sail import guidance_difference, sail_latents
+from utils.scores import alpha_sigma
+
+
+def reference_style_sail(unet, scheduler, cond, uncond, shape, gen_num, seed, thres, lr, budget, max_steps, alpha):
+    """The reference's search written out plainly with the GLOBAL torch RNG (an independent oracle).
+
+    Per round: seed, draw candidates, build the doubled model input once; each step: direction from that input,
+    proxy at latents + direction, accept new indices (views into the live tensor), backward, Adam step.
+    """
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[0]
+    abar = scheduler.alphas_cumprod[t]
+    emb = torch.cat([uncond] * budget + [cond] * budget)
+    kept, failures = [], 0
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    while True:
+        torch.manual_seed(seed)
+        lat = torch.randn((budget, *shape), requires_grad=True)
+        opt = torch.optim.Adam([lat], lr=lr)
+        with torch.enable_grad():
+            doubled = torch.cat([scheduler.scale_model_input(lat, t)] * 2)
+            seen = []
+            for _ in range(max_steps):
+                e_uc, e_c = unet(doubled, t, encoder_hidden_states=emb)[0].chunk(2)
+                direction = e_c - e_uc
+                direction = direction / direction.view(budget, -1).norm(dim=1)[:, None, None, None]
+                m_uc, m_c = unet(torch.cat([lat + direction] * 2), t, encoder_hidden_states=emb)[0].chunk(2)
+                loss = (m_c - m_uc).view(budget, -1).norm(dim=1) + alpha * lat.view(budget, -1).norm(dim=1)
+                new = [i for i in range(budget) if loss[i] <= thres and i not in seen]
+                seen += new
+                kept += [lat[i].detach().unsqueeze(0) for i in new]
+                if len(kept) >= gen_num:
+                    break
+                loss.sum().backward()
+                opt.step()
+                opt.zero_grad()
+        if len(kept) >= gen_num:
+            for p in unet.parameters():
+                p.requires_grad_(True)
+            return torch.cat(kept)[:gen_num].clone(), thres
+        failures += 1
+        if failures % 3 == 0:
+            thres += 0.1
+            seed = torch.randint(0, 50000, (1,)).item()
+
+
+def _embeds(pipe, prompt):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, "cpu", 1, False)[0], pipe.encode_prompt("", "cpu", 1, False)[0]
+
+
+def test_reference_form_equals_reference_algorithm(tiny_eps):
+    """Multi-round case: an accepted view keeps moving, repeated rounds re-accept, threshold and seed change."""
+    pipe = tiny_eps
+    c, u = _embeds(pipe, "a cat")
+    kw = dict(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3)
+    got, info = sail_latents(pipe.unet, pipe.scheduler, c, u, (4, 8, 8), alpha=0.05, **kw)
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # frozen only during the search
+    want, want_thres = reference_style_sail(pipe.unet, pipe.scheduler, c, u, (4, 8, 8), alpha=0.05, **kw)
+    assert torch.equal(got, want)
+    assert info["rounds"] == 4 and info["final_threshold"] == pytest.approx(want_thres) == pytest.approx(0.9)
+    assert len(info["seeds"]) == 2 and info["seeds"][0] == 42 and info["reached_threshold"]
+    # Rounds 1-3 share seed 42 and so re-accept the same candidate: the reference's duplicates.
+    assert [a["round"] for a in info["accepted"]][:3] == [1, 2, 3]
+    assert torch.equal(got[0], got[1]) and torch.equal(got[1], got[2])
+
+
+def test_clean_form_freezes_accepted_and_never_repeats(tiny_eps):
+    pipe = tiny_eps
+    c, u = _embeds(pipe, "a cat")
+    got, info = sail_latents(pipe.unet, pipe.scheduler, c, u, (4, 8, 8), gen_num=4, seed=42, thres=0.80, lr=0.2,
+                             budget=4, max_steps=3, form="clean")
+    assert info["reached_threshold"]
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(got[i], got[j])
+    # Frozen at acceptance: each returned latent's recomputed loss is the loss recorded when it was accepted.
+    pipe.scheduler.set_timesteps(50)
+    t = pipe.scheduler.timesteps[0]
+    a, s = alpha_sigma(pipe.scheduler, t)
+    emb = torch.cat([u.expand(4, -1, -1), c.expand(4, -1, -1)])
+    with torch.no_grad():
+        x2 = torch.cat([got] * 2)
+        d = guidance_difference(pipe.unet(x2, t, encoder_hidden_states=emb)[0], x2, a, s, "epsilon")
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        xm = torch.cat([got + d] * 2)
+        p = guidance_difference(pipe.unet(xm, t, encoder_hidden_states=emb)[0], xm, a, s, "epsilon").flatten(1).norm(dim=1)
+    loss = p + 0.05 * got.flatten(1).norm(dim=1)
+    torch.testing.assert_close(loss, torch.tensor([x["loss"] for x in info["accepted"]]), rtol=1e-5, atol=1e-6)
+    assert (loss <= 0.9 + 1e-6).all()
+
+
+def _sharp_gaussian():
+    """A scheduler whose first DDIM step keeps signal (alpha ~ 0.6) and a condition 100x sharper than uncond."""
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=2e-3, beta_schedule="linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    shape = (4, 4, 4)
+    model = GaussianUNet(sched.alphas_cumprod, shape)
+    cond = gaussian_embedding(torch.full((1, *shape), 3.0), torch.full((1, *shape), float(np.log(1e-4))))
+    uncond = gaussian_embedding(torch.zeros(1, *shape), torch.zeros(1, *shape))
+    return model, sched, cond, uncond, shape
+
+
+def _proxy(model, sched, x, cond, uncond):
+    sched.set_timesteps(50)
+    t = sched.timesteps[0]
+    b = x.shape[0]
+    emb = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
+    a, s = alpha_sigma(sched, t)
+    d = guidance_difference(model(torch.cat([x, x]), t, emb)[0], torch.cat([x, x]), a, s, "epsilon")
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    xm = torch.cat([x + d] * 2)
+    return guidance_difference(model(xm, t, emb)[0], xm, a, s, "epsilon").flatten(1).norm(dim=1)
+
+
+def test_sharp_gaussian_accepted_latents_are_smoother_and_loop_stops():
+    model, sched, cond, uncond, shape = _sharp_gaussian()
+    init = torch.randn((8, *shape), generator=torch.Generator().manual_seed(42))
+    p0 = _proxy(model, sched, init, cond, uncond)
+    thres = float((p0 + 0.05 * init.flatten(1).norm(dim=1)).min()) * 0.6  # unreachable without optimization
+    lat, info = sail_latents(model, sched, cond, uncond, shape, gen_num=2, seed=42, thres=thres, lr=0.1,
+                             budget=8, max_steps=50, max_rounds=3)
+    assert info["reached_threshold"] and info["rounds"] == 1 and 0 < info["opt_steps"] < 50
+    assert info["unet_calls"] == 2 * (info["opt_steps"] + 1)  # stopped at the step that accepted the 2nd latent
+    assert _proxy(model, sched, lat, cond, uncond).max() < p0.min()
+
+
+def test_unreachable_threshold_ends_after_max_rounds_with_report():
+    model, sched, cond, uncond, shape = _sharp_gaussian()
+    lat, info = sail_latents(model, sched, cond, uncond, shape, gen_num=3, seed=42, thres=-1.0, lr=0.1, budget=2,
+                             max_steps=2, max_rounds=7)
+    assert not info["reached_threshold"] and info["rounds"] == 7 and info["n_accepted"] == 0
+    assert lat.shape == (3, *shape) and len(info["filled_losses"]) == 3
+    assert info["filled_losses"] == sorted(info["filled_losses"])
+    # +0.1 after failed rounds 3 and 6; each change draws the next seed from the CPU generator like the reference.
+    assert info["final_threshold"] == pytest.approx(-0.8) and len(info["seeds"]) == 3
+    g = torch.Generator().manual_seed(42)
+    torch.randn((2, *shape), generator=g)
+    assert info["seeds"][1] == int(torch.randint(0, 50000, (1,), generator=g))
+
+
+def _run(argv):
+    try:
+        mitigate_mem.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize("bad", [["--gen_num", "0"], ["--miti_budget", "0"], ["--miti_lr", "0"],
+                                 ["--miti_thres", "nan"], ["--miti_thres", "inf"], ["--miti_alpha", "-1"]])
+def test_bad_hyperparameters_exit_2(bad, tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("a prompt")
+    assert _run(["--data_path", str(f), "--out_dir", str(tmp_path), "--device", "cpu", *bad]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["eps", "v"])
+def test_end_to_end_and_no_mitigation_matches_plain_diffusers(which, tiny_eps_dir, tiny_v_dir, tmp_path):
+    from utils.models import load_pipeline
+    model_dir = tiny_eps_dir if which == "eps" else tiny_v_dir
+    f = tmp_path / "p.txt"
+    prompts = ['"Mothers influence on her young hippo"', "a <b>bold</b> / slashed prompt"]
+    f.write_text("\n".join(prompts))
+    base = ["--model_id", model_dir, "--data_path", str(f), "--gen_num", "2", "--device", "cpu",
+            "--out_dir", str(tmp_path / "out"), "--sd_ver", "t"]
+    assert _run([*base, "--miti_thres", "100", "--miti_budget", "3"]) == 0
+    folder = tmp_path / "out" / "sdt" / "mem"
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines[1:]]
+    assert json.loads(lines[0])["header"]["miti_thres"] == 100 and [r["prompt"] for r in recs] == prompts
+    for r in recs:
+        assert r["reached_threshold"] and r["rounds"] == 1 and r["opt_steps"] == 0 and len(r["images"]) == 2
+        assert all(os.path.isfile(folder / n) and "/" not in n and '"' not in n for n in r["images"])
+    assert len(set(recs[0]["images"] + recs[1]["images"])) == 4
+    # Resuming a finished run does nothing and changes nothing.
+    assert _run([*base, "--miti_thres", "100", "--miti_budget", "3"]) == 0
+    assert (folder / "manifest.jsonl").read_text().splitlines() == lines
+    # --no_mitigation: the same pixels as plain diffusers sampling after torch.manual_seed(gen_seed).
+    assert _run([*base, "--no_mitigation"]) == 0
+    rec = json.loads((tmp_path / "out" / "sdt" / "mem_nomiti" / "manifest.jsonl").read_text().splitlines()[1])
+    pipe = load_pipeline(model_dir, torch.device("cpu"), torch.float32)
+    torch.manual_seed(42)
+    ref = pipe(prompts[0], num_images_per_prompt=2, num_inference_steps=50, guidance_scale=7.5).images
+    for name, img in zip(rec["images"], ref):
+        saved = np.asarray(Image.open(tmp_path / "out" / "sdt" / "mem_nomiti" / name))
+        assert np.array_equal(saved, np.asarray(img))
