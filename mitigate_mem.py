@@ -70,7 +70,7 @@ def main(argv=None):
     prompts = read_prompts(args.data_path, args.prompt_mirror)
     folder = os.path.join(args.out_dir, f"sd{args.sd_ver}",
                           args.prompt_type + ("_nomiti" if args.no_mitigation else ""))
-    identity = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
+    identity = dict(sd_ver=str(args.sd_ver), model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                     gen_seed=args.gen_seed, no_mitigation=args.no_mitigation, dtype=str(dtype), device=device.type)
     if not args.no_mitigation:
         identity.update(miti_thres=args.miti_thres, miti_lr=args.miti_lr, miti_budget=args.miti_budget,

@@ -10,6 +10,9 @@ if ROOT not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 SHARED_PROMPTS = os.path.normpath(os.path.join(ROOT, "..", "shared", "prompts"))
+if os.path.isdir(SHARED_PROMPTS):
+    # Benchmark prompt files come from this verified copy instead of the network (utils/prompts.py).
+    os.environ.setdefault("MEMSHARP_PROMPT_MIRROR", SHARED_PROMPTS)
 
 
 @pytest.fixture(scope="session")

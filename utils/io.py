@@ -10,6 +10,9 @@ import time
 
 from .cli import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path, data):
     """Write bytes to path via a temporary file in the same folder and os.replace (never a half-written file)."""
@@ -22,6 +25,7 @@ def atomic_write_bytes(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
