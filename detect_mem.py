@@ -7,6 +7,7 @@ layout) and <stem>_gen<n>.json (prompts, per-generation values, arguments, versi
 per prompt to <stem>_gen<n>.progress.jsonl, so re-running the same command resumes an interrupted run.
 """
 import argparse
+import copy
 import math
 import os
 import time
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--v_score", default="correct", choices=["correct", "reference"],
                    help="v-prediction score: correct -(alpha v + sigma x)/sigma, or the reference's "
                         "(alpha v - x)/sigma^2 (metric scaled by 1/sigma_t^2)")
+    p.add_argument("--jvp_dtype", default="model", choices=["model", "float32"],
+                   help="model: the JVP in the model's dtype, what the reference effectively does (its float32 "
+                        "CUDA autocast is disabled by torch); float32: a float32 copy of the UNet for the JVP")
     p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
     return p.parse_args(argv)
 
@@ -58,8 +62,8 @@ def main(argv=None):
     # Everything that changes the numbers; a resumed run must match it exactly.
     identity = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                     hvp_sampling_num=args.hvp_sampling_num, gen_seed=args.gen_seed, dtype=str(dtype),
-                    device=device.type, v_score=args.v_score, num_inference_steps=NUM_INFERENCE_STEPS,
-                    guidance_scale=GUIDANCE_SCALE)
+                    device=device.type, v_score=args.v_score, jvp_dtype=args.jvp_dtype,
+                    num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE)
     log = ProgressLog(base + ".progress.jsonl", identity)
     todo = [i for i in range(len(prompts)) if i not in log.done]
     if log.done:
@@ -78,7 +82,9 @@ def main(argv=None):
     latents = initial_latents(pipe, args.gen_num, args.gen_seed)  # same noise for every prompt
     with torch.no_grad():
         uncond = pipe.encode_prompt("", device, 1, False)[0]
-    jvp_autocast = device.type == "cuda" and dtype != torch.float32  # the reference's fp32 autocast for the JVP
+    jvp_unet = None
+    if args.jvp_dtype == "float32" and dtype != torch.float32:
+        jvp_unet = copy.deepcopy(pipe.unet).float()  # float32 copy for the JVP only (+4 bytes per parameter)
 
     for start in tqdm(range(0, len(todo), args.batch_size), desc=f"detect {stem}", unit="batch",
                       disable=not todo):
@@ -89,7 +95,7 @@ def main(argv=None):
         vals, cost = sharpness_scores(pipe.unet, pipe.scheduler, cond, uncond, latents,
                                       num_inference_steps=NUM_INFERENCE_STEPS,
                                       hvp_sampling_num=args.hvp_sampling_num, guidance_scale=GUIDANCE_SCALE,
-                                      v_score=args.v_score, jvp_autocast=jvp_autocast)
+                                      v_score=args.v_score, jvp_unet=jvp_unet)
         secs = (time.time() - t0) / len(idx)
         for j, i in enumerate(idx):
             per_gen = vals[j].T.tolist()  # [steps][generations]

@@ -68,8 +68,7 @@ def main():
             unet(torch.cat([lat, lat]), t, encoder_hidden_states=emb)
 
     def detect():
-        sharpness_scores(unet, sched, cond, uncond, lat, hvp_sampling_num=1,
-                         jvp_autocast=dev.type == "cuda" and dtype != torch.float32)
+        sharpness_scores(unet, sched, cond, uncond, lat, hvp_sampling_num=1)
 
     base = timed(forward, args.repeats, sync)
     det = timed(detect, args.repeats, sync)

@@ -122,3 +122,20 @@ def test_hvp_matches_dense_jacobian_and_finite_differences(tiny_eps):
     with sdpa_kernel(SDPBackend.MATH):
         jac = torch.autograd.functional.jacobian(lambda z: score_difference(fn(z.view_as(x))).flatten(), x.flatten())
     torch.testing.assert_close(h.flatten(), jac @ v.flatten(), rtol=1e-9, atol=1e-12 * jac.abs().max().item())
+
+
+def test_separate_jvp_unet_runs_the_jvp_in_its_dtype(tiny_eps):
+    """--jvp_dtype float32 path: a higher-precision copy for the JVP gives the same metric (here float64 vs 32)."""
+    import copy
+    pipe = tiny_eps
+    with torch.no_grad():
+        cond = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
+        uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    a, _ = sharpness_scores(pipe.unet, pipe.scheduler, cond, uncond, lat)
+    calls = {"n": 0}
+    hi = copy.deepcopy(pipe.unet).double()
+    hi.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + 1))
+    b, _ = sharpness_scores(pipe.unet, pipe.scheduler, cond, uncond, lat, jvp_unet=hi)
+    assert calls["n"] == 1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=0)

@@ -26,14 +26,15 @@ def cfg_embeddings(cond, uncond, n):
 
 
 def sharpness_scores(unet, scheduler, cond, uncond, latents, *, num_inference_steps=50, hvp_sampling_num=1,
-                     guidance_scale=7.5, v_score="correct", jvp_autocast=False):
+                     guidance_scale=7.5, v_score="correct", jvp_unet=None):
     """Detection metric ||H_delta s_delta|| for K prompts x n generations at the first S sampling steps.
 
     unet: callable with the UNet2DConditionModel signature; scheduler: a DDIM scheduler (its timesteps are set
     here); cond (K, L, D), uncond (1, L, D); latents (n, C, H, W), the same initial noise for every prompt.
     At step i the UNet runs once on [x; x] for both branches, then one JVP gives H_delta s_delta; between
     measured steps x advances by a classifier-free-guided DDIM step. No UNet call is made after the last
-    measured step. Returns a float32 tensor (K, n, S) and a dict of cost counts.
+    measured step. jvp_unet: optional higher-precision copy of the UNet for the JVP (inputs cast to its dtype); by
+    default the JVP runs in the UNet's own dtype. Returns a float32 tensor (K, n, S) and a dict of cost counts.
     """
     if hvp_sampling_num > num_inference_steps:
         raise ValueError("hvp_sampling_num must not exceed num_inference_steps")
@@ -51,9 +52,13 @@ def sharpness_scores(unet, scheduler, cond, uncond, latents, *, num_inference_st
             out = unet_pair(unet, xin, t, embeds)
         cost["unet_forwards"] += 1
         s_delta = score_difference(score_from_output(out, torch.cat([xin, xin]), alpha, sigma, pred, v_score))
-        fn = pair_score_fn(unet, t, embeds, alpha, sigma, pred, v_score)
         with torch.no_grad():
-            h = hvp_delta(fn, xin, s_delta, autocast=jvp_autocast)
+            if jvp_unet is None:
+                h = hvp_delta(pair_score_fn(unet, t, embeds, alpha, sigma, pred, v_score), xin, s_delta)
+            else:
+                hi = next(jvp_unet.parameters()).dtype
+                fn = pair_score_fn(jvp_unet, t, embeds.to(hi), alpha, sigma, pred, v_score)
+                h = hvp_delta(fn, xin.to(hi), s_delta.to(hi))
         cost["jvps"] += 1
         out_vals[:, i] = flat_norm(h).cpu()
         if i + 1 < hvp_sampling_num:

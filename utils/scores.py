@@ -75,19 +75,12 @@ def forward_ad_attention():
         yield
 
 
-def jvp_autocast(device, enabled):
-    """The reference runs its JVP under CUDA autocast to float32 (bf16 weights, fp32 matmuls); a no-op elsewhere."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float32)
-    return contextlib.nullcontext()
-
-
-def hvp_delta(score_pair, x, v, autocast=False):
+def hvp_delta(score_pair, x, v):
     """H_delta v = J_cond v - J_uncond v with ONE forward-mode JVP of x -> [s(x, uncond); s(x, cond)].
 
     score_pair: function (B, C, H, W) -> (2B, C, H, W); x, v: (B, C, H, W). Returns (B, C, H, W).
     """
-    with forward_ad_attention(), jvp_autocast(x.device, autocast):
+    with forward_ad_attention():
         _, tangent = jvp(score_pair, (x,), (v.to(x.dtype),))
     return score_difference(tangent)
 
@@ -95,3 +88,11 @@ def hvp_delta(score_pair, x, v, autocast=False):
 def flat_norm(t):
     """Per-sample L2 norm over all non-batch entries: (B, ...) -> (B,)."""
     return t.reshape(t.shape[0], -1).float().norm(dim=1)
+
+
+def jvp_autocast(device, enabled):
+    """CUDA autocast to float32 as the reference writes it; torch disables it (float32 is no autocast dtype)."""
+    import contextlib
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float32)
+    return contextlib.nullcontext()
