@@ -89,10 +89,3 @@ def flat_norm(t):
     """Per-sample L2 norm over all non-batch entries: (B, ...) -> (B,)."""
     return t.reshape(t.shape[0], -1).float().norm(dim=1)
 
-
-def jvp_autocast(device, enabled):
-    """CUDA autocast to float32 as the reference writes it; torch disables it (float32 is no autocast dtype)."""
-    import contextlib
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float32)
-    return contextlib.nullcontext()
