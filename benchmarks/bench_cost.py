@@ -41,20 +41,23 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gen_num", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--jvp", default="model", choices=["model", "float32"],
+                   help="JVP in the model dtype (autocast on CUDA), or on a float32 UNet copy")
     p.add_argument("--sail", action="store_true", help="also time one SAIL search against plain 50-step sampling")
     args = p.parse_args()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    from utils.tiny import tiny_pipeline
-    pipe = tiny_pipeline()
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD v1.4's schedule
     if args.unet == "sd1":
-        from diffusers import UNet2DConditionModel
         torch.manual_seed(0)
         unet, dim = UNet2DConditionModel(**SD1_UNET), 768
     else:
-        unet, dim = pipe.unet, pipe.unet.config.cross_attention_dim
+        from utils.tiny import tiny_pipeline
+        unet = tiny_pipeline().unet
+        dim = unet.config.cross_attention_dim
     unet = unet.to(dev, dtype).eval()
-    sched = pipe.scheduler
     n, c, s = args.gen_num, unet.config.in_channels, unet.config.sample_size
     lat = torch.randn(n, c, s, s, device=dev, dtype=dtype)
     cond = torch.randn(1, 77, dim, device=dev, dtype=dtype)
@@ -67,12 +70,15 @@ def main():
         with torch.no_grad():
             unet(torch.cat([lat, lat]), t, encoder_hidden_states=emb)
 
+    import copy
+    jvp_unet = copy.deepcopy(unet).float() if args.jvp == "float32" else None
+
     def detect():
-        sharpness_scores(unet, sched, cond, uncond, lat, hvp_sampling_num=1)
+        sharpness_scores(unet, sched, cond, uncond, lat, hvp_sampling_num=1, jvp_unet=jvp_unet)
 
     base = timed(forward, args.repeats, sync)
     det = timed(detect, args.repeats, sync)
-    info = dict(unet=args.unet, device=str(dev), dtype=args.dtype, gen_num=n, unet_forward_s=round(base, 5),
+    info = dict(unet=args.unet, device=str(dev), dtype=args.dtype, jvp=args.jvp, gen_num=n, unet_forward_s=round(base, 5),
                 detection_s=round(det, 5), detection_over_forward=round(det / base, 2),
                 note="detection = 1 UNet forward + 1 forward-mode JVP on the [uncond; cond] batch of 2n")
     print(json.dumps(info))

@@ -75,12 +75,24 @@ def forward_ad_attention():
         yield
 
 
+def low_precision_jvp(x):
+    """Autocast to x's own half-precision dtype around a JVP on CUDA; a no-op for float32/float64 or on CPU.
+
+    With bfloat16 weights on CUDA, some forward-AD formulas in current torch hand a float32 tensor to the next
+    layer (seen on an H200: a dtype mismatch in the cross-attention's linear layer); autocast casts it back, so
+    the JVP still runs in bfloat16, as the reference's did.
+    """
+    if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=x.dtype)
+    return contextlib.nullcontext()
+
+
 def hvp_delta(score_pair, x, v):
     """H_delta v = J_cond v - J_uncond v with ONE forward-mode JVP of x -> [s(x, uncond); s(x, cond)].
 
     score_pair: function (B, C, H, W) -> (2B, C, H, W); x, v: (B, C, H, W). Returns (B, C, H, W).
     """
-    with forward_ad_attention():
+    with forward_ad_attention(), low_precision_jvp(x):
         _, tangent = jvp(score_pair, (x,), (v.to(x.dtype),))
     return score_difference(tangent)
 
