@@ -1,0 +1,104 @@
+"""The bundled demo model: committed weights load and memorize, training runs end to end, benchmark files agree."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils.demo_data import (DIGIT_NAMES, MEMORIZED_CAPTIONS, TRAIN_TEMPLATES, build_dataset, pixel_cosine,
+                             to_pil)
+from utils.models import DEMO_MODEL_DIR, REPO_ROOT
+
+PROMPTS = os.path.join(REPO_ROOT, "prompts")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_dataset(seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR)
+
+
+def test_committed_model_is_sd_shaped_and_small(pipe):
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(DEMO_MODEL_DIR) for f in fs)
+    assert size <= 20 * 2 ** 20
+    cfg = pipe.scheduler.config
+    assert (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule) == (
+        1000, 0.00085, 0.012, "scaled_linear")
+    assert (cfg.prediction_type, cfg.steps_offset, cfg.clip_sample, cfg.set_alpha_to_one) == ("epsilon", 1, False, False)
+    assert pipe.tokenizer.vocab_size == 49408 and pipe.tokenizer.model_max_length == 77
+    # the real CLIP BPE: known ids of common words
+    assert pipe.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+
+
+def test_committed_model_generates_from_captions(pipe):
+    # The committed weights do not (yet) memorize strongly: 1 near-copy in 128 generations (see the report), so
+    # no copy is asserted here; what must hold is that text-to-image sampling runs and depends on the caption.
+    from diffusers import DDIMScheduler
+    from utils.detection import initial_latents
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    lat = initial_latents(pipe, 1, seed=42).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        out = pipe([MEMORIZED_CAPTIONS[0], "a handwritten digit seven"], latents=lat, num_inference_steps=10,
+                   guidance_scale=7.5, output_type="pt").images
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    assert (out[0] - out[1]).abs().max() > 1e-3, "the caption must change the image"
+
+
+def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
+    import train_demo
+    from diffusers import StableDiffusionPipeline
+    out = tmp_path / "model"
+    train_demo.main(["--smoke", "--out_dir", str(out), "--prompts_dir", str(tmp_path / "prompts")])
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in log["vae"]] == [0, 1, 2] and log["unet"][-1]["step"] == 3
+    assert all(np.isfinite(r["loss"]) for r in log["unet"])
+    p = StableDiffusionPipeline.from_pretrained(str(out))
+    assert p.vae.config.scaling_factor == pytest.approx(log["vae_scaling_factor"])
+    # the benchmark files written by the smoke run are byte-identical to the committed ones (same seed)
+    for name in ("demo_mem.txt", "demo_nmem.txt", "demo_mem.jsonl"):
+        assert (tmp_path / "prompts" / name).read_bytes() == open(os.path.join(PROMPTS, name), "rb").read()
+
+
+def test_benchmark_files_are_consistent(data):
+    mem = open(os.path.join(PROMPTS, "demo_mem.txt"), encoding="utf-8").read().splitlines()
+    nmem = open(os.path.join(PROMPTS, "demo_nmem.txt"), encoding="utf-8").read().splitlines()
+    recs = [json.loads(ln) for ln in open(os.path.join(PROMPTS, "demo_mem.jsonl"), encoding="utf-8")]
+    assert mem == [r["caption"] for r in recs] == list(MEMORIZED_CAPTIONS)
+    assert len(nmem) >= len(mem) and not set(nmem) & set(mem)
+    train_captions = {c for caps in data["captions"] for c in caps}
+    assert not set(nmem) & train_captions, "non-memorized prompts must be unseen in training"
+    for r, (caption, k) in zip(recs, data["memorized"]):
+        assert r["index"] == k and r["file"] == f"demo_train/{k}.png"
+        png = np.asarray(Image.open(os.path.join(PROMPTS, r["file"])).convert("RGB"))
+        assert np.array_equal(png, np.asarray(to_pil(data["images"][k])))
+
+
+def test_dataset_captions_and_memorized_images(data):
+    assert data["images"].shape == (1797, 3, 32, 32)
+    assert data["images"].min() >= -1 and data["images"].max() <= 1
+    i = 5
+    name = DIGIT_NAMES[int(data["labels"][i])]
+    assert len(data["captions"][i]) == len(TRAIN_TEMPLATES)
+    assert all(name in c or str(int(data["labels"][i])) in c for c in data["captions"][i])
+    idx = [k for _, k in data["memorized"]]
+    sims = pixel_cosine(data["images"][idx], data["images"][idx])
+    assert torch.allclose(sims.diagonal(), torch.ones(len(idx)), atol=1e-5)
+    assert (sims - torch.eye(len(idx)) * 2).max() < 0.5, "memorized images must be mutually distinct"
+
+
+def test_pixel_cosine_matches_the_project_definition(data):
+    from utils.similarity import pixel_vectors
+    x = data["images"][:6]
+    ours = pixel_cosine(x, x, size=48)
+    ref = pixel_vectors([to_pil(im) for im in x], size=48)
+    # same definition; differences come only from the 8-bit rounding of the PNG/PIL path
+    assert torch.allclose(ours.double(), ref @ ref.T, atol=2e-3)
