@@ -24,7 +24,7 @@ PYTHON=${PYTHON:-python3}
 if [ "${1:-}" = "demo" ]; then
   SD_VER=demo
   DATA=prompts/demo_mem.txt
-  MITI_THRES=${DEMO_THRES:-1.0}   # calibrated for the demo's 4x8x8 latent (README, "The demo model")
+  MITI_THRES=${DEMO_THRES:-0.6}   # for the demo's 4x8x8 latent (README, "The demo model")
   MITI_ALPHA=${DEMO_ALPHA:-0.02}
 fi
 

@@ -38,8 +38,10 @@ def quiet_library_warnings():
     try:
         from diffusers.utils import logging as dlog
         dlog.set_verbosity_error()
+        dlog.disable_progress_bar()  # "Loading pipeline components" bars would bury the run's own progress bar
         from transformers.utils import logging as tlog
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
     except Exception:  # logging tweaks must never break a run
         pass
 
