@@ -8,6 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# One intra-op thread (set before torch is imported; inherited by the notebook kernel and subprocesses): on a
+# 2-core machine, idle OpenMP workers of one process spin and starve another (the notebook ran 30x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_PROMPTS = os.path.normpath(os.path.join(ROOT, "..", "shared", "prompts"))
 if os.path.isdir(SHARED_PROMPTS):
