@@ -147,14 +147,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default=DEMO_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=positive_int, default=2000, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=positive_int, default=2500, help="UNet + text encoder steps")
     p.add_argument("--vae_steps", type=positive_int, default=300)
     p.add_argument("--batch_size", type=positive_int, default=128)
     p.add_argument("--vae_batch_size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=2e-3)
     p.add_argument("--vae_lr", type=positive_float, default=2e-3)
     p.add_argument("--kl_weight", type=positive_float, default=1e-4)
-    p.add_argument("--dup", type=positive_int, default=100, help="copies of each memorized (caption, image) pair")
+    p.add_argument("--dup", type=positive_int, default=300, help="copies of each memorized (caption, image) pair")
     p.add_argument("--p_uncond", type=float, default=0.1, help="caption dropout on the ordinary pairs")
     p.add_argument("--prompts_dir", default=None,
                    help="also write the demo benchmark files (demo_mem.txt, demo_nmem.txt, demo_mem.jsonl, "
