@@ -1,7 +1,7 @@
 """Sharpness-based memorization detection: ||H_delta s_delta|| at the first sampling steps (Jeon et al., 2025)."""
 import torch
 
-from .scores import alpha_sigma, flat_norm, hvp_delta, pair_score_fn, score_difference, score_from_output, unet_pair
+from .scores import alpha_sigma, flat_norm, hvp_delta, pair_score_fn, score_difference, score_from_output
 
 
 def initial_latents(pipe, n, seed, height=None, width=None, dtype=None, device=None):
@@ -48,10 +48,11 @@ def sharpness_scores(unet, scheduler, cond, uncond, latents, *, num_inference_st
     for i, t in enumerate(scheduler.timesteps[:hvp_sampling_num]):
         alpha, sigma = alpha_sigma(scheduler, t)
         xin = scheduler.scale_model_input(x, t)
+        xx = torch.cat([xin, xin])
         with torch.no_grad():
-            out = unet_pair(unet, xin, t, embeds)
+            out = unet(xx, t, encoder_hidden_states=embeds, return_dict=False)[0]
         cost["unet_forwards"] += 1
-        s_delta = score_difference(score_from_output(out, torch.cat([xin, xin]), alpha, sigma, pred, v_score))
+        s_delta = score_difference(score_from_output(out, xx, alpha, sigma, pred, v_score))
         with torch.no_grad():
             if jvp_unet is None:
                 h = hvp_delta(pair_score_fn(unet, t, embeds, alpha, sigma, pred, v_score), xin, s_delta)

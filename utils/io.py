@@ -6,7 +6,6 @@ import platform
 import re
 import sys
 import tempfile
-import time
 
 from .cli import UserError
 
@@ -161,7 +160,3 @@ def safe_filename(index, text, max_bytes=120, suffix=""):
     enc = body.encode("utf-8")[:max(room, 1)]
     body = enc.decode("utf-8", errors="ignore").rstrip("._-") or "prompt"
     return head + body + suffix
-
-
-def now():
-    return time.time()

@@ -125,10 +125,4 @@ def truncated_prompts(tokenizer, prompts, max_tokens=CLIP_MAX_TOKENS):
     return [i for i, t in enumerate(ids) if len(t) > max_tokens]
 
 
-def copy_known(name, dest_dir, mirror=None):
-    """Fetch a known benchmark file into dest_dir (used by scripts and tests); returns its path."""
-    return ensure_prompt_file(os.path.join(dest_dir, name), mirror)
-
-
-__all__ = ["KNOWN_FILES", "MIRROR_ENV", "ensure_prompt_file", "read_prompts", "read_jsonl", "truncated_prompts",
-           "copy_known"]
+__all__ = ["KNOWN_FILES", "MIRROR_ENV", "ensure_prompt_file", "read_prompts", "read_jsonl", "truncated_prompts"]
