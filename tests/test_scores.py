@@ -36,12 +36,13 @@ def test_score_from_output_matches_closed_form(pred):
     sched = ddim_scheduler(pred)
     model = GaussianUNet(sched.alphas_cumprod, SHAPE, pred).double()
     cond, uncond = _conditions(2)
-    x = torch.randn(2, *SHAPE, dtype=torch.float64)
+    x = torch.randn(2, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for t in (981, 500, 21):
-        alpha, sigma = alpha_sigma(sched, t)
+        alpha, sigma, _, _ = model.marginal(t, cond.double())  # float64 alpha_t, sigma_t of the same schedule
+        torch.testing.assert_close(torch.stack([alpha, sigma]).float(), torch.stack(alpha_sigma(sched, t)))
         out = model(x, t, cond.double())[0]
-        got = score_from_output(out, x, alpha.double(), sigma.double(), pred)
-        torch.testing.assert_close(got, model.score(x, t, cond.double()), rtol=1e-5, atol=1e-8)
+        got = score_from_output(out, x, alpha, sigma, pred)
+        torch.testing.assert_close(got, model.score(x, t, cond.double()), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
@@ -89,7 +90,7 @@ def test_reference_v_score_scales_metric_by_inverse_sigma_squared():
     sched = ddim_scheduler("v_prediction")
     model = GaussianUNet(sched.alphas_cumprod, SHAPE, "v_prediction").double()
     cond, uncond = _conditions(2)
-    lat = torch.randn(2, *SHAPE, dtype=torch.float64)
+    lat = torch.randn(2, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     a, _ = sharpness_scores(model, sched, cond.double(), uncond.double(), lat, v_score="correct")
     b, _ = sharpness_scores(model, sched, cond.double(), uncond.double(), lat, v_score="reference")
     _, sigma = alpha_sigma(sched, sched.timesteps[0])
