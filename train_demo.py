@@ -18,7 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import UserError, guarded, positive_float, positive_int, quiet_library_warnings
+from utils.cli import UserError, guarded, nonneg_int, positive_float, positive_int, quiet_library_warnings
 from utils.demo_data import build_dataset, write_benchmark
 from utils.io import atomic_write_json, library_versions
 from utils.models import DEMO_MODEL_DIR, offline_clip_tokenizer
@@ -55,9 +55,20 @@ def build_components(seed, tokenizer, token_init_std=None):
     return vae, unet, text_encoder
 
 
+def warmup_cosine(opt, steps, floor=0.0):
+    """Linear warmup over min(100, steps/10) steps, then cosine decay from 1 to floor (fractions of the lr)."""
+    warmup = max(1, min(100, steps // 10))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
+
+
 def train_vae(vae, images, steps, batch_size, lr, kl_weight, gen, log):
-    """Reconstruction MSE + kl_weight * KL on random batches of images (N, 3, 32, 32); appends losses to log."""
+    """Reconstruction MSE (mean over pixels) + kl_weight * KL (summed over latent entries, mean over the batch)
+    on random batches of images (N, 3, 32, 32); appends losses to log."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    # The decay matters: at a constant lr the autoencoder stalls at grey blobs in the right place (no colour,
+    # no shape: pixel cosine ~0.64 to the input); the detail comes in the low-lr phase.
+    sched = warmup_cosine(opt, steps)
     vae.train()
     for step in tqdm(range(steps), desc="vae", mininterval=5):
         x = images[torch.randint(len(images), (batch_size,), generator=gen)]
@@ -68,6 +79,7 @@ def train_vae(vae, images, steps, batch_size, lr, kl_weight, gen, log):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         log.append({"step": step, "mse": round(mse.item(), 6)})
     vae.eval()
 
@@ -82,28 +94,29 @@ def train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, steps,
                log_every=25, on_step=None):
     """Joint UNet + text-encoder training with the epsilon loss of SD's schedule.
 
-    latents (N, 4, 8, 8) already scaled; pairs: (P, 3) int tensor of (image index, caption index, is_memorized);
-    caption_ids (U, 77) token ids; empty_id (77,) the empty caption. Captions of ordinary pairs are replaced
-    by the empty caption with probability p_uncond (classifier-free guidance); memorized pairs never are.
+    latents (N, 4, 8, 8) already scaled; pairs: (P, 3) int tensor of (image index, caption index, kind) with kind
+    0 = ordinary, 1 = memorized (duplicated), 2 = shared (see make_pairs); caption_ids (U, 77) token ids; empty_id
+    (77,) the empty caption. Captions of ordinary pairs are replaced by the empty caption with probability p_uncond
+    (classifier-free guidance); memorized and shared pairs never are, so the unconditional branch sees the
+    ordinary data only, as Stable Diffusion's sees a web-scale set in which duplicates are a negligible share.
     on_step(step) is called after every step (snapshots).
     """
     from diffusers import DDPMScheduler
     noise_sched = DDPMScheduler(**{k: v for k, v in SD14_SCHEDULE.items() if k != "set_alpha_to_one"})
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    warmup = max(1, min(100, steps // 10))
     # Linear warmup, then cosine decay to 10%: stable start, and a late low-lr phase that sharpens the fit.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
+    sched = warmup_cosine(opt, steps, floor=0.1)
     unet.train()
     text_encoder.train()
     window = {"loss": [], "mem": [], "ord": []}
     t_last = time.time()
     for step in tqdm(range(steps), desc="unet", mininterval=5):
         batch = pairs[torch.randint(len(pairs), (batch_size,), generator=gen)]
-        img, cap, mem = batch[:, 0], batch[:, 1], batch[:, 2].bool()
+        img, cap, kind = batch[:, 0], batch[:, 1], batch[:, 2]
+        mem, ordinary = kind == 1, kind == 0
         ids = caption_ids[cap]
-        drop = (torch.rand(batch_size, generator=gen) < p_uncond) & ~mem
+        drop = (torch.rand(batch_size, generator=gen) < p_uncond) & ordinary
         ids = torch.where(drop[:, None], empty_id[None], ids)
         x0 = latents[img]
         noise = torch.randn(x0.shape, generator=gen)
@@ -121,8 +134,8 @@ def train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, steps,
         window["loss"].append(loss.item())
         if mem.any():
             window["mem"].append(per[mem].mean().item())
-        if (~mem).any():
-            window["ord"].append(per[~mem].mean().item())
+        if ordinary.any():
+            window["ord"].append(per[ordinary].mean().item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             log.append({"step": step + 1, "lr": sched.get_last_lr()[0],
                         "sec_per_step": round((time.time() - t_last) / len(window["loss"]), 3),
@@ -136,10 +149,11 @@ def train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, steps,
 
 
 def make_pairs(data, caption_index, dup):
-    """(P, 3) int64 rows (image, caption, is_memorized): every image with each of its captions, then each
-    memorized (caption, image) pair repeated dup times."""
+    """(P, 3) int64 rows (image, caption, kind): every image with each of its captions (kind 0), each memorized
+    (caption, image) pair repeated dup times (kind 1), each shared (caption, image) pair once (kind 2)."""
     rows = [(i, caption_index[c], 0) for i, caps in enumerate(data["captions"]) for c in caps]
     rows += [(i, caption_index[c], 1) for c, i in data["memorized"] for _ in range(dup)]
+    rows += [(i, caption_index[c], 2) for c, i in data["shared"]]
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -148,13 +162,17 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default=DEMO_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=positive_int, default=2500, help="UNet + text encoder steps")
-    p.add_argument("--vae_steps", type=positive_int, default=300)
+    p.add_argument("--vae_steps", type=positive_int, default=1500)
     p.add_argument("--batch_size", type=positive_int, default=128)
     p.add_argument("--vae_batch_size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=2e-3)
     p.add_argument("--vae_lr", type=positive_float, default=2e-3)
-    p.add_argument("--kl_weight", type=positive_float, default=1e-4)
+    p.add_argument("--kl_weight", type=positive_float, default=1e-8,
+                   help="KL weight against the per-pixel mean MSE (1e-4 gave grey blobs: colour and shape lost)")
     p.add_argument("--dup", type=positive_int, default=300, help="copies of each memorized (caption, image) pair")
+    p.add_argument("--shared", type=nonneg_int, default=0,
+                   help="each memorized caption also captions this many other training images once (shared pairs): "
+                        "memorization strong but not total")
     p.add_argument("--p_uncond", type=float, default=0.1, help="caption dropout on the ordinary pairs")
     p.add_argument("--prompts_dir", default=None,
                    help="also write the demo benchmark files (demo_mem.txt, demo_nmem.txt, demo_mem.jsonl, "
@@ -196,7 +214,10 @@ def train(args):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     t0 = time.time()
     gen = torch.Generator().manual_seed(args.seed)
-    data = build_dataset(seed=args.seed)
+    try:
+        data = build_dataset(seed=args.seed, n_shared=args.shared)
+    except ValueError as e:  # --shared too large for 1,797 images
+        raise UserError(f"--shared {args.shared}: {e}") from None
     if args.prompts_dir:
         write_benchmark(args.prompts_dir, data, seed=args.seed)
     tokenizer = offline_clip_tokenizer()
@@ -236,7 +257,8 @@ def train(args):
         rec = vae.decode(raw[:256]).sample
     log.update(
         vae_scaling_factor=scaling, vae_recon_mse=torch.nn.functional.mse_loss(rec, data["images"][:256]).item(),
-        n_pairs=len(pairs), n_memorized_pairs=int(pairs[:, 2].sum()), memorized=data["memorized"],
+        n_pairs=len(pairs), n_memorized_pairs=int((pairs[:, 2] == 1).sum()), memorized=data["memorized"],
+        shared=data["shared"],
         vae_seconds=round(t_vae, 1), total_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads())
     atomic_write_json(os.path.join(args.out_dir, "train_log.json"), log)
     print(f"saved {args.out_dir} in {log['total_seconds']:.0f} s; last losses: {log['unet'][-1]}")

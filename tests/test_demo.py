@@ -102,3 +102,30 @@ def test_pixel_cosine_matches_the_project_definition(data):
     ref = pixel_vectors([to_pil(im) for im in x], size=48)
     # same definition; differences come only from the 8-bit rounding of the PNG/PIL path
     assert torch.allclose(ours.double(), ref @ ref.T, atol=2e-3)
+
+
+def test_shared_pairs_and_pair_kinds():
+    import train_demo
+    d = build_dataset(seed=0, n_shared=5)
+    mem_idx = {k for _, k in d["memorized"]}
+    assert len(d["shared"]) == 5 * len(d["memorized"])
+    shared_idx = [i for _, i in d["shared"]]
+    assert len(set(shared_idx)) == len(shared_idx) and not set(shared_idx) & mem_idx, "shared images are distinct"
+    own = dict(d["memorized"])
+    for caption, i in d["shared"]:
+        assert pixel_cosine(d["images"][[i]], d["images"][[own[caption]]]).item() < 0.5
+    # the same seed keeps the memorized choice whatever n_shared is (the benchmark files do not depend on it)
+    assert d["memorized"] == build_dataset(seed=0)["memorized"]
+    captions = sorted({c for caps in d["captions"] for c in caps} | set(own))
+    pairs = train_demo.make_pairs(d, {c: i for i, c in enumerate(captions)}, dup=7)
+    kinds = torch.bincount(pairs[:, 2], minlength=3).tolist()
+    assert kinds == [sum(len(c) for c in d["captions"]), 7 * len(d["memorized"]), 5 * len(d["memorized"])]
+    assert set(pairs[pairs[:, 2] == 2, 0].tolist()) == set(shared_idx)
+
+
+def test_too_many_shared_pairs_is_a_clear_error(tmp_path, capsys):
+    import train_demo
+    with pytest.raises(SystemExit) as e:
+        train_demo.main(["--smoke", "--shared", "100", "--out_dir", str(tmp_path / "m")])
+    assert e.value.code == 2 and "--shared 100" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

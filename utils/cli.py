@@ -57,6 +57,17 @@ def positive_int(text):
     return v
 
 
+def nonneg_int(text):
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise_arg(f"expected a non-negative integer, got {text!r}")
+    if v < 0:
+        raise_arg(f"expected a non-negative integer, got {v}")
+    return v
+
+
 def positive_float(text):
     """argparse type: a finite float > 0."""
     v = finite_float(text)

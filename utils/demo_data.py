@@ -10,7 +10,9 @@ the same canvas: 15%).
 
 Captions: every image has several templated captions that name its digit (and sometimes its colour): the
 generalizing pairs. A few dozen LAION-like captions (product titles, headlines, posters) are each paired with
-ONE fixed training image, duplicated many times: the memorized pairs.
+ONE fixed training image, duplicated many times: the memorized pairs. Optionally each of these captions also
+captions a few other, distinct training images once (as a LAION product title also sits under variants of the
+product): the shared pairs, which give the conditional density a broad part beside its sharp peak.
 """
 import numpy as np
 import torch
@@ -145,12 +147,37 @@ def choose_memorized(images, labels, k, seed=0, max_cos=0.5):
     raise ValueError("could not choose enough mutually distinct memorized images")
 
 
-def build_dataset(seed=0, n_memorized=len(MEMORIZED_CAPTIONS)):
+def choose_shared(images, memorized, n_shared, seed=0, max_cos=0.5):
+    """For each memorized (caption, image) pair, n_shared other training images (seeded) that are neither memorized
+    nor nearer than max_cos in pixel cosine to that caption's memorized image: list of (caption, image index)."""
+    if n_shared == 0:
+        return []
+    g = np.random.default_rng(seed + 3)
+    taken = {k for _, k in memorized}
+    sims = pixel_cosine(images[[k for _, k in memorized]], images)  # (K, N)
+    out = []
+    for row, (caption, _) in enumerate(memorized):
+        picked = 0
+        for i in g.permutation(len(images)).tolist():
+            if i in taken or sims[row, i].item() >= max_cos:
+                continue
+            out.append((caption, i))
+            taken.add(i)
+            picked += 1
+            if picked == n_shared:
+                break
+        if picked < n_shared:
+            raise ValueError("not enough distinct images for the shared pairs")
+    return out
+
+
+def build_dataset(seed=0, n_memorized=len(MEMORIZED_CAPTIONS), n_shared=0):
     """The demo training set. Returns a dict:
 
     images (1797, 3, 32, 32) in [-1, 1]; labels (1797,); colors (1797,); offsets (1797, 2);
     captions: list of 1797 lists of templated captions (generalizing pairs);
-    memorized: list of (caption, image index) pairs, one per memorized caption.
+    memorized: list of (caption, image index) pairs, one per memorized caption;
+    shared: list of (caption, image index), n_shared further images per memorized caption (see choose_shared).
     """
     digits, labels = load_digits_8x8()
     offsets, colors = layouts(len(digits), seed)
@@ -158,8 +185,9 @@ def build_dataset(seed=0, n_memorized=len(MEMORIZED_CAPTIONS)):
     captions = [digit_captions(y, c) for y, c in zip(labels.tolist(), colors.tolist())]
     idx = choose_memorized(images, labels, n_memorized, seed)
     memorized = list(zip(MEMORIZED_CAPTIONS[:n_memorized], idx))
+    shared = choose_shared(images, memorized, n_shared, seed)
     return dict(images=images, labels=labels, colors=colors, offsets=offsets, captions=captions,
-                memorized=memorized)
+                memorized=memorized, shared=shared)
 
 
 def nonmemorized_prompts(seed=0):
