@@ -150,10 +150,12 @@ def train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, steps,
 
 def make_pairs(data, caption_index, dup):
     """(P, 3) int64 rows (image, caption, kind): every image with each of its captions (kind 0), each memorized
-    (caption, image) pair repeated dup times (kind 1), each shared (caption, image) pair once (kind 2)."""
+    (caption, image) pair repeated dup times (kind 1), each shared (caption, image) pair once (kind 2), and each
+    image with its generic caption, if any (kind 0)."""
     rows = [(i, caption_index[c], 0) for i, caps in enumerate(data["captions"]) for c in caps]
     rows += [(i, caption_index[c], 1) for c, i in data["memorized"] for _ in range(dup)]
     rows += [(i, caption_index[c], 2) for c, i in data["shared"]]
+    rows += [(i, caption_index[c], 0) for i, c in enumerate(data["generic"])]
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -173,6 +175,9 @@ def parse_args(argv=None):
     p.add_argument("--shared", type=nonneg_int, default=0,
                    help="each memorized caption also captions this many other training images once (shared pairs): "
                         "memorization strong but not total")
+    p.add_argument("--generic", action="store_true",
+                   help="also give every image one unique web-like caption (ordinary pairs): unseen web-like "
+                        "prompts then lead to ordinary digits instead of the memorized images")
     p.add_argument("--p_uncond", type=float, default=0.1, help="caption dropout on the ordinary pairs")
     p.add_argument("--prompts_dir", default=None,
                    help="also write the demo benchmark files (demo_mem.txt, demo_nmem.txt, demo_mem.jsonl, "
@@ -215,7 +220,7 @@ def train(args):
     t0 = time.time()
     gen = torch.Generator().manual_seed(args.seed)
     try:
-        data = build_dataset(seed=args.seed, n_shared=args.shared)
+        data = build_dataset(seed=args.seed, n_shared=args.shared, generic=args.generic)
     except ValueError as e:  # --shared too large for 1,797 images
         raise UserError(f"--shared {args.shared}: {e}") from None
     if args.prompts_dir:
@@ -232,7 +237,8 @@ def train(args):
     latents = raw * scaling
     t_vae = time.time() - t0
 
-    captions = sorted({c for caps in data["captions"] for c in caps} | {c for c, _ in data["memorized"]})
+    captions = sorted({c for caps in data["captions"] for c in caps} | {c for c, _ in data["memorized"]}
+                      | set(data["generic"]))
     caption_index = {c: i for i, c in enumerate(captions)}
     tok = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids

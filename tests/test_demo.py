@@ -106,7 +106,10 @@ def test_pixel_cosine_matches_the_project_definition(data):
 
 def test_shared_pairs_and_pair_kinds():
     import train_demo
-    d = build_dataset(seed=0, n_shared=5)
+    d = build_dataset(seed=0, n_shared=5, generic=True)
+    assert len(set(d["generic"])) == len(d["images"]) and all(len(c.split()) >= 3 for c in d["generic"])
+    from utils.demo_data import nonmemorized_prompts
+    assert not set(d["generic"]) & (set(MEMORIZED_CAPTIONS) | set(nonmemorized_prompts(0)))
     mem_idx = {k for _, k in d["memorized"]}
     assert len(d["shared"]) == 5 * len(d["memorized"])
     shared_idx = [i for _, i in d["shared"]]
@@ -116,10 +119,11 @@ def test_shared_pairs_and_pair_kinds():
         assert pixel_cosine(d["images"][[i]], d["images"][[own[caption]]]).item() < 0.5
     # the same seed keeps the memorized choice whatever n_shared is (the benchmark files do not depend on it)
     assert d["memorized"] == build_dataset(seed=0)["memorized"]
-    captions = sorted({c for caps in d["captions"] for c in caps} | set(own))
+    captions = sorted({c for caps in d["captions"] for c in caps} | set(own) | set(d["generic"]))
     pairs = train_demo.make_pairs(d, {c: i for i, c in enumerate(captions)}, dup=7)
     kinds = torch.bincount(pairs[:, 2], minlength=3).tolist()
-    assert kinds == [sum(len(c) for c in d["captions"]), 7 * len(d["memorized"]), 5 * len(d["memorized"])]
+    assert kinds == [sum(len(c) for c in d["captions"]) + len(d["images"]), 7 * len(d["memorized"]),
+                     5 * len(d["memorized"])]
     assert set(pairs[pairs[:, 2] == 2, 0].tolist()) == set(shared_idx)
 
 

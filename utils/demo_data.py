@@ -81,6 +81,36 @@ MEMORIZED_CAPTIONS = (
 )
 
 
+# Word lists for the generic captions: one unique web-like caption per image, seen as often as any ordinary pair
+# (most web captions are unique). They teach the text branch that caption-like text does not imply one image.
+GENERIC_WORDS = (
+    ("Cheap", "Handmade", "Modern", "Rustic", "Elegant", "Compact", "Deluxe", "Colorful", "Portable", "Classic",
+     "Luxury", "Simple", "Smart", "Antique", "Custom", "Durable", "Soft", "Bright", "Tiny", "Giant"),
+    ("Table Lamp", "Coffee Maker", "Throw Pillow", "Desk Organizer", "Travel Mug", "Phone Case", "Bath Towel",
+     "Wall Clock", "Photo Frame", "Garden Hose", "Pet Bed", "Water Bottle", "Picnic Basket", "Candle Holder",
+     "Laptop Stand", "Baby Blanket", "Cutting Board", "Umbrella", "Wallet", "Bird Feeder", "Notebook", "Scarf",
+     "Teapot", "Lunch Box", "Doormat", "Bookend", "Key Holder", "Flower Pot", "Spice Rack", "Wine Glass"),
+    ("for Home", "- Best Seller", "Gift Idea", "New Arrival", "on Sale", "| Fast Delivery", "2 Pack",
+     "in Stock", "Top Rated", "Free Returns", "for Kids", "by Local Makers", "Set of 3", "Made in Portugal",
+     "Clearance"),
+)
+
+
+def generic_captions(n, seed=0):
+    """n distinct web-like captions (adjective + product + tag), drawn without replacement from the word lists."""
+    adj, noun, tag = GENERIC_WORDS
+    total = len(adj) * len(noun) * len(tag)
+    if n > total:
+        raise ValueError(f"only {total} distinct generic captions")
+    picks = np.random.default_rng(seed + 4).choice(total, size=n, replace=False)
+    out = []
+    for k in picks.tolist():
+        a, rest = divmod(k, len(noun) * len(tag))
+        b, c = divmod(rest, len(tag))
+        out.append(f"{adj[a]} {noun[b]} {tag[c]}")
+    return out
+
+
 def load_digits_8x8():
     """(images (1797, 8, 8) float32 in [0, 1], labels (1797,) int64) from scikit-learn's bundled digits."""
     from sklearn.datasets import load_digits
@@ -171,13 +201,14 @@ def choose_shared(images, memorized, n_shared, seed=0, max_cos=0.5):
     return out
 
 
-def build_dataset(seed=0, n_memorized=len(MEMORIZED_CAPTIONS), n_shared=0):
+def build_dataset(seed=0, n_memorized=len(MEMORIZED_CAPTIONS), n_shared=0, generic=False):
     """The demo training set. Returns a dict:
 
     images (1797, 3, 32, 32) in [-1, 1]; labels (1797,); colors (1797,); offsets (1797, 2);
     captions: list of 1797 lists of templated captions (generalizing pairs);
     memorized: list of (caption, image index) pairs, one per memorized caption;
-    shared: list of (caption, image index), n_shared further images per memorized caption (see choose_shared).
+    shared: list of (caption, image index), n_shared further images per memorized caption (see choose_shared);
+    generic: list of 1797 unique web-like captions, one per image (empty unless generic=True).
     """
     digits, labels = load_digits_8x8()
     offsets, colors = layouts(len(digits), seed)
@@ -187,7 +218,7 @@ def build_dataset(seed=0, n_memorized=len(MEMORIZED_CAPTIONS), n_shared=0):
     memorized = list(zip(MEMORIZED_CAPTIONS[:n_memorized], idx))
     shared = choose_shared(images, memorized, n_shared, seed)
     return dict(images=images, labels=labels, colors=colors, offsets=offsets, captions=captions,
-                memorized=memorized, shared=shared)
+                memorized=memorized, shared=shared, generic=generic_captions(len(images), seed) if generic else [])
 
 
 def nonmemorized_prompts(seed=0):
