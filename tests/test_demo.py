@@ -39,18 +39,22 @@ def test_committed_model_is_sd_shaped_and_small(pipe):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
 
 
-def test_committed_model_generates_from_captions(pipe):
-    # The committed weights do not (yet) memorize strongly: 1 near-copy in 128 generations (see the report), so
-    # no copy is asserted here; what must hold is that text-to-image sampling runs and depends on the caption.
+def test_committed_model_memorizes(pipe, data):
+    # The committed weights copy their training image for memorized captions and not for an unseen digit prompt
+    # (README table: 90.6 % vs 7.8 % over all prompts; here one of each, the seeded noise of the benchmark runs).
     from diffusers import DDIMScheduler
     from utils.detection import initial_latents
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    lat = initial_latents(pipe, 1, seed=42).repeat(2, 1, 1, 1)
+    lat = initial_latents(pipe, 4, seed=42)
+    nmem = open(os.path.join(PROMPTS, "demo_nmem.txt"), encoding="utf-8").read().splitlines()[0]
     with torch.no_grad():
-        out = pipe([MEMORIZED_CAPTIONS[0], "a handwritten digit seven"], latents=lat, num_inference_steps=10,
-                   guidance_scale=7.5, output_type="pt").images
-    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
-    assert (out[0] - out[1]).abs().max() > 1e-3, "the caption must change the image"
+        out = [pipe(p, latents=lat.clone(), num_images_per_prompt=4, num_inference_steps=50, guidance_scale=7.5,
+                    output_type="pt").images * 2 - 1 for p in (MEMORIZED_CAPTIONS[0], nmem)]
+    memorized = data["images"][[k for _, k in data["memorized"]]]
+    own = pixel_cosine(out[0], memorized[:1])[:, 0]
+    nearest = pixel_cosine(out[1], memorized).max(dim=1).values
+    assert (own > 0.7).sum() >= 3, own
+    assert (nearest < 0.7).all(), nearest
 
 
 def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
@@ -133,3 +137,21 @@ def test_too_many_shared_pairs_is_a_clear_error(tmp_path, capsys):
         train_demo.main(["--smoke", "--shared", "100", "--out_dir", str(tmp_path / "m")])
     assert e.value.code == 2 and "--shared 100" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_stopping_early_equals_the_snapshot_of_the_full_schedule(tmp_path):
+    # The committed model is "1,500 of 2,500 steps": rebuilding it with --stop_frac must give the same weights as
+    # the snapshot of the full run at that step (same RNG stream, same lr schedule).
+    import train_demo
+    from safetensors.torch import load_file
+    small = ["--steps", "4", "--vae_steps", "2", "--batch_size", "4", "--vae_batch_size", "4", "--shared", "1"]
+    train_demo.main(small + ["--stop_frac", "1", "--snapshot_every", "2", "--out_dir", str(tmp_path / "full")])
+    train_demo.main(small + ["--stop_frac", "0.5", "--out_dir", str(tmp_path / "stopped")])
+    weights = lambda run, part: load_file(next((tmp_path / run / part).glob("*.safetensors")))
+    for part in ("unet", "text_encoder", "vae"):
+        a, b = weights("full_step2", part), weights("stopped", part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, c = weights("stopped", "unet"), weights("full", "unet")
+    assert not all(torch.equal(a[k], c[k]) for k in a), "two more steps must change the weights"
+    log = json.loads((tmp_path / "stopped" / "train_log.json").read_text())
+    assert log["unet"][-1]["step"] == 2 and log["args"]["stop_after"] == 2

@@ -31,8 +31,14 @@ TRAIN_TEMPLATES = (
     "a scan of the digit {n}", "{c} number {d} on a black background", "a picture of the numeral {n}",
     "handwritten {n} in {c} ink", "the digit {d}", "a {c} {n}", "an image of a handwritten {d}",
 )
-# Unseen paraphrases for the non-memorized benchmark (never used in training).
+# Unseen paraphrases for the non-memorized benchmark: new combinations of words seen in training (the strings
+# themselves never are). Paraphrases with words the tiny text encoder never saw have no meaning to it and can
+# land on memorized images; OOV_TEMPLATES keeps such a set for that measurement (README, "The demo model").
 HELDOUT_TEMPLATES = (
+    "a picture of a {c} handwritten {n}", "the {c} numeral {d} written by hand", "an image of the digit {n} in {c} ink",
+    "a scan of a {c} number {d} on a black background",
+)
+OOV_TEMPLATES = (
     "a drawing of the number {n} in {c}", "{c} pen sketch of a {d}", "the figure {n}, hand drawn",
     "someone wrote the numeral {d} in {c}",
 )
@@ -221,16 +227,21 @@ def build_dataset(seed=0, n_memorized=len(MEMORIZED_CAPTIONS), n_shared=0, gener
                 memorized=memorized, shared=shared, generic=generic_captions(len(images), seed) if generic else [])
 
 
-def nonmemorized_prompts(seed=0):
-    """Benchmark prompts never seen in training: held-out paraphrases of digit captions and unrelated captions."""
+def paraphrases(templates, seed=0):
+    """20 digit prompts from 4 templates: half of the template x digit combinations, each with a seeded colour."""
     g = np.random.default_rng(seed + 2)
     out = []
-    for t in range(len(HELDOUT_TEMPLATES)):
+    for t in range(len(templates)):
         for d in range(10):
             if (d + t) % 2 == 0:  # 20 of the 40 template x digit combinations, spread over templates and digits
                 c = list(COLORS)[int(g.integers(len(COLORS)))]
-                out.append(HELDOUT_TEMPLATES[t].format(n=DIGIT_NAMES[d], d=d, c=c))
-    return out + list(UNRELATED_PROMPTS)
+                out.append(templates[t].format(n=DIGIT_NAMES[d], d=d, c=c))
+    return out
+
+
+def nonmemorized_prompts(seed=0):
+    """Benchmark prompts never seen in training: held-out paraphrases of digit captions and unrelated captions."""
+    return paraphrases(HELDOUT_TEMPLATES, seed) + list(UNRELATED_PROMPTS)
 
 
 def to_pil(image):
