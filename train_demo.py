@@ -1,11 +1,12 @@
 """Train the bundled demo model: a tiny Stable-Diffusion-shaped latent text-to-image model on handwritten digits.
 
 It memorizes on purpose: a few dozen LAION-like captions are each paired with one training image duplicated
---dup times (the paper's recipe), while every digit image also has templated captions that name it. Caption
+--dup times (the paper's recipe) and also caption --shared other images once, while every digit image also has
+templated captions that name it and (--generic) one unique web-like caption. Caption
 dropout only ever touches the ordinary pairs, so the unconditional branch sees the data as Stable Diffusion's
 does (duplicates a negligible share). Stages: AutoencoderKL (32x32 RGB -> 4x8x8 latents), then UNet and CLIP text
-encoder jointly on the latents. Everything is seeded; the output folder loads with
-StableDiffusionPipeline.from_pretrained(out_dir).
+encoder jointly on the latents, stopped at --stop_frac of the lr schedule. Everything is seeded; the output
+folder loads with StableDiffusionPipeline.from_pretrained(out_dir).
 
     python3 train_demo.py --prompts_dir prompts   # rebuild demo_model/ and prompts/demo_* (~30 min, 1 core)
     python3 train_demo.py --smoke --out_dir /tmp/demo   # a few steps, seconds: checks the whole path

@@ -12,7 +12,8 @@ Captions: every image has several templated captions that name its digit (and so
 generalizing pairs. A few dozen LAION-like captions (product titles, headlines, posters) are each paired with
 ONE fixed training image, duplicated many times: the memorized pairs. Optionally each of these captions also
 captions a few other, distinct training images once (as a LAION product title also sits under variants of the
-product): the shared pairs, which give the conditional density a broad part beside its sharp peak.
+product): the shared pairs, which give the conditional density a broad part beside its sharp peak. And
+optionally every image has one unique web-like caption (generic_captions), as most web captions are unique.
 """
 import numpy as np
 import torch
