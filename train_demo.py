@@ -260,7 +260,7 @@ def train(args):
                                        feature_extractor=None, requires_safety_checker=False)
 
     def snapshot(step):
-        if args.snapshot_every and step % args.snapshot_every == 0 and step < min(args.steps, args.stop_after):
+        if args.snapshot_every and step % args.snapshot_every == 0 and step < args.stop_after:
             folder = f"{args.out_dir.rstrip('/')}_step{step}"
             pipeline().save_pretrained(folder, safe_serialization=True)
             atomic_write_json(os.path.join(folder, "train_log.json"), log)
