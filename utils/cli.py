@@ -46,26 +46,25 @@ def quiet_library_warnings():
         pass
 
 
-def positive_int(text):
-    """argparse type: an integer > 0."""
+def _int_at_least(text, low, name):
+    """An integer >= low parsed from text, or an argparse error naming the kind (name)."""
     try:
         v = int(text)
     except ValueError:
-        raise_arg(f"expected a positive integer, got {text!r}")
-    if v <= 0:
-        raise_arg(f"expected a positive integer, got {v}")
+        raise_arg(f"expected a {name} integer, got {text!r}")
+    if v < low:
+        raise_arg(f"expected a {name} integer, got {v}")
     return v
+
+
+def positive_int(text):
+    """argparse type: an integer > 0."""
+    return _int_at_least(text, 1, "positive")
 
 
 def nonneg_int(text):
     """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise_arg(f"expected a non-negative integer, got {text!r}")
-    if v < 0:
-        raise_arg(f"expected a non-negative integer, got {v}")
-    return v
+    return _int_at_least(text, 0, "non-negative")
 
 
 def positive_float(text):
