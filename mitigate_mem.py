@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from utils.cli import UserError, finite_float, guarded, positive_float, positive_int, quiet_library_warnings, warn
-from utils.io import ProgressLog, atomic_save_image, atomic_write_json, library_versions, safe_filename, sha256_file
+from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, atomic_write_json, library_versions, safe_filename, sha256_file
 from utils.models import load_pipeline, resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
 from utils.sail import FORMS, sail_latents
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--miti_form", default="reference", choices=FORMS,
                    help="reference: the paper's code (default); clean: Algorithm 2 as written (see README)")
     p.add_argument("--no_mitigation", action="store_true", help="plain sampling from the seeded noise")
+    p.add_argument("--save_latents", action="store_true",
+                   help="also save each prompt's searched initial latents as latents/<index>.pt (float32)")
     p.add_argument("--out_dir", default="miti_outputs")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None)
@@ -114,6 +116,8 @@ def main(argv=None):
                 failed += 1
                 warn(f"prompt {i + 1}: only {info['n_accepted']} of {args.gen_num} latents reached the threshold "
                      f"after {info['rounds']} rounds; the rest use the lowest-loss candidates found")
+        if latents is not None and args.save_latents:
+            atomic_torch_save(os.path.join(folder, "latents", f"{i:05d}.pt"), latents.detach().float().cpu())
         t0 = time.time()
         with torch.no_grad():
             images = generate(pipe, prompt, latents, args.gen_num, args.gen_seed)
