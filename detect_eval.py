@@ -5,21 +5,20 @@
 A prompt's score is the mean over the measured sampling steps (or the steps given by --steps). Prints one line,
 writes the numbers as JSON and the ROC curve as PNG beside the inputs (or where --out says).
 """
-import argparse
 import os
 
 import numpy as np
 import torch
 
-from utils.cli import UserError, guarded, warn
-from utils.io import atomic_write_bytes, atomic_write_json, library_versions
+from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
+from utils.io import atomic_write_bytes, atomic_write_json, figure_png, library_versions
 from utils.metrics import TPR_RULES, detection_metrics
 
 TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mem", default="det_outputs/sd1_mem_gen4.pt", help="scores of memorized prompts (.pt)")
     p.add_argument("--nmem", default="det_outputs/sd1_nmem_gen4.pt", help="scores of non-memorized prompts (.pt)")
     p.add_argument("--steps", default=None,
@@ -48,21 +47,7 @@ def load_scores(path, steps):
     return t.double().mean(dim=1).numpy()
 
 
-def parse_steps(text):
-    if text is None:
-        return None
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--steps must be comma-separated integers, got {text!r}")
-    if not steps or min(steps) < 1:
-        raise UserError("--steps are 1-based step numbers")
-    return steps
-
-
 def plot_roc(res, title):
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -72,16 +57,13 @@ def plot_roc(res, title):
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 @guarded
 def main(argv=None):
     args = parse_args(argv)
-    steps = parse_steps(args.steps)
+    steps = None if args.steps is None else parse_int_list(args.steps, 1, None, "--steps (1-based step numbers)")
     mem, nmem = load_scores(args.mem, steps), load_scores(args.nmem, steps)
     keep_m, keep_n = np.isfinite(mem), np.isfinite(nmem)
     if (~keep_m).any() or (~keep_n).any():

@@ -3,42 +3,43 @@
     python mitigate_mem.py --sd_ver 1 --data_path prompts/sample_mitigation.txt --gen_num 4
     python mitigate_mem.py --sd_ver 1 --data_path prompts/sample_mitigation.txt --no_mitigation   # "before"
 
-Images go to OUT_DIR/sd<ver>/<prompt_type>/ (with --no_mitigation: <prompt_type>_nomiti/), named
-<index>_<cleaned prompt>_<k>.png. manifest.jsonl there records each finished prompt (flushed at once, so a
-re-run resumes), run.json the arguments and library versions.
+Images go to OUT_DIR/<model>/<prompt_type>/ (with --no_mitigation: <prompt_type>_nomiti/), named
+<index>_<cleaned prompt>_<k>.png; <model> is sd1, sd2 or sddemo as in the reference (with --model_id: the model's
+name). manifest.jsonl there records each finished prompt (flushed at once, so a re-run resumes), run.json the
+arguments and library versions.
 """
-import argparse
 import os
 import time
 
 import torch
 from tqdm import tqdm
 
-from utils.cli import UserError, finite_float, guarded, positive_float, positive_int, quiet_library_warnings, warn
-from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, atomic_write_json, library_versions, safe_filename, sha256_file
-from utils.models import load_pipeline, resolve_device, resolve_dtype, resolve_model_id
+from utils.cli import ArgumentParser, UserError, add_model_arguments, finite_float, guarded, nonneg_float, \
+    positive_float, positive_int, quiet_library_warnings, seed_int, warn
+from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, safe_filename, sha256_file, write_sidecar
+from utils.models import encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
-from utils.sail import FORMS, sail_latents
+from utils.sail import FORMS, SailSettings, sail_latents
+from utils.scores import ScoreModel
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for the search's timestep and for generation (as the reference)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sd_ver", default="1", help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
-    p.add_argument("--model_id", default=None, help="Hub id or local folder; overrides --sd_ver")
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(p)
     p.add_argument("--data_path", default="prompts/sample_mitigation.txt")
     p.add_argument("--prompt_type", default="mem", help="sub-folder name for the images (e.g. mem, nmem)")
     p.add_argument("--gen_num", type=positive_int, default=4, help="images per prompt")
-    p.add_argument("--gen_seed", type=int, default=42, help="first torch seed of the search / of plain sampling")
+    p.add_argument("--gen_seed", type=seed_int, default=42, help="first torch seed of the search / of plain sampling")
     # Hyperparameters of Algorithm 2 (paper, Appendix D)
     p.add_argument("--miti_thres", type=finite_float, default=8.2, help="l_thres; SD1 grid 7.6-9, SD2 grid 4-6")
     p.add_argument("--miti_lr", type=positive_float, default=0.05, help="Adam learning rate on the latents")
     p.add_argument("--miti_budget", type=positive_int, default=8, help="candidates optimized together")
     p.add_argument("--miti_max_steps", type=positive_int, default=10, help="Adam steps per round")
     p.add_argument("--miti_max_rounds", type=positive_int, default=100, help="rounds before giving up on a prompt")
-    p.add_argument("--miti_alpha", type=finite_float, default=None,
+    p.add_argument("--miti_alpha", type=nonneg_float, default=None,
                    help="weight of ||x_T|| in the loss (default 0.05 for epsilon, 0.01 for v-prediction models)")
     p.add_argument("--miti_form", default="reference", choices=FORMS,
                    help="reference: the paper's code (default); clean: Algorithm 2 as written (see README)")
@@ -46,9 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--save_latents", action="store_true",
                    help="also save each prompt's searched initial latents as latents/<index>.pt (float32)")
     p.add_argument("--out_dir", default="miti_outputs")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
     return p.parse_args(argv)
 
 
@@ -64,49 +62,43 @@ def generate(pipe, prompt, latents, gen_num, seed):
 def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
-    if args.miti_alpha is not None and args.miti_alpha < 0:
-        raise UserError("--miti_alpha must be >= 0")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model_id = resolve_model_id(args.sd_ver, args.model_id)
+    label = model_label(args.sd_ver, args.model_id)
     prompts = read_prompts(args.data_path, args.prompt_mirror)
-    folder = os.path.join(args.out_dir, f"sd{args.sd_ver}",
-                          args.prompt_type + ("_nomiti" if args.no_mitigation else ""))
-    identity = dict(sd_ver=str(args.sd_ver), model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
+    settings = None if args.no_mitigation else SailSettings(
+        gen_num=args.gen_num, seed=args.gen_seed, thres=args.miti_thres, lr=args.miti_lr, budget=args.miti_budget,
+        max_steps=args.miti_max_steps, max_rounds=args.miti_max_rounds, alpha=args.miti_alpha, form=args.miti_form,
+        num_inference_steps=NUM_INFERENCE_STEPS)
+    folder = os.path.join(args.out_dir, label, args.prompt_type + ("_nomiti" if args.no_mitigation else ""))
+    identity = dict(model=label, model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                     gen_seed=args.gen_seed, no_mitigation=args.no_mitigation, dtype=str(dtype), device=device.type)
-    if not args.no_mitigation:
-        identity.update(miti_thres=args.miti_thres, miti_lr=args.miti_lr, miti_budget=args.miti_budget,
-                        miti_max_steps=args.miti_max_steps, miti_max_rounds=args.miti_max_rounds,
-                        miti_alpha=args.miti_alpha, miti_form=args.miti_form)
+    if settings is not None:
+        identity["sail"] = settings.to_dict()
     log = ProgressLog(os.path.join(folder, "manifest.jsonl"), identity)
     todo = [i for i in range(len(prompts)) if i not in log.done]
     if log.done:
         print(f"resuming: {len(log.done)} of {len(prompts)} prompts already done")
     pipe = load_pipeline(model_id, device, dtype)
-    atomic_write_json(os.path.join(folder, "run.json"), dict(arguments=vars(args), model_id=model_id,
-                                                              prediction_type=pipe.scheduler.config.prediction_type,
-                                                              identity=identity, versions=library_versions()))
+    model = ScoreModel(pipe.unet, pipe.scheduler)
+    write_sidecar(os.path.join(folder, "run.json"), vars(args), model_id=model_id, model=label,
+                  prediction_type=model.prediction_type, identity=identity)
     long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
     if long_ones:
         warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated")
     latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    with torch.no_grad():
-        uncond = pipe.encode_prompt("", device, 1, False)[0]
+    uncond = encode_prompts(pipe, "", device)
 
     failed = 0
-    for i in tqdm(todo, desc="SAIL" if not args.no_mitigation else "sample", unit="prompt", disable=not todo):
+    for i in tqdm(todo, desc="SAIL" if settings else "sample", unit="prompt", disable=not todo):
         prompt = prompts[i]
         rec = dict(index=i, prompt=prompt, seeds=[args.gen_seed], final_threshold=None, rounds=0, opt_steps=0,
                    accepted_losses=[], reached_threshold=None, search_seconds=0.0)
         latents = None
-        if not args.no_mitigation:
-            with torch.no_grad():
-                cond = pipe.encode_prompt(prompt, device, 1, False)[0]
-            latents, info = sail_latents(
-                pipe.unet, pipe.scheduler, cond, uncond, latent_shape, gen_num=args.gen_num, seed=args.gen_seed,
-                thres=args.miti_thres, lr=args.miti_lr, budget=args.miti_budget, max_steps=args.miti_max_steps,
-                max_rounds=args.miti_max_rounds, alpha=args.miti_alpha, form=args.miti_form,
-                num_inference_steps=NUM_INFERENCE_STEPS, dtype=dtype, device=device)
+        if settings is not None:
+            latents, info = sail_latents(model, encode_prompts(pipe, prompt, device), uncond, latent_shape, settings,
+                                         dtype=dtype, device=device)
             rec.update(seeds=info["seeds"], final_threshold=info["final_threshold"], rounds=info["rounds"],
                        opt_steps=info["opt_steps"], unet_calls=info["unet_calls"],
                        accepted_losses=[a["loss"] for a in info["accepted"]], accepted=info["accepted"],
@@ -116,8 +108,8 @@ def main(argv=None):
                 failed += 1
                 warn(f"prompt {i + 1}: only {info['n_accepted']} of {args.gen_num} latents reached the threshold "
                      f"after {info['rounds']} rounds; the rest use the lowest-loss candidates found")
-        if latents is not None and args.save_latents:
-            atomic_torch_save(os.path.join(folder, "latents", f"{i:05d}.pt"), latents.detach().float().cpu())
+            if args.save_latents:
+                atomic_torch_save(os.path.join(folder, "latents", f"{i:05d}.pt"), latents.detach().float().cpu())
         t0 = time.time()
         with torch.no_grad():
             images = generate(pipe, prompt, latents, args.gen_num, args.gen_seed)

@@ -15,13 +15,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.demo_model import SD14_UNET, ddim_scheduler, tiny_pipeline  # noqa: E402
 from utils.detection import sharpness_scores  # noqa: E402
-from utils.sail import sail_latents  # noqa: E402
-
-SD1_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-                block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+from utils.models import jvp_unet_copy  # noqa: E402
+from utils.sail import SailSettings, sail_latents  # noqa: E402
+from utils.scores import ScoreModel  # noqa: E402
 
 
 def timed(fn, repeats, sync):
@@ -47,14 +45,12 @@ def main():
     args = p.parse_args()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD v1.4's schedule
+    from diffusers import UNet2DConditionModel
+    sched = ddim_scheduler()
     if args.unet == "sd1":
         torch.manual_seed(0)
-        unet, dim = UNet2DConditionModel(**SD1_UNET), 768
+        unet, dim = UNet2DConditionModel(**SD14_UNET), 768
     else:
-        from utils.tiny import tiny_pipeline
         unet = tiny_pipeline().unet
         dim = unet.config.cross_attention_dim
     unet = unet.to(dev, dtype).eval()
@@ -70,11 +66,10 @@ def main():
         with torch.no_grad():
             unet(torch.cat([lat, lat]), t, encoder_hidden_states=emb)
 
-    import copy
-    jvp_unet = copy.deepcopy(unet).float() if args.jvp == "float32" else None
+    model = ScoreModel(unet, sched, jvp_unet=jvp_unet_copy(unet, args.jvp))
 
     def detect():
-        sharpness_scores(unet, sched, cond, uncond, lat, hvp_sampling_num=1, jvp_unet=jvp_unet)
+        sharpness_scores(model, cond, uncond, lat, hvp_sampling_num=1)
 
     base = timed(forward, args.repeats, sync)
     det = timed(detect, args.repeats, sync)
@@ -90,13 +85,14 @@ def main():
 
         gen = timed(plain, 1, sync)
         t0 = time.perf_counter()
-        _, sinfo = sail_latents(unet, sched, cond, uncond, (c, s, s), gen_num=n, thres=float("inf"),
-                                max_steps=10, budget=8, dtype=dtype, device=dev)
+        _, sinfo = sail_latents(model, cond, uncond, (c, s, s), SailSettings(gen_num=n, thres=1e30, max_steps=10,
+                                                                             budget=8), dtype=dtype, device=dev)
         one_call = time.perf_counter() - t0
         # A search that runs all 10 steps of one round (threshold never met): the expensive case.
         t0 = time.perf_counter()
-        _, sinfo2 = sail_latents(unet, sched, cond, uncond, (c, s, s), gen_num=n, thres=-1.0, max_steps=10,
-                                 budget=8, max_rounds=1, dtype=dtype, device=dev)
+        _, sinfo2 = sail_latents(model, cond, uncond, (c, s, s), SailSettings(gen_num=n, thres=-1.0, max_steps=10,
+                                                                              budget=8, max_rounds=1),
+                                 dtype=dtype, device=dev)
         full_round = time.perf_counter() - t0
         print(json.dumps(dict(plain_50_step_denoising_s=round(gen, 4), sail_accept_at_once_s=round(one_call, 4),
                               sail_accept_unet_calls=sinfo["unet_calls"], sail_full_round_s=round(full_round, 4),

@@ -12,7 +12,6 @@ tiny model) the full spectrum of the dense Jacobian is computed too and compared
 Writes OUT_DIR/eigenvalues.json (arguments, versions, eigenvalues, summary) and OUT_DIR/eigenvalues.png; per-prompt
 results are flushed to OUT_DIR/eigenvalues.progress.jsonl, so re-running the same command resumes.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -22,23 +21,25 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.cli import UserError, guarded, positive_int, quiet_library_warnings  # noqa: E402
+from utils.cli import (ArgumentParser, UserError, add_model_arguments, finite_float, guarded,  # noqa: E402
+                       parse_int_list, positive_int, quiet_library_warnings, seed_int)
 from utils.detection import initial_latents  # noqa: E402
 from utils.eigen import leading_error, spectrum_summary  # noqa: E402
-from utils.io import ProgressLog, atomic_write_bytes, atomic_write_json, library_versions  # noqa: E402
-from utils.models import load_pipeline, resolve_device, resolve_dtype, resolve_model_id  # noqa: E402
+from utils.io import ProgressLog, atomic_write_bytes, figure_png, write_sidecar  # noqa: E402
+from utils.models import encode_prompts, load_pipeline, resolve_device, resolve_dtype, resolve_model_id  # noqa: E402
 from utils.operators import BRANCHES, sampling_spectra  # noqa: E402
 from utils.prompts import read_prompts  # noqa: E402
-from utils.tiny import tiny_pipeline  # noqa: E402
+from utils.scores import ScoreModel  # noqa: E402
 
 GROUPS = ("memorized", "non-memorized")
 COLOURS = {"memorized": "tab:red", "non-memorized": "tab:blue"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sd_ver", default="1", help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
-    p.add_argument("--model_id", default=None, help="Hub id, local folder, 'demo', or 'tiny' (random CPU model)")
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(p, dtype_default="float32",
+                        dtype_help="float32 by default, also on CUDA (in bfloat16 the tiny model's Ritz values and "
+                                   "dense spectrum disagreed by up to 18%%)")
     p.add_argument("--mem_path", default=None, help="memorized prompts (default prompts/sd<ver>_mem.txt)")
     p.add_argument("--nmem_path", default=None, help="non-memorized prompts (default prompts/sd<ver>_nmem.txt)")
     p.add_argument("--max_prompts", type=positive_int, default=None, help="first N prompts of each file")
@@ -46,8 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--krylov_dim", type=positive_int, default=None,
                    help="Krylov steps = JVPs per eigen-solve (default max(4k, k+60)); more = more accurate")
     p.add_argument("--steps", default="0", help="comma-separated DDIM step indices to analyse (0 = x_T)")
-    p.add_argument("--num_inference_steps", type=positive_int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="CFG scale of the DDIM steps between steps")
+    p.add_argument("--num_inference_steps", type=positive_int, default=50,
+                   help="DDIM sampling steps (at most the model's training timesteps, 1000 for SD)")
+    p.add_argument("--guidance_scale", type=finite_float, default=7.5, help="CFG scale of the DDIM steps between steps")
     p.add_argument("--which", default="cond", choices=BRANCHES,
                    help="cond: H(x_t, c); uncond: H(x_t, empty prompt); delta: their difference H_delta")
     p.add_argument("--solver", default="arnoldi", choices=["arnoldi", "lanczos"],
@@ -55,49 +57,24 @@ def parse_args(argv=None):
     p.add_argument("--dense", default="auto", choices=["auto", "on", "off"],
                    help="full spectrum from the dense Jacobian too (auto: when n <= --dense_max)")
     p.add_argument("--dense_max", type=positive_int, default=1024)
-    p.add_argument("--gen_seed", type=int, default=42, help="torch seed of the (shared) initial noise")
-    p.add_argument("--start_seed", type=int, default=0, help="seed of the Krylov start vector")
+    p.add_argument("--gen_seed", type=seed_int, default=42, help="torch seed of the (shared) initial noise")
+    p.add_argument("--start_seed", type=seed_int, default=0, help="seed of the Krylov start vector")
     p.add_argument("--out_dir", default="eigen_outputs")
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"],
-                   help="float32 by default, also on CUDA (in bfloat16 the tiny model's Ritz values and dense "
-                        "spectrum disagreed by up to 18%%)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 avoids slow-downs on a shared CPU)")
-    p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
     return p.parse_args(argv)
-
-
-def load_model(args, device, dtype):
-    """The pipeline and its model id; 'tiny' is utils.tiny.tiny_pipeline() (random weights, for smoke tests)."""
-    if args.model_id == "tiny":
-        return tiny_pipeline().to(device, dtype), "tiny"
-    model_id = resolve_model_id(args.sd_ver, args.model_id)
-    return load_pipeline(model_id, device, dtype), model_id
 
 
 def default_prompt_path(args, kind):
     ver = "demo" if args.model_id == "demo" else str(args.sd_ver)
-    if args.model_id not in (None, "demo") or ver not in ("1", "2", "demo"):
+    if args.model_id not in (None, "demo"):
         raise UserError(f"pass --{kind}_path (no default prompt file for this model)")
     return os.path.join("prompts", f"{'sd' if ver != 'demo' else ''}{ver}_{kind}.txt")
-
-
-def parse_steps(text, num_inference_steps):
-    try:
-        steps = sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise UserError(f"--steps must be comma-separated integers, got {text!r}")
-    if not steps or steps[0] < 0 or steps[-1] >= num_inference_steps:
-        raise UserError(f"--steps must lie in 0..{num_inference_steps - 1}, got {text!r}")
-    return steps
 
 
 def plot(records, steps, path):
     """Figure-3-style panels: per analysed step, each prompt's leading eigenvalues (real parts, sorted ascending),
     memorized in red and non-memorized in blue; a second row with the full dense spectra when available."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,10 +102,7 @@ def plot(records, steps, path):
             ax.set_ylabel("Re eigenvalue of H", fontsize=8)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=90))
 
 
 @guarded
@@ -137,7 +111,7 @@ def main(argv=None):
     quiet_library_warnings()
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = parse_steps(args.steps, args.num_inference_steps)
+    steps = parse_int_list(args.steps, 0, args.num_inference_steps - 1, "--steps (DDIM step indices)")
     paths = {"memorized": args.mem_path or default_prompt_path(args, "mem"),
              "non-memorized": args.nmem_path or default_prompt_path(args, "nmem")}
     items = []  # (group, prompt)
@@ -146,10 +120,12 @@ def main(argv=None):
         items += [(group, p) for p in prompts]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe, model_id = load_model(args, device, dtype)
-    pred = pipe.scheduler.config.prediction_type
-    if pred not in ("epsilon", "v_prediction"):
-        raise UserError(f"model {model_id} has prediction_type {pred!r}; only epsilon and v_prediction are supported")
+    model_id = resolve_model_id(args.sd_ver, args.model_id)
+    pipe = load_pipeline(model_id, device, dtype)
+    if args.num_inference_steps > pipe.scheduler.config.num_train_timesteps:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps} exceeds the model's "
+                        f"{pipe.scheduler.config.num_train_timesteps} training timesteps")
+    model = ScoreModel(pipe.unet, pipe.scheduler)
     latents = initial_latents(pipe, 1, args.gen_seed)  # identical noise for every prompt
     n = latents[0].numel()
     krylov_dim = min(n, args.krylov_dim or max(4 * args.k, args.k + 60))
@@ -167,9 +143,8 @@ def main(argv=None):
     for index, (group, prompt) in enumerate(tqdm(items, desc="eigen-analysis", unit="prompt")):
         if index in log.done:
             continue
-        with torch.no_grad():
-            cond, uncond = pipe.encode_prompt(prompt, device, 1, True, "")
-        out = sampling_spectra(pipe.unet, pipe.scheduler, cond, uncond, latents, steps=steps, k=args.k,
+        cond, uncond = encode_prompts(pipe, prompt, device), encode_prompts(pipe, "", device)
+        out = sampling_spectra(model, cond, uncond, latents, steps=steps, k=args.k,
                                krylov_dim=krylov_dim, num_inference_steps=args.num_inference_steps,
                                guidance_scale=args.guidance_scale, which=args.which, method=args.solver,
                                dense=dense, start_seed=args.start_seed)
@@ -205,11 +180,10 @@ def main(argv=None):
                   + (f"; max |Ritz - dense| over leading {args.k}: {max(errs):.3g}" if errs else ""))
         summary[str(step)] = per
     json_path = os.path.join(args.out_dir, "eigenvalues.json")
-    atomic_write_json(json_path, dict(
-        quantity=f"leading eigenvalues (largest magnitude) of the score Jacobian ({args.which}) by {args.solver}",
-        arguments=vars(args), model_id=model_id, latent_dim=n, krylov_dim=krylov_dim, dense=dense,
-        prediction_type=pred, versions=library_versions(), summary=summary,
-        results=records))
+    write_sidecar(json_path, vars(args),
+                  quantity=f"leading eigenvalues (largest magnitude) of the score Jacobian ({args.which}) by {args.solver}",
+                  model_id=model_id, latent_dim=n, krylov_dim=krylov_dim, dense=dense,
+                  prediction_type=model.prediction_type, summary=summary, results=records)
     plot(records, steps, os.path.join(args.out_dir, "eigenvalues.png"))
     print(f"saved {json_path} and eigenvalues.png")
 

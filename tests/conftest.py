@@ -27,7 +27,7 @@ def prompt_mirror():
 
 
 def _saved_tiny(tmp_path_factory, prediction_type):
-    from utils.tiny import tiny_pipeline
+    from utils.demo_model import tiny_pipeline
     folder = tmp_path_factory.mktemp(f"tiny_{prediction_type}")
     tiny_pipeline(prediction_type=prediction_type, seed=0).save_pretrained(str(folder))
     return str(folder)

@@ -48,6 +48,5 @@ def gaussian_embedding(mu, log_s2):
 
 def ddim_scheduler(prediction_type="epsilon"):
     """DDIM with Stable Diffusion v1's schedule."""
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    from utils.demo_model import ddim_scheduler as sd_ddim
+    return sd_ddim(prediction_type)

@@ -109,7 +109,7 @@ def test_pixel_cosine_matches_the_project_definition(data):
 
 
 def test_shared_pairs_and_pair_kinds():
-    import train_demo
+    from utils.demo_model import make_pairs
     d = build_dataset(seed=0, n_shared=5, generic=True)
     assert len(set(d["generic"])) == len(d["images"]) and all(len(c.split()) >= 3 for c in d["generic"])
     from utils.demo_data import nonmemorized_prompts
@@ -124,7 +124,7 @@ def test_shared_pairs_and_pair_kinds():
     # the same seed keeps the memorized choice whatever n_shared is (the benchmark files do not depend on it)
     assert d["memorized"] == build_dataset(seed=0)["memorized"]
     captions = sorted({c for caps in d["captions"] for c in caps} | set(own) | set(d["generic"]))
-    pairs = train_demo.make_pairs(d, {c: i for i, c in enumerate(captions)}, dup=7)
+    pairs = make_pairs(d, {c: i for i, c in enumerate(captions)}, dup=7)
     kinds = torch.bincount(pairs[:, 2], minlength=3).tolist()
     assert kinds == [sum(len(c) for c in d["captions"]) + len(d["images"]), 7 * len(d["memorized"]),
                      5 * len(d["memorized"])]

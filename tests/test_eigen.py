@@ -11,7 +11,8 @@ from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
 from utils.eigen import (KrylovResult, arnoldi, hutchinson_trace, hutchinson_trace_cubed, lanczos, leading_error,
                          leading_eigenvalues, spectrum_summary)
 from utils.operators import ScoreJacobian, branch_score_fn, sampling_spectra
-from utils.scores import alpha_sigma, forward_ad_attention
+from utils.models import forward_ad
+from utils.scores import ScoreModel, alpha_sigma
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,11 +188,11 @@ def test_operator_on_gaussian_model_is_minus_inverse_variance(prediction_type):
     expected = {"cond": -inv["cond"], "uncond": -inv["uncond"], "delta": inv["uncond"] - inv["cond"]}
     v = torch.randn(64, generator=g, dtype=torch.float64)
     for which, diag in expected.items():
-        op = ScoreJacobian(model, t, embeds, x, alpha, sigma, prediction_type, which=which)
+        op = ScoreJacobian(ScoreModel(model, sched), t, embeds, x, which=which)
         assert torch.allclose(op(v), diag * v, rtol=1e-4)
         assert torch.allclose(op.rmatvec(v), diag * v, rtol=1e-4)
         assert torch.allclose(op.dense(chunk=24), torch.diag(diag), rtol=1e-4, atol=1e-6)
-    op = ScoreJacobian(model, t, embeds, x, alpha, sigma, prediction_type, which="cond")
+    op = ScoreJacobian(ScoreModel(model, sched), t, embeds, x, which="cond")
     _, top = leading_eigenvalues(op, 64, 3, krylov_dim=64)
     assert torch.allclose(top.real, _by_magnitude(-inv["cond"]).real[:3], rtol=1e-5)
 
@@ -206,7 +207,7 @@ def test_sampling_spectra_on_gaussian_model_at_later_steps(method):
     cond = gaussian_embedding(torch.ones(1, *shape), log_s2)
     uncond = gaussian_embedding(torch.zeros(1, *shape), torch.zeros(1, *shape))
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(8))
-    out = sampling_spectra(model, sched, cond, uncond, x, steps=[3, 0], k=4, krylov_dim=64, num_inference_steps=10,
+    out = sampling_spectra(ScoreModel(model, sched), cond, uncond, x, steps=[3, 0], k=4, krylov_dim=64, num_inference_steps=10,
                            method=method, dense=True)
     assert [o["step"] for o in out] == [0, 3]
     for o in out:
@@ -222,7 +223,7 @@ def test_sampling_spectra_on_gaussian_model_at_later_steps(method):
 @pytest.fixture(scope="module")
 def tiny():
     from utils.detection import initial_latents
-    from utils.tiny import tiny_pipeline
+    from utils.demo_model import tiny_pipeline
     pipe = tiny_pipeline()
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt("a photo of a cat", "cpu", 1, True, "")
@@ -233,11 +234,11 @@ def test_operator_matches_reverse_mode_dense_jacobian_of_tiny_unet(tiny):
     pipe, embeds, x = tiny
     pipe.scheduler.set_timesteps(50)
     t = pipe.scheduler.timesteps[10]
-    alpha, sigma = alpha_sigma(pipe.scheduler, t)
-    fn = branch_score_fn(pipe.unet, t, embeds, alpha, sigma, "epsilon", "cond")
-    with forward_ad_attention():  # the math kernel also has vmap rules for jacrev's batched backward
+    model = ScoreModel(pipe.unet, pipe.scheduler)
+    fn = branch_score_fn(model, t, embeds, "cond")
+    with forward_ad(x):  # the math kernel also has vmap rules for jacrev's batched backward
         J_rev = torch.func.jacrev(fn)(x).reshape(256, 256).double()  # reverse mode: independent of the JVPs
-    op = ScoreJacobian(pipe.unet, t, embeds, x, alpha, sigma, "epsilon", which="cond")
+    op = ScoreJacobian(model, t, embeds, x, which="cond")
     scale = J_rev.norm()
     assert (op.dense(chunk=128) - J_rev).norm() < 1e-5 * scale
     g = torch.Generator().manual_seed(7)
@@ -248,7 +249,7 @@ def test_operator_matches_reverse_mode_dense_jacobian_of_tiny_unet(tiny):
     # the learned Jacobian is far from symmetric (random weights), which is why Arnoldi is the default
     assert (J_rev - J_rev.T).norm() > 0.1 * scale
     # H_delta is the difference of the two branches' Jacobians (one JVP through the pair)
-    ops = {w: ScoreJacobian(pipe.unet, t, embeds, x, alpha, sigma, "epsilon", which=w) for w in ("uncond", "delta")}
+    ops = {w: ScoreJacobian(model, t, embeds, x, which=w) for w in ("uncond", "delta")}
     assert torch.allclose(ops["delta"](v), op(v) - ops["uncond"](v), rtol=1e-4, atol=1e-5 * float(op(v).norm()))
 
 
@@ -265,7 +266,8 @@ def _load_script():
 def test_eigen_analysis_end_to_end_on_tiny_model(tiny, tmp_path, monkeypatch, capsys):
     script = _load_script()
     # tiny_pipeline() is seeded, so the module fixture IS what --model_id tiny builds; reuse it to save ~5 s
-    monkeypatch.setattr(script, "tiny_pipeline", lambda: tiny[0])
+    import utils.demo_model
+    monkeypatch.setattr(utils.demo_model, "tiny_pipeline", lambda: tiny[0])
     (tmp_path / "mem.txt").write_text("a photo of a cat\n")
     (tmp_path / "nmem.txt").write_text("a red house by the sea\n")
     out = tmp_path / "out"

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from utils import fetch as F
+from utils import fetch_manifest as FM
+from utils.images import inspect_image
 
 
 def _png(color_fn, size=(48, 40), fmt="PNG"):
@@ -132,7 +134,7 @@ def test_fetch_classifies_every_failure_and_resumes(server, tmp_path):
     assert by[3]["detail"] == "HTTP 404" and by[11]["detail"] == "HTTP 503"
     assert by[9]["detail"].startswith("single colour") and "8x8" in by[10]["detail"]
     # Files: exactly the good ones, named <index>_<k><ext>, byte-identical, hashes in the manifest; no temp files.
-    assert sorted(os.listdir(out)) == sorted(["1_0.png", "2_0.jpg", "14_0.png", "15_0.png", F.MANIFEST_NAME])
+    assert sorted(os.listdir(out)) == sorted(["1_0.png", "2_0.jpg", "14_0.png", "15_0.png", FM.MANIFEST_NAME])
     assert (out / "2_0.jpg").read_bytes() == GRADIENT_JPG
     assert by[2]["sha256"] == hashlib.sha256(GRADIENT_JPG).hexdigest()
     assert (by[1]["width"], by[1]["height"]) == (48, 40)
@@ -140,14 +142,14 @@ def test_fetch_classifies_every_failure_and_resumes(server, tmp_path):
     assert hits["/slow.jpg"] == 2 and hits["/busy.png"] == 2
     assert hits["/missing.jpg"] == 1 and hits["/page.jpg"] == 1 and hits["/good.png"] == 1
     # The manifest on disk says the same as the returned rows.
-    disk = F.read_manifest(str(out / F.MANIFEST_NAME))
+    disk = FM.read_manifest(str(out / FM.MANIFEST_NAME))
     assert [(r["index"], r["status"], r["file"], r["sha256"]) for r in disk] == \
            [(r["index"], r["status"], r["file"], r["sha256"]) for r in rows]
-    assert F.usable_count(disk) == (4, 18)
-    assert F.shared_bytes(disk) == [[1, 14, 15]]  # the same gradient PNG from three sources
+    assert FM.usable_count(disk) == (4, 18)
+    assert FM.shared_bytes(disk) == [[1, 14, 15]]  # the same gradient PNG from three sources
 
     # Second run, after losing the manifest (as after a crash): good files are re-validated locally, not fetched.
-    os.remove(out / F.MANIFEST_NAME)
+    os.remove(out / FM.MANIFEST_NAME)
     (out / ".tmp-leftover.jpg").write_bytes(b"half")  # debris of a run killed mid-write
     before = dict(hits)
     rows2 = F.fetch_all(recs, str(tmp_path), str(out), _fetcher(), workers=4, progress=False)
@@ -165,24 +167,24 @@ def test_offline_stops_early_with_manifest(tmp_path):
     with pytest.raises(F.UserError, match="first 5 downloads all failed to connect"):
         F.fetch_all(recs, str(tmp_path), str(tmp_path / "o"), _fetcher(), workers=1, progress=False,
                     offline_after=5)
-    rows = F.read_manifest(str(tmp_path / "o" / F.MANIFEST_NAME))
+    rows = FM.read_manifest(str(tmp_path / "o" / FM.MANIFEST_NAME))
     assert len(rows) == 40 and [r["status"] for r in rows[:5]] == ["connection_error"] * 5
     assert {r["status"] for r in rows[6:]} == {"pending"}
 
 
 def test_inspect_image_kinds():
-    assert F.inspect_image(GRADIENT)["status"] == "ok"
-    assert F.inspect_image(GRADIENT_JPG)["ext"] == ".jpg"
-    assert F.inspect_image(TRUNCATED)["status"] == "truncated"
-    assert F.inspect_image(b"")["status"] == "not_image"
-    assert F.inspect_image(b"\x00\x01binary")["detail"].startswith("unknown format")
-    assert F.inspect_image(BLACK)["status"] == "placeholder"
-    assert F.inspect_image(GRADIENT, max_pixels=100)["status"] == "too_large"
+    assert inspect_image(GRADIENT)["status"] == "ok"
+    assert inspect_image(GRADIENT_JPG)["ext"] == ".jpg"
+    assert inspect_image(TRUNCATED)["status"] == "truncated"
+    assert inspect_image(b"")["status"] == "not_image"
+    assert inspect_image(b"\x00\x01binary")["detail"].startswith("unknown format")
+    assert inspect_image(BLACK)["status"] == "placeholder"
+    assert inspect_image(GRADIENT, max_pixels=100)["status"] == "too_large"
     # A transparent PNG is judged on white, as a browser shows it: fully transparent = a white placeholder.
     im = Image.new("RGBA", (40, 40), (10, 200, 30, 0))
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    assert F.inspect_image(buf.getvalue())["detail"] == "single colour #ffffff"
+    assert inspect_image(buf.getvalue())["detail"] == "single colour #ffffff"
 
 
 def test_items_from_records_sources(tmp_path):
@@ -210,6 +212,6 @@ def test_demo_style_jsonl_via_cli(tmp_path, capsys):
     mitigate_eval.main(["fetch", "--jsonl", str(jsonl), "--out", str(out)])
     text = capsys.readouterr().out
     assert "usable: 1/2 records" in text
-    info = json.loads((out / F.INFO_NAME).read_text())
+    info = json.loads((out / FM.INFO_NAME).read_text())
     assert info["status_counts"] == {"ok": 1, "placeholder": 1}
     assert (out / "0_0.png").read_bytes() == GRADIENT and not (out / "1_0.png").exists()

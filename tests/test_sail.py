@@ -9,8 +9,9 @@ from PIL import Image
 
 import mitigate_mem
 from gaussian import GaussianUNet, gaussian_embedding
-from utils.sail import guidance_difference, sail_latents
-from utils.scores import alpha_sigma
+from utils.sail import SailSettings, sail_latents
+from utils.scores import ScoreModel, alpha_sigma
+from utils.scores import reference_guidance_difference as guidance_difference
 
 
 def reference_style_sail(unet, scheduler, cond, uncond, shape, gen_num, seed, thres, lr, budget, max_steps, alpha):
@@ -67,7 +68,7 @@ def test_reference_form_equals_reference_algorithm(tiny_eps):
     pipe = tiny_eps
     c, u = _embeds(pipe, "a cat")
     kw = dict(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3)
-    got, info = sail_latents(pipe.unet, pipe.scheduler, c, u, (4, 8, 8), alpha=0.05, **kw)
+    got, info = sail_latents(ScoreModel(pipe.unet, pipe.scheduler), c, u, (4, 8, 8), SailSettings(alpha=0.05, **kw))
     assert all(p.requires_grad for p in pipe.unet.parameters())  # frozen only during the search
     want, want_thres = reference_style_sail(pipe.unet, pipe.scheduler, c, u, (4, 8, 8), alpha=0.05, **kw)
     assert torch.equal(got, want)
@@ -81,8 +82,8 @@ def test_reference_form_equals_reference_algorithm(tiny_eps):
 def test_clean_form_freezes_accepted_and_never_repeats(tiny_eps):
     pipe = tiny_eps
     c, u = _embeds(pipe, "a cat")
-    got, info = sail_latents(pipe.unet, pipe.scheduler, c, u, (4, 8, 8), gen_num=4, seed=42, thres=0.80, lr=0.2,
-                             budget=4, max_steps=3, form="clean")
+    got, info = sail_latents(ScoreModel(pipe.unet, pipe.scheduler), c, u, (4, 8, 8),
+                             SailSettings(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3, form="clean"))
     assert info["reached_threshold"]
     for i in range(4):
         for j in range(i):
@@ -132,8 +133,8 @@ def test_sharp_gaussian_accepted_latents_are_smoother_and_loop_stops():
     init = torch.randn((8, *shape), generator=torch.Generator().manual_seed(42))
     p0 = _proxy(model, sched, init, cond, uncond)
     thres = float((p0 + 0.05 * init.flatten(1).norm(dim=1)).min()) * 0.6  # unreachable without optimization
-    lat, info = sail_latents(model, sched, cond, uncond, shape, gen_num=2, seed=42, thres=thres, lr=0.1,
-                             budget=8, max_steps=50, max_rounds=3)
+    lat, info = sail_latents(ScoreModel(model, sched), cond, uncond, shape,
+                             SailSettings(gen_num=2, seed=42, thres=thres, lr=0.1, budget=8, max_steps=50, max_rounds=3))
     assert info["reached_threshold"] and info["rounds"] == 1 and 0 < info["opt_steps"] < 50
     assert info["unet_calls"] == 2 * (info["opt_steps"] + 1)  # stopped at the step that accepted the 2nd latent
     assert _proxy(model, sched, lat, cond, uncond).max() < p0.min()
@@ -141,8 +142,8 @@ def test_sharp_gaussian_accepted_latents_are_smoother_and_loop_stops():
 
 def test_unreachable_threshold_ends_after_max_rounds_with_report():
     model, sched, cond, uncond, shape = _sharp_gaussian()
-    lat, info = sail_latents(model, sched, cond, uncond, shape, gen_num=3, seed=42, thres=-1.0, lr=0.1, budget=2,
-                             max_steps=2, max_rounds=7)
+    lat, info = sail_latents(ScoreModel(model, sched), cond, uncond, shape,
+                             SailSettings(gen_num=3, seed=42, thres=-1.0, lr=0.1, budget=2, max_steps=2, max_rounds=7))
     assert not info["reached_threshold"] and info["rounds"] == 7 and info["n_accepted"] == 0
     assert lat.shape == (3, *shape) and len(info["filled_losses"]) == 3
     assert info["filled_losses"] == sorted(info["filled_losses"])
@@ -178,12 +179,12 @@ def test_end_to_end_and_no_mitigation_matches_plain_diffusers(which, tiny_eps_di
     prompts = ['"Mothers influence on her young hippo"', "a <b>bold</b> / slashed prompt"]
     f.write_text("\n".join(prompts))
     base = ["--model_id", model_dir, "--data_path", str(f), "--gen_num", "2", "--device", "cpu",
-            "--out_dir", str(tmp_path / "out"), "--sd_ver", "t"]
+            "--out_dir", str(tmp_path / "out")]
     assert _run([*base, "--miti_thres", "100", "--miti_budget", "3"]) == 0
-    folder = tmp_path / "out" / "sdt" / "mem"
+    folder = tmp_path / "out" / os.path.basename(model_dir) / "mem"
     lines = (folder / "manifest.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines[1:]]
-    assert json.loads(lines[0])["header"]["miti_thres"] == 100 and [r["prompt"] for r in recs] == prompts
+    assert json.loads(lines[0])["header"]["sail"]["thres"] == 100 and [r["prompt"] for r in recs] == prompts
     for r in recs:
         assert r["reached_threshold"] and r["rounds"] == 1 and r["opt_steps"] == 0 and len(r["images"]) == 2
         assert all(os.path.isfile(folder / n) and "/" not in n and '"' not in n for n in r["images"])
@@ -193,10 +194,10 @@ def test_end_to_end_and_no_mitigation_matches_plain_diffusers(which, tiny_eps_di
     assert (folder / "manifest.jsonl").read_text().splitlines() == lines
     # --no_mitigation: the same pixels as plain diffusers sampling after torch.manual_seed(gen_seed).
     assert _run([*base, "--no_mitigation"]) == 0
-    rec = json.loads((tmp_path / "out" / "sdt" / "mem_nomiti" / "manifest.jsonl").read_text().splitlines()[1])
+    rec = json.loads((folder.parent / "mem_nomiti" / "manifest.jsonl").read_text().splitlines()[1])
     pipe = load_pipeline(model_dir, torch.device("cpu"), torch.float32)
     torch.manual_seed(42)
     ref = pipe(prompts[0], num_images_per_prompt=2, num_inference_steps=50, guidance_scale=7.5).images
     for name, img in zip(rec["images"], ref):
-        saved = np.asarray(Image.open(tmp_path / "out" / "sdt" / "mem_nomiti" / name))
+        saved = np.asarray(Image.open(folder.parent / "mem_nomiti" / name))
         assert np.array_equal(saved, np.asarray(img))

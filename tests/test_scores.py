@@ -4,7 +4,7 @@ import torch
 
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
 from utils.detection import cfg_embeddings, sharpness_scores
-from utils.scores import alpha_sigma, hvp_delta, pair_score_fn, score_difference, score_from_output
+from utils.scores import ScoreModel, alpha_sigma, score_difference, score_from_output
 
 SHAPE = (4, 4, 4)
 
@@ -51,12 +51,25 @@ def test_detection_step1_equals_analytic_value(pred):
     model = GaussianUNet(sched.alphas_cumprod, SHAPE, pred)
     cond, uncond = _conditions(3)
     lat = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
-    vals, cost = sharpness_scores(model, sched, cond, uncond, lat, hvp_sampling_num=1)
+    vals, cost = sharpness_scores(ScoreModel(model, sched), cond, uncond, lat, hvp_sampling_num=1)
     assert vals.shape == (3, 4, 1) and cost == {"unet_forwards": 1, "jvps": 1}
     expected = _analytic_metric(model, lat, sched.timesteps[0], cond, uncond)
     torch.testing.assert_close(vals[..., 0], expected, rtol=1e-4, atol=0)
-    # Sharper condition (smaller data variance) -> larger metric: the paper's premise holds in the closed form.
-    assert (expected > 0).all()
+
+
+def test_sharper_condition_gives_larger_metric():
+    """The paper's premise in the closed form: the same condition mean with a smaller data variance (a sharper
+    peak of log p) gives a larger ||H_delta s_delta|| at every generation, and the order follows the variance."""
+    sched = ddim_scheduler()
+    model = GaussianUNet(sched.alphas_cumprod, SHAPE).double()
+    mu = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64).expand(4, *SHAPE)
+    variances = torch.tensor([1.0, 0.3, 0.1, 0.01], dtype=torch.float64)  # decreasing: ever sharper
+    cond = gaussian_embedding(mu, variances.log().view(4, 1, 1, 1).expand(4, *SHAPE))
+    uncond = gaussian_embedding(torch.zeros(1, *SHAPE, dtype=torch.float64), torch.zeros(1, *SHAPE, dtype=torch.float64))
+    lat = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    vals, _ = sharpness_scores(ScoreModel(model, sched), cond, uncond, lat)
+    vals = vals[..., 0]  # (4 conditions, 3 generations)
+    assert (vals[1:] > vals[:-1]).all(), vals
 
 
 def test_detection_later_steps_follow_ddim_cfg_path_and_make_no_extra_call():
@@ -67,7 +80,8 @@ def test_detection_later_steps_follow_ddim_cfg_path_and_make_no_extra_call():
     lat = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     steps, g = 3, 7.5
     model.calls = 0
-    vals, cost = sharpness_scores(model, sched, cond, uncond, lat, hvp_sampling_num=steps, guidance_scale=g)
+    vals, cost = sharpness_scores(ScoreModel(model, sched), cond, uncond, lat, hvp_sampling_num=steps,
+                                  guidance_scale=g)
     # One forward + one JVP (which calls the function once) per measured step, nothing after the last one.
     assert cost == {"unet_forwards": steps, "jvps": steps} and model.calls == 2 * steps
     # Independent DDIM (eta=0) with CFG on the closed-form model, written out here.
@@ -91,8 +105,8 @@ def test_reference_v_score_scales_metric_by_inverse_sigma_squared():
     model = GaussianUNet(sched.alphas_cumprod, SHAPE, "v_prediction").double()
     cond, uncond = _conditions(2)
     lat = torch.randn(2, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    a, _ = sharpness_scores(model, sched, cond.double(), uncond.double(), lat, v_score="correct")
-    b, _ = sharpness_scores(model, sched, cond.double(), uncond.double(), lat, v_score="reference")
+    a, _ = sharpness_scores(ScoreModel(model, sched, v_score="correct"), cond.double(), uncond.double(), lat)
+    b, _ = sharpness_scores(ScoreModel(model, sched, v_score="reference"), cond.double(), uncond.double(), lat)
     _, sigma = alpha_sigma(sched, sched.timesteps[0])
     torch.testing.assert_close(b, a / sigma.item() ** 2, rtol=1e-5, atol=0)
 
@@ -104,16 +118,16 @@ def test_hvp_matches_dense_jacobian_and_finite_differences(tiny_eps):
     sched = pipe.scheduler
     sched.set_timesteps(50)
     t = sched.timesteps[0]
-    alpha, sigma = alpha_sigma(sched, t)
     with torch.no_grad():
         cond = pipe.encode_prompt(["a red square"], "cpu", 1, False)[0]
         uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
     embeds = cfg_embeddings(cond, uncond, 1).double()
-    fn = pair_score_fn(unet, t, embeds, alpha.double(), sigma.double(), "epsilon")
+    model = ScoreModel(unet, sched)
+    fn = model.pair_score_fn(t, embeds)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     v = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad():
-        h = hvp_delta(fn, x, v)
+        h = model.hvp_delta(x, t, embeds, v)
         # Central finite difference of s_delta along v.
         eps = 1e-5
         fd = (score_difference(fn(x + eps * v)) - score_difference(fn(x - eps * v))) / (2 * eps)
@@ -133,10 +147,10 @@ def test_separate_jvp_unet_runs_the_jvp_in_its_dtype(tiny_eps):
         cond = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
         uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
     lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    a, _ = sharpness_scores(pipe.unet, pipe.scheduler, cond, uncond, lat)
+    a, _ = sharpness_scores(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat)
     calls = {"n": 0}
     hi = copy.deepcopy(pipe.unet).double()
     hi.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + 1))
-    b, _ = sharpness_scores(pipe.unet, pipe.scheduler, cond, uncond, lat, jvp_unet=hi)
+    b, _ = sharpness_scores(ScoreModel(pipe.unet, pipe.scheduler, jvp_unet=hi), cond, uncond, lat)
     assert calls["n"] == 1
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from utils import similarity as S
+from utils.models import load_clip, load_sscd
 from utils.cli import UserError
 
 
@@ -41,7 +42,7 @@ RED, YELLOW, CYAN = (255, 0, 0), (255, 255, 0), (0, 255, 255)
 
 
 def test_sscd_known_cosines_and_max_over_ground_truth(scripted):
-    model, prep = S.load_sscd(scripted), S.sscd_transform("center224")
+    model, prep = load_sscd(scripted), S.sscd_transform("center224")
     d = S.sscd_descriptors(model, prep, [solid(RED), solid(YELLOW), solid(CYAN)], batch_size=2)
     assert torch.allclose(d * math.sqrt(3), torch.tensor([[1., -1, -1], [1, 1, -1], [-1, 1, 1]]), atol=1e-6)
     gen = S.sscd_descriptors(model, prep, [solid(RED), solid(YELLOW)])
@@ -52,7 +53,7 @@ def test_sscd_known_cosines_and_max_over_ground_truth(scripted):
 
 
 def test_sscd_identical_images_score_one_and_presets(scripted):
-    model = S.load_sscd(scripted)
+    model = load_sscd(scripted)
     ims = [gradient(seed=1), gradient(size=(64, 120), seed=2)]
     for preset in S.SSCD_PRESETS:
         d = S.sscd_descriptors(model, S.sscd_transform(preset), ims + [ims[0].copy()])
@@ -71,11 +72,11 @@ def test_sscd_identical_images_score_one_and_presets(scripted):
 
 def test_sscd_bad_files(tmp_path):
     with pytest.raises(UserError, match="dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large"):
-        S.load_sscd(str(tmp_path / "absent.pt"))
+        load_sscd(str(tmp_path / "absent.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a TorchScript model"):
-        S.load_sscd(str(junk))
+        load_sscd(str(junk))
 
 
 def test_pixel_cosine_analytic_values():
@@ -133,7 +134,7 @@ def test_clip_with_tiny_open_clip_model(tmp_path):
     open_clip.add_model_config(tmp_path)
     try:
         torch.manual_seed(0)
-        model, prep, tok = S.load_clip("memsharp-tiny-clip", None)
+        model, prep, tok = load_clip("memsharp-tiny-clip", None)
         ims = [gradient(seed=4), gradient(seed=5), gradient(seed=4)]
         texts = ["a red rug", "a blue rug by andover mills", "a red rug"]
         s = S.clip_scores(model, prep, tok, ims, texts, batch_size=2)
@@ -149,13 +150,13 @@ def test_clip_with_tiny_open_clip_model(tmp_path):
 
 def test_load_clip_errors(tmp_path):
     with pytest.raises(UserError, match="unknown CLIP model 'ViT-H-15'.*ViT-H-14"):
-        S.load_clip("ViT-H-15", "laion2b_s32b_b79k")
+        load_clip("ViT-H-15", "laion2b_s32b_b79k")
     with pytest.raises(UserError, match="no pretrained weights 'nope'.*laion2b_s32b_b79k"):
-        S.load_clip("ViT-H-14", "nope")
+        load_clip("ViT-H-14", "nope")
     import time
     t = time.monotonic()
     with pytest.raises(UserError, match="not in the local cache and this machine is offline"):
-        S.load_clip("ViT-H-14", "laion2b_s32b_b79k", cache_dir=str(tmp_path), offline=True)
+        load_clip("ViT-H-14", "laion2b_s32b_b79k", cache_dir=str(tmp_path), offline=True)
     assert time.monotonic() - t < 5  # fails fast, builds nothing
 
 

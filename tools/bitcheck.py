@@ -47,7 +47,7 @@ def commands(fx):
             "demo": ["--miti_thres", "0.6", "--miti_alpha", "0.02", "--gen_num", "2"]}
     for model, hp in sail.items():
         data = fx["demo_mem"] if model == "demo" else fx["tiny_prompts"]
-        base = ["mitigate_mem.py", "--model_id", fx[model], "--sd_ver", "x", "--data_path", data,
+        base = ["mitigate_mem.py", "--model_id", fx[model], "--sd_ver", "1", "--data_path", data,
                 "--prompt_type", "p", "--out_dir", "{out}", *dev]
         for form in ("reference", "clean"):
             cmds.append((f"sail_{model}_{form}", [*base, *hp, "--miti_form", form, "--save_latents"]))
@@ -70,7 +70,7 @@ def eval_commands(fx, sail_out):
 def build_fixtures(folder):
     """Inputs shared by both versions: saved tiny pipelines, prompt files, the demo's training images."""
     sys.path.insert(0, ROOT)
-    from utils.tiny import tiny_pipeline
+    from utils.demo_model import tiny_pipeline
     fx = {"demo": os.path.join(ROOT, "demo_model")}
     for name, pred in (("tiny_eps", "epsilon"), ("tiny_v", "v_prediction")):
         fx[name] = os.path.join(folder, name)

@@ -1,5 +1,7 @@
 """Command-line plumbing shared by the top-level scripts: one clear message and exit code 2 for bad input."""
+import argparse
 import functools
+import math
 import sys
 import warnings
 
@@ -11,6 +13,11 @@ class UserError(Exception):
 def warn(msg):
     """Print a warning line to stderr (kept apart from progress bars and results on stdout)."""
     print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def one_line(e):
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def guarded(main):
@@ -29,6 +36,15 @@ def guarded(main):
             sys.exit(130)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format: one 'error: ...' line on stderr and exit code 2 (argparse's own
+    format prints the usage block first, which buries the message)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def quiet_library_warnings():
@@ -67,6 +83,37 @@ def nonneg_int(text):
     return _int_at_least(text, 0, "non-negative")
 
 
+SEED_MAX = 2 ** 63 - 1  # torch generators take 64-bit seeds; above this torch.manual_seed fails
+
+
+def seed_int(text):
+    """argparse type: a random seed, an integer in [0, 2^63 - 1]."""
+    v = _int_at_least(text, 0, "non-negative")
+    if v > SEED_MAX:
+        raise_arg(f"a seed must be at most 2^63 - 1, got {v}")
+    return v
+
+
+def nonneg_float(text):
+    """argparse type: a finite float >= 0."""
+    v = finite_float(text)
+    if v < 0:
+        raise_arg(f"expected a non-negative number, got {v}")
+    return v
+
+
+def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on CUDA (as the reference), float32 on CPU"):
+    """The model, device and precision options every script shares (values checked when resolved)."""
+    from .models import DTYPES, SD_MODELS
+    p.add_argument("--sd_ver", default="1", choices=list(SD_MODELS),
+                   help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
+    p.add_argument("--model_id", default=None,
+                   help="Hub id, local folder, 'demo' or 'tiny' (random CPU model); overrides --sd_ver")
+    p.add_argument("--dtype", default=dtype_default, choices=list(DTYPES), help=dtype_help)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
+
+
 def positive_float(text):
     """argparse type: a finite float > 0."""
     v = finite_float(text)
@@ -77,7 +124,6 @@ def positive_float(text):
 
 def finite_float(text):
     """argparse type: a finite float (no nan or inf)."""
-    import math
     try:
         v = float(text)
     except ValueError:
@@ -87,6 +133,22 @@ def finite_float(text):
     return v
 
 
+def parse_int_list(text, low=None, high=None, what="values"):
+    """Sorted unique integers from comma-separated text; a ValueError-free UserError naming `what` otherwise.
+
+    low/high: inclusive bounds (None = unbounded). Returns a list of int.
+    """
+    try:
+        vals = sorted({int(s) for s in str(text).split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}")
+    if not vals:
+        raise UserError(f"{what}: no value given")
+    if (low is not None and vals[0] < low) or (high is not None and vals[-1] > high):
+        raise UserError(f"{what} must lie in {low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+                        f", got {text!r}")
+    return vals
+
+
 def raise_arg(msg):
-    import argparse
     raise argparse.ArgumentTypeError(msg)

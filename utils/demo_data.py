@@ -151,19 +151,10 @@ def digit_captions(label, color_index, templates=TRAIN_TEMPLATES):
 
 
 def pixel_cosine(a, b, size=32):
-    """Cosine of mean-centred, L2-normalized pixel vectors at a common size: a (N, C, H, W), b (M, C, H', W').
-
-    Both are resized (bilinear, antialiased) to size x size and compared in RGB; returns (N, M).
-    """
-    def vec(x):
-        x = x.float()
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                align_corners=False)
-        v = x.reshape(len(x), -1)
-        v = v - v.mean(dim=1, keepdim=True)
-        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return vec(a) @ vec(b).T
+    """Pixel cosine (utils.similarity's definition) between image tensors a (N, C, H, W) and b (M, C, H', W'),
+    both resized to size x size in float32 and compared in RGB; returns (N, M)."""
+    from .similarity import pixel_unit_vectors, resize_square
+    return pixel_unit_vectors(resize_square(a.float(), size)) @ pixel_unit_vectors(resize_square(b.float(), size)).T
 
 
 def choose_memorized(images, labels, k, seed=0, max_cos=0.5):

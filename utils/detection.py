@@ -1,7 +1,7 @@
 """Sharpness-based memorization detection: ||H_delta s_delta|| at the first sampling steps (Jeon et al., 2025)."""
 import torch
 
-from .scores import alpha_sigma, flat_norm, hvp_delta, pair_score_fn, score_difference, score_from_output
+from .scores import flat_norm
 
 
 def initial_latents(pipe, n, seed, height=None, width=None, dtype=None, device=None):
@@ -25,45 +25,34 @@ def cfg_embeddings(cond, uncond, n):
     return torch.cat([uncond.expand(k * n, -1, -1), cond.repeat_interleave(n, dim=0)])
 
 
-def sharpness_scores(unet, scheduler, cond, uncond, latents, *, num_inference_steps=50, hvp_sampling_num=1,
-                     guidance_scale=7.5, v_score="correct", jvp_unet=None):
+def sharpness_scores(model, cond, uncond, latents, *, num_inference_steps=50, hvp_sampling_num=1,
+                     guidance_scale=7.5):
     """Detection metric ||H_delta s_delta|| for K prompts x n generations at the first S sampling steps.
 
-    unet: callable with the UNet2DConditionModel signature; scheduler: a DDIM scheduler (its timesteps are set
-    here); cond (K, L, D), uncond (1, L, D); latents (n, C, H, W), the same initial noise for every prompt.
-    At step i the UNet runs once on [x; x] for both branches, then one JVP gives H_delta s_delta; between
-    measured steps x advances by a classifier-free-guided DDIM step. No UNet call is made after the last
-    measured step. jvp_unet: optional higher-precision copy of the UNet for the JVP (inputs cast to its dtype); by
-    default the JVP runs in the UNet's own dtype. Returns a float32 tensor (K, n, S) and a dict of cost counts.
+    model: utils.scores.ScoreModel (its scheduler's timesteps are set here); cond (K, L, D), uncond (1, L, D);
+    latents (n, C, H, W), the same initial noise for every prompt. At step i the UNet runs once on [x; x] for
+    both branches, then one JVP gives H_delta s_delta; between measured steps x advances by a classifier-free-
+    guided DDIM step. No UNet call is made after the last measured step. Returns a float32 tensor (K, n, S) and
+    a dict of cost counts.
     """
     if hvp_sampling_num > num_inference_steps:
-        raise ValueError("hvp_sampling_num must not exceed num_inference_steps")
+        raise ValueError("the number of measured steps must not exceed the number of sampling steps")
     k, n = cond.shape[0], latents.shape[0]
-    pred = scheduler.config.prediction_type
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    timesteps = model.timesteps(num_inference_steps, device=latents.device)
     embeds = cfg_embeddings(cond, uncond, n)
     x = latents.repeat(k, 1, 1, 1)
     out_vals = torch.empty(k * n, hvp_sampling_num)
     cost = {"unet_forwards": 0, "jvps": 0}
-    for i, t in enumerate(scheduler.timesteps[:hvp_sampling_num]):
-        alpha, sigma = alpha_sigma(scheduler, t)
-        xin = scheduler.scale_model_input(x, t)
+    for i, t in enumerate(timesteps[:hvp_sampling_num]):
+        xin = model.scale_input(x, t)
         xx = torch.cat([xin, xin])
         with torch.no_grad():
-            out = unet(xx, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            out = model.output(xx, t, embeds)
         cost["unet_forwards"] += 1
-        s_delta = score_difference(score_from_output(out, xx, alpha, sigma, pred, v_score))
-        with torch.no_grad():
-            if jvp_unet is None:
-                h = hvp_delta(pair_score_fn(unet, t, embeds, alpha, sigma, pred, v_score), xin, s_delta)
-            else:
-                hi = next(jvp_unet.parameters()).dtype
-                fn = pair_score_fn(jvp_unet, t, embeds.to(hi), alpha, sigma, pred, v_score)
-                h = hvp_delta(fn, xin.to(hi), s_delta.to(hi))
+        s_delta = model.score_delta(out, xx, t)
+        h = model.hvp_delta(xin, t, embeds, s_delta)
         cost["jvps"] += 1
         out_vals[:, i] = flat_norm(h).cpu()
         if i + 1 < hvp_sampling_num:
-            o_uc, o_c = out.chunk(2)
-            guided = o_uc + guidance_scale * (o_c - o_uc)
-            x = scheduler.step(guided, t, x, eta=0.0, return_dict=False)[0]
+            x = model.guided_step(out, t, x, guidance_scale)
     return out_vals.view(k, n, hvp_sampling_num), cost

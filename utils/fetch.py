@@ -1,15 +1,13 @@
 """Training-image retrieval for the memorized-prompt sets: validated, resumable, concurrent, with a CSV manifest.
 
-Layout of an output folder (what `mitigate_eval.py score --gt` reads):
+Layout of an output folder (what `mitigate_eval.py score --gt` reads; the manifest format: utils/fetch_manifest.py):
     <out>/<index>_<k>.<ext>   image k (0, 1, ...) of the record whose LAION index is <index>, original bytes
     <out>/fetch_manifest.csv  one row per (record, k): index, k, caption, url, status, detail, file, sha256, ...
     <out>/fetch_info.json     arguments, counts by status, library versions
 Files on disk are the source of truth: an image is only ever renamed into place after it decoded fully, so a
 rerun (or a crash before the manifest was rewritten) trusts them, re-validates them locally and skips the network.
 """
-import csv
 import html
-import io
 import os
 import re
 import threading
@@ -17,24 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from .cli import UserError, warn
-from .io import atomic_write_bytes, atomic_write_text
+from .cli import UserError, one_line, warn
+from .fetch_manifest import MANIFEST_NAME, write_manifest
+from .images import IMAGE_SUFFIXES, MIN_SIDE, inspect_image
+from .io import atomic_write_bytes
 
 USER_AGENT = ("memsharp-fetch/1.0 (research tool: retrieves LAION training images of memorized Stable Diffusion "
               "prompts for copy-detection evaluation; python-requests)")
-MANIFEST_NAME = "fetch_manifest.csv"
-INFO_NAME = "fetch_info.json"
-FIELDS = ["index", "k", "caption", "url", "status", "detail", "file", "sha256", "width", "height", "bytes"]
-MIN_SIDE = 32            # smaller images are thumbnails or tracking pixels, not the training image
-PLACEHOLDER_STD = 1.0    # every RGB channel with std below this (0-255 scale) = a single-colour placeholder
-MAX_PIXELS = 50_000_000  # refuse to decode larger images (memory), reported as too_large
-# Statuses written to the manifest; only "ok" rows have a file.
-STATUSES = ("ok", "http_error", "timeout", "connection_error", "not_image", "truncated", "placeholder",
-            "too_large", "bad_url", "missing_file", "bad_record", "duplicate_index", "request_error", "pending")
-TRANSIENT = ("timeout", "connection_error", "request_error")  # retried with backoff; HTTP 429/5xx too
-_EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
-        "TIFF": ".tif", "ICO": ".ico", "AVIF": ".avif"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".avif")
 
 
 @dataclass
@@ -88,48 +75,6 @@ def items_from_records(records, base_dir):
         for k, f in enumerate(files, start=len(urls)):
             items.append(Item(pos, index, k, caption, file=os.path.normpath(os.path.join(base_dir, f)), source=f))
     return items, bad
-
-
-def inspect_image(data, min_side=MIN_SIDE, max_pixels=MAX_PIXELS):
-    """Decode bytes fully with PIL and classify them.
-
-    Returns dict(status, detail, width, height, ext): status "ok", "not_image" (undecodable, e.g. an HTML page),
-    "truncated", "too_large" (more than max_pixels), or "placeholder" (a side < min_side, or one colour).
-    """
-    from PIL import Image, ImageStat, UnidentifiedImageError
-    out = dict(status="ok", detail="", width=None, height=None, ext=None)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
-            out["width"], out["height"] = im.size
-            if im.size[0] * im.size[1] > max_pixels:
-                return dict(out, status="too_large", detail=f"{im.size[0]}x{im.size[1]} pixels")
-            im.load()  # the full decode: truncated or corrupt data raises here, not at open()
-            rgb = to_rgb(im)
-    except Image.DecompressionBombError as e:
-        return dict(out, status="too_large", detail=_one_line(e))
-    except UnidentifiedImageError:
-        return dict(out, status="not_image", detail=_sniff(data))
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-        status = "truncated" if "truncat" in str(e).lower() else "not_image"
-        return dict(out, status=status, detail=f"{fmt or 'image'} does not decode: {_one_line(e)}"[:200])
-    out["ext"] = _EXT.get(fmt, "." + (fmt or "img").lower())
-    w, h = out["width"], out["height"]
-    if min(w, h) < min_side:
-        return dict(out, status="placeholder", detail=f"only {w}x{h} pixels (< {min_side})")
-    if max(ImageStat.Stat(rgb).stddev) < PLACEHOLDER_STD:
-        return dict(out, status="placeholder", detail="single colour " + "#%02x%02x%02x" % rgb.getpixel((0, 0)))
-    return out
-
-
-def to_rgb(im):
-    """RGB copy of a PIL image; transparent areas become white (how the page showed them), not black."""
-    from PIL import Image
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB")
-    return im.convert("RGB")
 
 
 class Fetcher:
@@ -208,9 +153,9 @@ class Fetcher:
             raise FetchError("connection_error", _short_conn(e), transient=True) from e
         except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                 requests.exceptions.InvalidSchema, requests.exceptions.TooManyRedirects) as e:
-            raise FetchError("bad_url", _one_line(e)[:200]) from e
+            raise FetchError("bad_url", one_line(e)[:200]) from e
         except requests.exceptions.RequestException as e:
-            raise FetchError("request_error", _one_line(e)[:200], transient=True) from e
+            raise FetchError("request_error", one_line(e)[:200], transient=True) from e
 
 
 class FetchError(Exception):
@@ -316,61 +261,6 @@ def fetch_all(records, base_dir, out_dir, fetcher, workers=8, min_side=MIN_SIDE,
     return _ordered(rows)
 
 
-def write_manifest(path, rows):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_manifest(path):
-    """Rows of a fetch manifest (list of dict; index/k as int, width/height/bytes as int or None)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("index", "k", "caption", "status", "file") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UserError(f"{path} is not a fetch manifest (no column {', '.join(missing)})")
-            rows = list(reader)
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: run `mitigate_eval.py fetch` first to build the training-image folder")
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path} is not a readable CSV ({e})")
-    for i, r in enumerate(rows, start=2):
-        try:
-            r["index"], r["k"] = int(r["index"]), int(r["k"])
-        except ValueError:
-            raise UserError(f"{path} line {i}: index and k must be integers")
-        for c in ("width", "height", "bytes"):
-            r[c] = int(r[c]) if str(r.get(c) or "").isdigit() else None
-    return rows
-
-
-def shared_bytes(rows):
-    """Groups of records whose ok images are byte-identical (sha256): list of sorted index lists, largest first.
-
-    Many records with one identical image often means a site-wide "image unavailable" picture; they are reported,
-    not reclassified, because exact duplicates in LAION are also a known cause of memorization.
-    """
-    by_hash = {}
-    for r in rows:
-        if r["status"] == "ok" and r.get("sha256"):
-            by_hash.setdefault(r["sha256"], set()).add(r["index"])
-    return sorted((sorted(v) for v in by_hash.values() if len(v) > 1), key=len, reverse=True)
-
-
-def usable_count(rows):
-    """(records with at least one ok image, records in the manifest)."""
-    ok, total = set(), set()
-    for r in rows:
-        total.add(r["index"])
-        if r["status"] == "ok":
-            ok.add(r["index"])
-    return len(ok), len(total)
-
-
 def versions():
     """Versions of what decides a fetch's outcome (cheap: no deep-learning imports)."""
     import platform
@@ -426,23 +316,8 @@ def _as_list(v):
     return None
 
 
-def _sniff(data):
-    head = data[:512].lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head or b"<head" in head:
-        return "an HTML page, not an image"
-    if not data:
-        return "empty body"
-    if head.startswith((b"{", b"[")):
-        return "JSON, not an image"
-    return f"unknown format (starts with {data[:8]!r})"
-
-
-def _one_line(e):
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _short_conn(e):
-    msg = _one_line(e)
+    msg = one_line(e)
     for key in ("Name or service not known", "Temporary failure in name resolution", "Connection refused",
                 "Network is unreachable", "No route to host", "Connection reset", "certificate verify failed",
                 "RemoteDisconnected"):

@@ -88,12 +88,74 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-class ProgressLog:
-    """Append-only JSONL log of finished items, for resumable runs.
+def write_sidecar(path, arguments, **extra):
+    """A result's self-description beside it: JSON with the fields given, the run's arguments (a dict, e.g.
+    vars(args)) and the library versions. Written atomically."""
+    atomic_write_json(path, dict(extra, arguments=dict(arguments), versions=library_versions()))
 
-    The first line is a header holding the run's identity (arguments that change the numbers); each further line
-    is one finished item with a unique integer "index". Reopening with a different identity is refused, so a
-    resumed run can never mix results of two configurations. A torn last line (crash mid-write) is ignored.
+
+def figure_png(fig, dpi=100):
+    """PNG bytes of a matplotlib figure, which is closed afterwards."""
+    import io as _io
+
+    import matplotlib.pyplot as plt
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def read_run_log(path, what="run log"):
+    """Parse a JSON-lines run log: line 1 {"header": {...}}, then one record per line with a unique integer
+    "index" (the format of ProgressLog, and of mitigate_mem.py's manifest.jsonl).
+
+    Returns (header dict, {index: record}, number of intact lines). A torn last line (a crash mid-write) is
+    dropped with a warning; any other unreadable line, a missing header, or a record without an integer index
+    is a UserError naming the line. A repeated index keeps the later record, with a warning.
+    """
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}")
+    numbered = [(i, ln) for i, ln in enumerate(lines, start=1) if ln.strip()]
+    records, good = {}, 0
+    header = None
+    for pos, (i, line) in enumerate(numbered):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if pos == len(numbered) - 1 and pos > 0:
+                from .cli import warn
+                warn(f"{path} line {i} is incomplete (interrupted run?); ignored")
+                break
+            raise UserError(f"{path} line {i} is not valid JSON ({e.msg}); is it a {what} of this tool?")
+        if pos == 0:
+            if not (isinstance(obj, dict) and isinstance(obj.get("header"), dict)):
+                raise UserError(f"{path} is not a {what} of this tool (no header line)")
+            header = obj["header"]
+        else:
+            index = obj.get("index") if isinstance(obj, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise UserError(f"{path} line {i}: a record needs an integer 'index'")
+            if index in records:
+                from .cli import warn
+                warn(f"{path} line {i}: index {index} repeated; the later record is used")
+            records[index] = obj
+        good = i
+    if header is None:
+        raise UserError(f"{path} is empty: not a {what} of this tool")
+    return header, records, good
+
+
+class ProgressLog:
+    """Append-only JSONL log of finished items, for resumable runs (format: read_run_log).
+
+    The header holds the run's identity (arguments that change the numbers). Reopening with a different
+    identity is refused, so a resumed run can never mix results of two configurations. A torn last line (crash
+    mid-write) is dropped and the file rewritten without it.
     """
 
     def __init__(self, path, identity):
@@ -108,29 +170,15 @@ class ProgressLog:
                 f.write(json.dumps({"header": identity}, ensure_ascii=False) + "\n")
 
     def _load(self):
-        with open(self.path, "r", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        try:
-            header = json.loads(lines[0])["header"]
-        except Exception:
-            raise UserError(f"{self.path} is not a progress log of this tool; move it away to start afresh")
+        header, self.done, good = read_run_log(self.path, "progress log")
         if header != self.identity:
             diff = sorted(k for k in set(header) | set(self.identity) if header.get(k) != self.identity.get(k))
             raise UserError(
                 f"{self.path} belongs to a run with different settings ({', '.join(diff)}); "
                 "use another --out_dir, or delete that file to start afresh")
-        good = 1
-        for i, line in enumerate(lines[1:], start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # torn write at the end of a crashed run: drop it and everything after
-            self.done[rec["index"]] = rec
-            good = i + 1
-        # Rewrite without a torn tail so that appends start on a clean line.
-        if good < len([ln for ln in lines if ln.strip()]):
+        with open(self.path, "r", encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+        if any(ln.strip() for ln in lines[good:]):  # rewrite without a torn tail so appends start on a clean line
             atomic_write_text(self.path, "\n".join(lines[:good]) + "\n")
 
     def add(self, record):

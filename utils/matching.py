@@ -3,17 +3,17 @@
 The SD v2.0 prompt file and its jsonl list the same 219 prompts in different orders, and one caption differs
 only by a removed '/', so captions are compared after normalize_caption().
 """
-import json
 import os
 import re
 import unicodedata
 
 from .cli import UserError, warn
+from .images import IMAGE_SUFFIXES
+from .io import read_run_log
 
 # Keywords whose prompts are judged against several training images (the reference README, for SD v2.0): all
 # training images whose captions share the keyword, max over them (template-style memorization).
 PAPER_SHARED_KEYWORDS = ("design", "designart", "mills", "anderson")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def normalize_caption(text):
@@ -82,40 +82,22 @@ def ground_truth_records(rows, gt_dir):
 
 
 def read_generation_manifest(path):
-    """The JSONL manifest written by mitigate_mem.py: (header dict, list of records).
+    """The JSONL manifest written by mitigate_mem.py: (header dict, list of records sorted by index).
 
-    Line 1 is {"header": {...}}; each further line has "index" (int), "prompt" (str), "images" (list of file
-    names relative to the manifest's folder). A torn last line (a crash mid-write) is ignored with a warning;
-    any other malformed line is a UserError naming it. A repeated index keeps the last record.
+    The run-log format of utils.io.read_run_log (its rules for torn last lines, bad lines and repeated indices);
+    each record also needs "prompt" (str) and "images" (list of file names relative to the manifest's folder).
     """
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            lines = f.read().split("\n")
-    except FileNotFoundError:
-        raise UserError(f"generation manifest {path} not found (pass --manifest, or --images pointing at the "
-                        "output folder of mitigate_mem.py)")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}")
-    numbered = [(i, ln) for i, ln in enumerate(lines, start=1) if ln.strip()]
-    header, records = {}, {}
-    for pos, (i, line) in enumerate(numbered):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if pos == len(numbered) - 1 and pos > 0:
-                warn(f"{path} line {i} is incomplete (interrupted run?); ignored")
-                break
-            raise UserError(f"{path} line {i} is not valid JSON ({e.msg})")
-        if pos == 0 and isinstance(obj, dict) and "header" in obj:
-            header = obj["header"] if isinstance(obj["header"], dict) else {}
-            continue
-        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("images"), list)
-                and all(isinstance(x, str) for x in obj["images"])
-                and isinstance(obj.get("index"), int) and not isinstance(obj.get("index"), bool)):
-            raise UserError(f"{path} line {i}: a record needs integer 'index', text 'prompt' and a list 'images'")
-        if obj["index"] in records:
-            warn(f"{path} line {i}: index {obj['index']} repeated; the later record is used")
-        records[obj["index"]] = obj
+        header, records, _ = read_run_log(path, "generation manifest")
+    except UserError as e:
+        if not os.path.exists(path):
+            raise UserError(f"generation manifest {path} not found (pass --manifest, or --images pointing at the "
+                            "output folder of mitigate_mem.py)") from None
+        raise e
+    for index, obj in records.items():
+        if not (isinstance(obj.get("prompt"), str) and isinstance(obj.get("images"), list)
+                and all(isinstance(x, str) for x in obj["images"])):
+            raise UserError(f"{path}: record {index} needs text 'prompt' and a list 'images'")
     if not records:
         raise UserError(f"{path} holds no image records")
     return header, [records[k] for k in sorted(records)]

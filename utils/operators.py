@@ -7,37 +7,33 @@ exact gradient, hence J need not be symmetric: arnoldi() takes J as it is, lancz
 import torch
 from torch.func import jvp, vjp
 
-from .scores import forward_ad_attention, pair_score_fn, score_difference, score_from_output
+from .models import forward_ad
+from .scores import score_difference
 
 BRANCHES = ("cond", "uncond", "delta")
 
 
-def branch_score_fn(unet, t, embeds, alpha, sigma, prediction_type, which="cond", v_score="correct"):
+def branch_score_fn(model, t, embeds, which="cond"):
     """x (B, C, H, W) -> the score whose Jacobian we probe, (B, C, H, W).
 
-    embeds: (2B, L, D) = [uncond; cond]. which='cond' or 'uncond' runs the UNet on that branch only (half the
-    cost of the pair); 'delta' runs both branches in one batch and returns s(x, c) - s(x, uncond).
+    model: utils.scores.ScoreModel; embeds: (2B, L, D) = [uncond; cond]. which='cond' or 'uncond' runs the UNet
+    on that branch only (half the cost of the pair); 'delta' runs both branches in one batch and returns
+    s(x, c) - s(x, uncond).
     """
     if which == "delta":
-        pair = pair_score_fn(unet, t, embeds, alpha, sigma, prediction_type, v_score)
+        pair = model.pair_score_fn(t, embeds)
         return lambda x: score_difference(pair(x))
     if which not in BRANCHES:
         raise ValueError(f"which must be one of {BRANCHES}, got {which!r}")
     emb = embeds.chunk(2)[1 if which == "cond" else 0]
-
-    def fn(x):
-        out = unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-        return score_from_output(out, x, alpha, sigma, prediction_type, v_score)
-
-    return fn
+    return lambda x: model.score(model.output(x, t, emb), x, t)
 
 
 class ScoreJacobian:
     """J = grad_x s(x, c) (which="cond"), grad_x s(x, uncond) ("uncond") or H_delta = J_cond - J_uncond ("delta")
     at one latent x (1, C, H, W), as an operator on flattened vectors of n = C*H*W entries.
 
-    unet: UNet2DConditionModel-like callable; t: timestep; embeds: (2, L, D) = [uncond; cond] text embeddings;
-    alpha, sigma: the schedule at t (utils.scores.alpha_sigma); prediction_type: 'epsilon' or 'v_prediction'.
+    model: utils.scores.ScoreModel; t: timestep; embeds: (2, L, D) = [uncond; cond] text embeddings.
     Calling the object maps v (n,) -> J v (n,) with ONE forward-mode JVP (through one UNet branch, or for 'delta'
     through both branches in one batch, like the detection metric); rmatvec(u) = J^T u uses one reverse-mode VJP
     (its graph is built once and reused); symmetrized() is v -> (J v + J^T v) / 2 for Lanczos; dense() stacks
@@ -45,17 +41,15 @@ class ScoreJacobian:
     Vectors come back in out_dtype (float64 by default, for the Krylov solvers) on the UNet's device.
     """
 
-    def __init__(self, unet, t, embeds, x, alpha, sigma, prediction_type, *, which="cond", v_score="correct",
-                 out_dtype=torch.float64):
+    def __init__(self, model, t, embeds, x, *, which="cond", out_dtype=torch.float64):
         if x.shape[0] != 1 or embeds.shape[0] != 2:
             raise ValueError(f"expected one latent (1, C, H, W) and [uncond; cond] embeddings (2, L, D), got "
                              f"{tuple(x.shape)} and {tuple(embeds.shape)}")
-        self.unet, self.t, self.embeds, self.x = unet, t, embeds, x.detach()
-        self.alpha, self.sigma, self.prediction_type, self.v_score = alpha, sigma, prediction_type, v_score
+        self.model, self.t, self.embeds, self.x = model, t, embeds, x.detach()
         self.which, self.out_dtype = which, out_dtype
         self.shape = tuple(x.shape[1:])
         self.n = int(x[0].numel())
-        self.fn = branch_score_fn(unet, t, embeds, alpha, sigma, prediction_type, which, v_score)
+        self.fn = branch_score_fn(model, t, embeds, which)
         self._vjp_fn = None
 
     def _to_latent(self, v, batch=1):
@@ -63,7 +57,7 @@ class ScoreJacobian:
 
     def __call__(self, v):
         """J v for a flat vector v (n,) -> (n,)."""
-        with torch.no_grad(), forward_ad_attention():
+        with torch.no_grad(), forward_ad(self.x):
             _, tangent = jvp(self.fn, (self.x,), (self._to_latent(v),))
         return tangent.reshape(-1).to(self.out_dtype)
 
@@ -88,26 +82,20 @@ class ScoreJacobian:
         for start in range(0, self.n, chunk):
             b = min(chunk, self.n - start)
             emb = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-            fn = branch_score_fn(self.unet, self.t, emb, self.alpha, self.sigma, self.prediction_type, self.which,
-                                 self.v_score)
+            fn = branch_score_fn(self.model, self.t, emb, self.which)
             xs = self.x.expand(b, *self.shape).contiguous()
-            with torch.no_grad(), forward_ad_attention():
+            with torch.no_grad(), forward_ad(xs):
                 _, tangent = jvp(fn, (xs,), (eye[start:start + b].reshape(b, *self.shape),))
             cols.append(tangent.reshape(b, -1).to(self.out_dtype))
         return torch.cat(cols).T.contiguous()
 
 
-def score_jacobian_operator(unet, t, embeds, x, alpha, sigma, prediction_type, **kwargs):
-    """Convenience constructor for ScoreJacobian (same arguments)."""
-    return ScoreJacobian(unet, t, embeds, x, alpha, sigma, prediction_type, **kwargs)
-
-
-def sampling_spectra(unet, scheduler, cond, uncond, latents, *, steps=(0,), k=10, krylov_dim=None,
+def sampling_spectra(model, cond, uncond, latents, *, steps=(0,), k=10, krylov_dim=None,
                      num_inference_steps=50, guidance_scale=7.5, which="cond", method="arnoldi", dense=False,
-                     start_seed=0, v_score="correct"):
+                     start_seed=0):
     """Leading-k eigenvalues of the score Jacobian H(x_t, c) of one prompt at chosen DDIM sampling steps.
 
-    unet: UNet2DConditionModel-like; scheduler: DDIM (its timesteps are set here); cond, uncond: (1, L, D) text
+    model: utils.scores.ScoreModel (its scheduler's timesteps are set here); cond, uncond: (1, L, D) text
     embeddings; latents: (1, C, H, W) initial noise x_T. Step i = 0 is x_T; between steps x advances by a
     classifier-free-guided DDIM step (eta = 0), exactly as utils.detection does; no UNet call follows the last
     measured step. method 'arnoldi' takes J as it is, 'lanczos' its symmetric part (J + J^T)/2; the Krylov start
@@ -116,20 +104,18 @@ def sampling_spectra(unet, scheduler, cond, uncond, latents, *, steps=(0,), k=10
     Ritz values `eigenvalues` (complex128 (<=k,)), and `dense_eigenvalues` (all n, by decreasing magnitude) or None.
     """
     from .eigen import leading_eigenvalues
-    from .scores import alpha_sigma, unet_pair
 
     steps = sorted(set(int(s) for s in steps))
     if not steps or steps[0] < 0 or steps[-1] >= num_inference_steps:
         raise ValueError(f"steps must lie in [0, {num_inference_steps - 1}], got {steps}")
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    timesteps = model.timesteps(num_inference_steps, device=latents.device)
     embeds = torch.cat([uncond, cond])
-    pred = scheduler.config.prediction_type
     x, out = latents, []
-    for i, t in enumerate(scheduler.timesteps[:steps[-1] + 1]):
-        xin = scheduler.scale_model_input(x, t)
+    for i, t in enumerate(timesteps[:steps[-1] + 1]):
+        xin = model.scale_input(x, t)
         if i in steps:
-            alpha, sigma = alpha_sigma(scheduler, t)
-            op = ScoreJacobian(unet, t, embeds, xin, alpha, sigma, pred, which=which, v_score=v_score)
+            _, sigma = model.alpha_sigma(t)
+            op = ScoreJacobian(model, t, embeds, xin, which=which)
             matvec = op if method == "arnoldi" else op.symmetrized()
             res, top = leading_eigenvalues(matvec, op.n, k, krylov_dim=krylov_dim, method=method,
                                            seed=start_seed, device=latents.device)
@@ -143,6 +129,5 @@ def sampling_spectra(unet, scheduler, cond, uncond, latents, *, steps=(0,), k=10
                             eigenvalues=top.to(torch.complex128).cpu(), dense_eigenvalues=full))
         if i < steps[-1]:
             with torch.no_grad():
-                o_uc, o_c = unet_pair(unet, xin, t, embeds).chunk(2)
-            x = scheduler.step(o_uc + guidance_scale * (o_c - o_uc), t, x, eta=0.0, return_dict=False)[0]
+                x = model.guided_step(model.pair(xin, t, embeds), t, x, guidance_scale)
     return out

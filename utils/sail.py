@@ -4,34 +4,56 @@ Searches initial noise x_T whose conditional density is smooth: at the first DDI
 proxy p(x) = ||D(x + d)||, with D the conditional-minus-unconditional model output and d = D(x)/||D(x)||, plus
 alpha*||x|| (keeps x_T Gaussian-looking) must drop below a threshold. Shapes: candidates (B, C, H, W).
 """
+import dataclasses
+import math
 import time
 
 import torch
-
-from .scores import alpha_sigma
 
 FORMS = ("reference", "clean")
 DEFAULT_ALPHA = {"epsilon": 0.05, "v_prediction": 0.01}  # the reference's weights for SD v1.4 / SD v2.0
 
 
-def guidance_difference(out, x, alpha, sigma, prediction_type):
-    """Cond-minus-uncond of a [uncond; cond] model output (2B, ...), in the space the reference uses.
+@dataclasses.dataclass(frozen=True)
+class SailSettings:
+    """Hyperparameters of one SAIL search (paper, Algorithm 2 and Appendix D; defaults = the reference's).
 
-    epsilon: in eps space. v-prediction: in the reference's 'score' space -(alpha*v - x)/sigma, where x is the
-    (2B, ...) model input; x cancels in the difference, so this is -alpha/sigma times the v difference.
+    alpha=None means the reference's weight for the model's prediction type (DEFAULT_ALPHA).
     """
-    if prediction_type == "v_prediction":
-        out = -(alpha * out - x) / sigma
-    uc, c = out.chunk(2)
-    return c - uc
+    gen_num: int = 4              # latents to accept per prompt
+    seed: int = 42                # torch seed of the first round's candidates
+    thres: float = 8.2            # l_thres on p(x) + alpha*||x|| (SD v1.4 grid 7.6-9, SD v2.0 grid 4-6)
+    lr: float = 0.05              # Adam learning rate on the latents
+    budget: int = 8               # candidates optimized together
+    max_steps: int = 10           # Adam steps per round
+    max_rounds: int = 100         # rounds before giving up (the reference can loop forever)
+    alpha: float = None           # weight of ||x_T||
+    form: str = "reference"       # reference: the paper's code; clean: Algorithm 2 as written
+    num_inference_steps: int = 50  # DDIM schedule whose first timestep is used
+
+    def __post_init__(self):
+        problems = [f"{k} must be a positive integer" for k in ("gen_num", "budget", "max_steps", "max_rounds",
+                                                                  "num_inference_steps")
+                    if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0)]
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            problems.append("lr must be a positive finite number")
+        if not (isinstance(self.thres, (int, float)) and math.isfinite(self.thres)):
+            problems.append("thres must be a finite number")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha >= 0):
+            problems.append("alpha must be a finite number >= 0")
+        if self.form not in FORMS:
+            problems.append(f"form must be one of {FORMS}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
 
 
-def sail_latents(unet, scheduler, cond, uncond, latent_shape, *, gen_num=4, seed=42, thres=8.2, lr=0.05,
-                 budget=8, max_steps=10, max_rounds=100, alpha=None, form="reference", num_inference_steps=50,
-                 dtype=torch.float32, device="cpu"):
-    """Optimize initial latents until gen_num of them reach SAIL loss <= thres.
+def sail_latents(model, cond, uncond, latent_shape, settings=SailSettings(), *, dtype=torch.float32, device="cpu"):
+    """Optimize initial latents until settings.gen_num of them reach SAIL loss <= threshold.
 
-    unet: UNet2DConditionModel-like callable (its weights are not updated); cond, uncond: (1, L, D) prompt
+    model: utils.scores.ScoreModel (its UNet's weights are not updated); cond, uncond: (1, L, D) prompt
     embeddings; latent_shape: (C, H, W). Rounds draw `budget` candidates (torch seed `seed`, re-seeded each round
     as the reference does) and run at most `max_steps` Adam steps of sum(p + alpha*||x||). Every third failed
     round raises the threshold by 0.1 and draws a new seed with randint(0, 50000), as the reference. Stops after
@@ -44,100 +66,104 @@ def sail_latents(unet, scheduler, cond, uncond, latent_shape, *, gen_num=4, seed
 
     Returns (latents (gen_num, C, H, W) detached, info dict).
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}")
+    st = settings
     device = torch.device(device)
-    pred = scheduler.config.prediction_type
-    alpha_w = DEFAULT_ALPHA[pred] if alpha is None else alpha
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    t = scheduler.timesteps[0]
-    a_t, s_t = alpha_sigma(scheduler, t)
-    embeds = torch.cat([uncond.expand(budget, -1, -1), cond.expand(budget, -1, -1)]).detach()
+    alpha_w = DEFAULT_ALPHA[model.prediction_type] if st.alpha is None else st.alpha
+    t = model.timesteps(st.num_inference_steps, device=device)[0]
+    embeds = torch.cat([uncond.expand(st.budget, -1, -1), cond.expand(st.budget, -1, -1)]).detach()
     # The reference re-seeds the global RNG each round and later draws new seeds from the CPU generator; separate
     # generators reproduce those exact numbers without touching global state.
-    cpu_gen = torch.Generator().manual_seed(seed)
-    dev_gen = cpu_gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(st.seed)
+    dev_gen = cpu_gen if device.type == "cpu" else torch.Generator(device).manual_seed(st.seed)
 
-    accepted, acc_info, best = [], [], []
-    info = dict(seeds=[seed], rounds=0, opt_steps=0, unet_calls=0, thresholds=[thres], reached_threshold=True)
-    counter, seeded = 0, None
+    state = dict(accepted=[], acc_info=[], best=[], thres=st.thres)
+    info = dict(seeds=[st.seed], rounds=0, opt_steps=0, unet_calls=0, thresholds=[st.thres], reached_threshold=True)
+    seeded, failures = None, 0
     t0 = time.time()
-    requires = [p.requires_grad for p in _params(unet)]
-    for p in _params(unet):
+    params = list(model.unet.parameters()) if hasattr(model.unet, "parameters") else []
+    requires = [p.requires_grad for p in params]
+    for p in params:
         p.requires_grad_(False)  # the model stays frozen: only the latents get gradients
     try:
         while True:
-            if form == "reference" or seeded != info["seeds"][-1]:
+            if st.form == "reference" or seeded != info["seeds"][-1]:
                 seeded = info["seeds"][-1]
-                _reseed(cpu_gen, dev_gen, device, seeded)
-            lat = torch.randn((budget, *latent_shape), generator=dev_gen, device=device, dtype=dtype)
-            lat.requires_grad_(True)
-            opt = torch.optim.Adam([lat], lr=lr)
-            taken = set()
+                cpu_gen.manual_seed(seeded)
+                if dev_gen is not cpu_gen:
+                    dev_gen.manual_seed(seeded)
+            lat = torch.randn((st.budget, *latent_shape), generator=dev_gen, device=device, dtype=dtype)
             info["rounds"] += 1
-            done = False
-            with torch.enable_grad():
-                x_round = torch.cat([scheduler.scale_model_input(lat, t)] * 2)  # built once per round (reference)
-                for _ in range(max_steps):
-                    x_in = x_round if form == "reference" else torch.cat([scheduler.scale_model_input(lat, t)] * 2)
-                    out = unet(x_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
-                    d = guidance_difference(out, x_in, a_t, s_t, pred)
-                    d = d / d.reshape(budget, -1).norm(dim=1).view(-1, 1, 1, 1)
-                    x_mod = torch.cat([lat + d] * 2)
-                    out_mod = unet(x_mod, t, encoder_hidden_states=embeds, return_dict=False)[0]
-                    info["unet_calls"] += 2
-                    sharp = guidance_difference(out_mod, x_mod, a_t, s_t, pred).reshape(budget, -1).norm(dim=1)
-                    loss = sharp + alpha_w * lat.reshape(budget, -1).norm(dim=1)
-                    _keep_best(best, lat, loss, gen_num)
-                    lvals = loss.detach().tolist()
-                    for i in torch.where(loss <= thres)[0].tolist():
-                        if i in taken:
-                            continue
-                        taken.add(i)
-                        # reference: a view that keeps changing with lat until the round ends; clean: a frozen copy
-                        accepted.append(lat[i].detach() if form == "reference" else lat[i].detach().clone())
-                        acc_info.append(dict(loss=lvals[i], round=info["rounds"], seed=info["seeds"][-1],
-                                             candidate=i, step=info["opt_steps"]))
-                        if len(accepted) >= gen_num:
-                            done = True
-                            break
-                    if done:
-                        break
-                    opt.zero_grad()
-                    loss.sum().backward()
-                    opt.step()
-                    info["opt_steps"] += 1
-            if done:
+            if _round(model, t, embeds, lat, alpha_w, st, state, info):
                 break
-            counter += 1
-            if counter % 3 == 0:
-                thres += 0.1
-                new_seed = int(torch.randint(0, 50000, (1,), generator=cpu_gen).item())
-                info["seeds"].append(new_seed)
-                info["thresholds"].append(thres)
-            if info["rounds"] >= max_rounds:
+            failures += 1
+            if failures % 3 == 0:
+                state["thres"] += 0.1
+                info["seeds"].append(int(torch.randint(0, 50000, (1,), generator=cpu_gen).item()))
+                info["thresholds"].append(state["thres"])
+            if info["rounds"] >= st.max_rounds:
                 info["reached_threshold"] = False
                 break
     finally:
-        for p, r in zip(_params(unet), requires):
+        for p, r in zip(params, requires):
             p.requires_grad_(r)
-    lats = [a.clone() for a in accepted[:gen_num]]
-    if len(lats) < gen_num:  # not enough accepted: fill with the best candidates seen (marked in info)
-        lats += [b[1] for b in best[:gen_num - len(lats)]]
-    info.update(final_threshold=thres, accepted=acc_info[:gen_num], n_accepted=min(len(accepted), gen_num),
-                filled_losses=[b[0] for b in best[:gen_num - min(len(accepted), gen_num)]],
-                search_seconds=time.time() - t0, alpha=alpha_w, form=form)
+    accepted, best, n = state["accepted"], state["best"], min(len(state["accepted"]), st.gen_num)
+    lats = [a.clone() for a in accepted[:st.gen_num]]
+    lats += [b[1] for b in best[:st.gen_num - n]]  # not enough accepted: the best candidates seen (marked in info)
+    info.update(final_threshold=state["thres"], accepted=state["acc_info"][:st.gen_num], n_accepted=n,
+                filled_losses=[b[0] for b in best[:st.gen_num - n]], search_seconds=time.time() - t0,
+                alpha=alpha_w, form=st.form)
     return torch.stack(lats), info
 
 
-def _params(unet):
-    return list(unet.parameters()) if hasattr(unet, "parameters") else []
+def sail_loss(model, t, embeds, lat, x_dir, alpha_w):
+    """SAIL's loss per candidate, (B,): p(lat) + alpha*||lat||, with the direction d taken at x_dir.
+
+    p(lat) = ||D(lat + d)||, d = D(x_dir)/||D(x_dir)||, D = model.sail_difference of the pair outputs; x_dir is
+    the doubled model input [x; x] (2B, ...) at which the direction is computed. Two UNet calls.
+    """
+    b = lat.shape[0]
+    d = model.sail_difference(model.output(x_dir, t, embeds), x_dir, t)
+    d = d / d.reshape(b, -1).norm(dim=1).view(-1, 1, 1, 1)
+    x_mod = torch.cat([lat + d] * 2)
+    sharp = model.sail_difference(model.output(x_mod, t, embeds), x_mod, t).reshape(b, -1).norm(dim=1)
+    return sharp + alpha_w * lat.reshape(b, -1).norm(dim=1)
 
 
-def _reseed(cpu_gen, dev_gen, device, seed):
-    cpu_gen.manual_seed(seed)
-    if dev_gen is not cpu_gen:
-        dev_gen.manual_seed(seed)
+def _round(model, t, embeds, lat, alpha_w, st, state, info):
+    """One round: at most st.max_steps Adam steps on the candidates `lat`; True once gen_num are accepted."""
+    lat.requires_grad_(True)
+    opt = torch.optim.Adam([lat], lr=st.lr)
+    taken = set()
+    with torch.enable_grad():
+        x_round = torch.cat([model.scale_input(lat, t)] * 2)  # built once per round (reference)
+        for _ in range(st.max_steps):
+            x_in = x_round if st.form == "reference" else torch.cat([model.scale_input(lat, t)] * 2)
+            loss = sail_loss(model, t, embeds, lat, x_in, alpha_w)
+            info["unet_calls"] += 2
+            _keep_best(state["best"], lat, loss, st.gen_num)
+            if _accept(lat, loss, taken, st, state, info):
+                return True
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            info["opt_steps"] += 1
+    return False
+
+
+def _accept(lat, loss, taken, st, state, info):
+    """Accept the candidates whose loss is <= the current threshold (each once per round); True when enough."""
+    lvals = loss.detach().tolist()
+    for i in torch.where(loss <= state["thres"])[0].tolist():
+        if i in taken:
+            continue
+        taken.add(i)
+        # reference: a view that keeps changing with lat until the round ends; clean: a frozen copy
+        state["accepted"].append(lat[i].detach() if st.form == "reference" else lat[i].detach().clone())
+        state["acc_info"].append(dict(loss=lvals[i], round=info["rounds"], seed=info["seeds"][-1], candidate=i,
+                                      step=info["opt_steps"]))
+        if len(state["accepted"]) >= st.gen_num:
+            return True
+    return False
 
 
 def _keep_best(best, lat, loss, k):

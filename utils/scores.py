@@ -1,15 +1,18 @@
-"""Scores, score differences and Hessian-vector products of a diffusers UNet seen as a score function.
+"""A diffusers UNet and its scheduler seen as a score function: scores, score differences, Hessian-vector products.
 
 Notation (shapes): x is a batch of latents (B, C, H, W); a UNet call on [x; x] with embeddings [uncond; cond]
 (2B, L, D) returns the model outputs of both branches (2B, C, H, W). With alpha_t = sqrt(abar_t) and
-sigma_t = sqrt(1 - abar_t) the score of the noisy marginal is s(x, c) = -eps(x, c) / sigma_t.
-"""
-import contextlib
+sigma_t = sqrt(1 - abar_t) the score of the noisy marginal is s(x, c) = -eps(x, c) / sigma_t, where
+eps = output for epsilon-prediction and eps = alpha_t v + sigma_t x for v-prediction.
 
+ScoreModel settles these conventions once (k-diffusion's external wrappers are the model): callers never branch on
+the prediction type and never spell out the UNet call. The functions above it are the pure math it uses.
+"""
 import torch
 from torch.func import jvp
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from .models import PREDICTION_TYPES, forward_ad
+
 V_SCORE_FORMS = ("correct", "reference")
 
 
@@ -42,62 +45,110 @@ def score_from_output(out, x, alpha, sigma, prediction_type, v_score="correct"):
     return -eps_from_output(out, x, alpha, sigma, prediction_type) / sigma
 
 
-def unet_pair(unet, x, t, embeds):
-    """Model outputs of both branches at the same latents: UNet([x; x], t, embeds) -> (2B, C, H, W)."""
-    return unet(torch.cat([x, x]), t, encoder_hidden_states=embeds, return_dict=False)[0]
-
-
-def pair_score_fn(unet, t, embeds, alpha, sigma, prediction_type, v_score="correct"):
-    """x (B, C, H, W) -> [s(x, uncond); s(x, cond)] (2B, C, H, W): the function whose Jacobian we probe."""
-
-    def fn(x):
-        xx = torch.cat([x, x])
-        out = unet(xx, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        return score_from_output(out, xx, alpha, sigma, prediction_type, v_score)
-
-    return fn
-
-
 def score_difference(scores_pair):
     """s_delta = s(x, c) - s(x, uncond) from stacked [uncond; cond] scores (2B, ...) -> (B, ...)."""
     s_uc, s_c = scores_pair.chunk(2)
     return s_c - s_uc
 
 
-@contextlib.contextmanager
-def forward_ad_attention():
-    """Route scaled-dot-product attention to the math kernel, the only one with forward-mode AD.
+def reference_guidance_difference(out, x, alpha, sigma, prediction_type):
+    """Cond-minus-uncond of a [uncond; cond] model output (2B, ...) in the space SAIL's reference code uses.
 
-    The CPU flash kernel and the CUDA flash / memory-efficient kernels raise on dual tensors.
+    epsilon: in eps space. v-prediction: in the reference's 'score' space -(alpha*v - x)/sigma, where x is the
+    (2B, ...) model input; x cancels in the difference, so this is -alpha/sigma times the v difference.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
-
-
-def low_precision_jvp(x):
-    """Autocast to x's own half-precision dtype around a JVP on CUDA; a no-op for float32/float64 or on CPU.
-
-    With bfloat16 weights on CUDA, some forward-AD formulas in current torch hand a float32 tensor to the next
-    layer (seen on an H200: a dtype mismatch in the cross-attention's linear layer); autocast casts it back, so
-    the JVP still runs in bfloat16, as the reference's did.
-    """
-    if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=x.dtype)
-    return contextlib.nullcontext()
-
-
-def hvp_delta(score_pair, x, v):
-    """H_delta v = J_cond v - J_uncond v with ONE forward-mode JVP of x -> [s(x, uncond); s(x, cond)].
-
-    score_pair: function (B, C, H, W) -> (2B, C, H, W); x, v: (B, C, H, W). Returns (B, C, H, W).
-    """
-    with forward_ad_attention(), low_precision_jvp(x):
-        _, tangent = jvp(score_pair, (x,), (v.to(x.dtype),))
-    return score_difference(tangent)
+    if prediction_type == "v_prediction":
+        out = -(alpha * out - x) / sigma
+    uc, c = out.chunk(2)
+    return c - uc
 
 
 def flat_norm(t):
     """Per-sample L2 norm over all non-batch entries: (B, ...) -> (B,)."""
     return t.reshape(t.shape[0], -1).float().norm(dim=1)
 
+
+class ScoreModel:
+    """A UNet (callable with UNet2DConditionModel's signature) and a DDIM-family scheduler as a score model.
+
+    v_score: 'correct' or 'reference' (see score_from_output). jvp_unet: optional copy of the UNet in another
+    dtype (utils.models.jvp_unet_copy) that JVPs run through, inputs cast to its dtype. The prediction type is
+    read from the scheduler's config and checked here, once.
+    """
+
+    def __init__(self, unet, scheduler, *, v_score="correct", jvp_unet=None):
+        pred = scheduler.config.prediction_type
+        if pred not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {pred!r}; expected one of {PREDICTION_TYPES}")
+        if v_score not in V_SCORE_FORMS:
+            raise ValueError(f"v_score must be one of {V_SCORE_FORMS}, got {v_score!r}")
+        self.unet, self.scheduler, self.prediction_type = unet, scheduler, pred
+        self.v_score, self.jvp_unet = v_score, jvp_unet
+
+    def timesteps(self, num_inference_steps, device=None):
+        """Set the scheduler's sampling schedule and return its timesteps (first = noisiest)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def alpha_sigma(self, t):
+        return alpha_sigma(self.scheduler, t)
+
+    def scale_input(self, x, t):
+        return self.scheduler.scale_model_input(x, t)
+
+    def output(self, x, t, embeds, unet=None):
+        """Raw model output (B, C, H, W) for latents x (B, ...) and embeddings (B, L, D): the one UNet call site."""
+        return (unet or self.unet)(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def pair(self, x, t, embeds):
+        """Outputs of both branches at the same latents: [x; x] with embeddings [uncond; cond] -> (2B, ...)."""
+        return self.output(torch.cat([x, x]), t, embeds)
+
+    def eps(self, out, x, t):
+        """Noise predictions of outputs `out` at model inputs x (same shape)."""
+        a, s = self.alpha_sigma(t)
+        return eps_from_output(out, x, a, s, self.prediction_type)
+
+    def score(self, out, x, t):
+        """Scores (in the v_score form) of outputs `out` at model inputs x (same shape)."""
+        a, s = self.alpha_sigma(t)
+        return score_from_output(out, x, a, s, self.prediction_type, self.v_score)
+
+    def score_delta(self, out, x, t):
+        """s_delta (B, ...) from pair outputs `out` (2B, ...) at the pair's model input x (2B, ...)."""
+        return score_difference(self.score(out, x, t))
+
+    def pair_score_fn(self, t, embeds, unet=None):
+        """x (B, C, H, W) -> [s(x, uncond); s(x, cond)] (2B, ...): the function whose Jacobian we probe."""
+        a, s = self.alpha_sigma(t)
+
+        def fn(x):
+            xx = torch.cat([x, x])
+            out = self.output(xx, t, embeds, unet)
+            return score_from_output(out, xx, a, s, self.prediction_type, self.v_score)
+
+        return fn
+
+    def hvp_delta(self, x, t, embeds, v):
+        """H_delta v = J_cond v - J_uncond v at x (B, ...) with ONE forward-mode JVP through the pair call.
+
+        Runs through jvp_unet (inputs cast to its dtype) when one was given. Returns (B, ...)."""
+        unet = self.jvp_unet
+        if unet is not None:
+            hi = next(unet.parameters()).dtype
+            x, embeds, v = x.to(hi), embeds.to(hi), v.to(hi)
+        fn = self.pair_score_fn(t, embeds, unet)
+        with torch.no_grad(), forward_ad(x):
+            _, tangent = jvp(fn, (x,), (v.to(x.dtype),))
+        return score_difference(tangent)
+
+    def guided_step(self, out, t, x, guidance_scale):
+        """One classifier-free-guided DDIM step (eta = 0) from latents x (B, ...) with pair outputs out (2B, ...)."""
+        o_uc, o_c = out.chunk(2)
+        guided = o_uc + guidance_scale * (o_c - o_uc)
+        return self.scheduler.step(guided, t, x, eta=0.0, return_dict=False)[0]
+
+    def sail_difference(self, out, x, t):
+        """Cond-minus-uncond of pair outputs in SAIL's reference space (reference_guidance_difference)."""
+        a, s = self.alpha_sigma(t)
+        return reference_guidance_difference(out, x, a, s, self.prediction_type)
