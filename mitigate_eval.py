@@ -15,10 +15,10 @@ from utils import evaluation as E
 from utils import fetch as F
 from utils import fetch_manifest as FM
 from utils import similarity as S
-from utils.cli import ArgumentParser, UserError, finite_float, guarded, nonneg_float, nonneg_int, positive_float, \
-    positive_int, warn
+from utils.cli import ArgumentParser, UserError, finite_float, flag_hint, guarded, nonneg_float, nonneg_int, \
+    positive_float, positive_int, warn
 from utils.images import MIN_SIDE
-from utils.io import atomic_write_json, atomic_write_text, library_versions
+from utils.io import atomic_write_text, write_sidecar
 from utils.models import load_clip, load_sscd, resolve_device
 from utils.prompts import read_jsonl
 
@@ -66,15 +66,15 @@ def run_fetch(a):
     records = read_jsonl(a.jsonl, a.prompt_mirror)
     fetcher = F.Fetcher(timeout=a.timeout, retries=a.retries, backoff=a.backoff,
                         max_bytes=int(a.max_mb * (1 << 20)), total_timeout=a.total_timeout)
-    rows = F.fetch_all(records, os.path.dirname(os.path.abspath(a.jsonl)), a.out, fetcher, workers=a.workers,
-                       min_side=a.min_side, offline_after=a.offline_after)
+    with flag_hint("--offline_after 0 tries every URL"):
+        rows = F.fetch_all(records, os.path.dirname(os.path.abspath(a.jsonl)), a.out, fetcher, workers=a.workers,
+                           min_side=a.min_side, offline_after=a.offline_after)
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     usable, total = FM.usable_count(rows)
-    atomic_write_json(os.path.join(a.out, FM.INFO_NAME), {
-        "jsonl": os.path.abspath(a.jsonl), "usable_records": usable, "records": total, "status_counts": counts,
-        "arguments": vars(a), "user_agent": F.USER_AGENT, "versions": F.versions()})
+    write_sidecar(os.path.join(a.out, FM.INFO_NAME), vars(a), jsonl=os.path.abspath(a.jsonl), usable_records=usable,
+                  records=total, status_counts=counts, user_agent=F.USER_AGENT)
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     paper = PAPER_USABLE.get(os.path.basename(a.jsonl))
     print(f"usable: {usable}/{total} records have a training image"
@@ -87,23 +87,35 @@ def run_fetch(a):
 
 def run_score(a):
     manifest = a.manifest or os.path.join(a.images, "manifest.jsonl")
+    if not os.path.isfile(manifest):
+        raise UserError(f"generation manifest {manifest} not found (pass --manifest, or --images pointing at the "
+                        "output folder of mitigate_mem.py)")
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
     device = resolve_device(a.device)
     if a.similarity == "sscd":
-        embed = E.sscd_embedder(load_sscd(a.sscd, device), S.sscd_transform(a.sscd_preprocess), device, a.batch_size)
+        with flag_hint("pass --sscd PATH, or --similarity pixel for the offline demo"):
+            sscd = load_sscd(a.sscd, device)
+        embed = E.sscd_embedder(sscd, S.sscd_transform(a.sscd_preprocess), device, a.batch_size)
         sim = {"name": "SSCD", "kind": "sscd", "model": os.path.abspath(a.sscd), "preprocess": a.sscd_preprocess,
                **S.SSCD_PRESETS[a.sscd_preprocess]}
     else:
         embed = E.pixel_embedder(a.pixel_size)
         sim = {"name": S.PIXEL_NAME, "kind": "pixel", "size": a.pixel_size}
-    clip = None if a.clip_model.lower() == "none" else load_clip(a.clip_model, a.clip_pretrained, device)
-    result = E.evaluate(manifest, a.images, a.gt, embed, clip, keywords=E.expand_keywords(a.shared_gt_keywords),
+    clip = None
+    if a.clip_model.lower() != "none":
+        with flag_hint("--clip_pretrained FILE takes a checkpoint; --clip_model none skips CLIP"):
+            clip = load_clip(a.clip_model, a.clip_pretrained, device)
+    keywords = E.expand_keywords(a.shared_gt_keywords)
+    result = E.evaluate(manifest, a.images, a.gt, embed, clip, keywords=keywords,
                         thresholds=a.thresholds, device=device, batch_size=a.batch_size)
     result = {"similarity": sim, "clip": None if clip is None else {"model": a.clip_model,
-                                                                      "pretrained": a.clip_pretrained},
-              **result, "arguments": vars(a), "versions": library_versions()}
+                                                                      "pretrained": a.clip_pretrained}, **result}
+    header = result["generation_header"]
+    if (header.get("model") == "sd2" or str(header.get("sd_ver")) == "2") and not keywords:
+        warn("for SD v2.0 the paper takes the max over all training images sharing the keywords design, "
+             "designart, mills, anderson: add --shared_gt_keywords paper to follow it")
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
-    atomic_write_json(out, result)
+    write_sidecar(out, vars(a), **result)
     atomic_write_text(os.path.splitext(out)[0] + ".csv", E.rows_csv(result["per_prompt"]))
     E.warn_problems(result)
     E.print_summary(result)

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from utils.cli import ArgumentParser, UserError, guarded, nonneg_int, positive_float, positive_int, quiet_library_warnings
+from utils.cli import ArgumentParser, UserError, finite_float, guarded, nonneg_int, positive_float, positive_int, \
+    quiet_library_warnings, seed_int
 from utils.demo_data import build_dataset, write_benchmark
 from utils.demo_model import (assemble_pipeline, build_components, ddim_scheduler, encode_latents, make_pairs,
                               train_unet, train_vae)
@@ -27,7 +28,7 @@ from utils.models import DEMO_MODEL_DIR, offline_clip_tokenizer
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default=DEMO_MODEL_DIR)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--steps", type=positive_int, default=2500, help="UNet + text encoder steps of the lr schedule")
     p.add_argument("--stop_frac", type=positive_float, default=0.6,
                    help="stop after this fraction of the --steps schedule, in (0, 1]. The committed model stops at "
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--generic", action=argparse.BooleanOptionalAction, default=True,
                    help="also give every image one unique web-like caption (ordinary pairs): unseen web-like "
                         "prompts then lead to ordinary digits instead of the memorized images")
-    p.add_argument("--p_uncond", type=float, default=0.1, help="caption dropout on the ordinary pairs")
+    p.add_argument("--p_uncond", type=finite_float, default=0.1, help="caption dropout on the ordinary pairs")
     p.add_argument("--prompts_dir", default=None,
                    help="also write the demo benchmark files (demo_mem.txt, demo_nmem.txt, demo_mem.jsonl, "
                         "demo_train/*.png) into this folder, e.g. prompts")

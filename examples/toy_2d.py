@@ -27,7 +27,6 @@ identities checked by Monte Carlo on x ~ p_t: Lemma 4.1 E||s||^2 = -E tr H (any 
 E||H s||^2 = -tr H^3 (Gaussians), for the analytic component / mixture scores and for the learned model.
 Writes OUT_DIR/toy_2d.json, toy_2d_score_field.png and toy_2d_hessian_eigenvalues.png.
 """
-import argparse
 import io
 import math
 import os
@@ -39,8 +38,9 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.cli import UserError, guarded, positive_float, positive_int, quiet_library_warnings  # noqa: E402
-from utils.io import atomic_write_bytes, atomic_write_json, library_versions  # noqa: E402
+from utils.cli import (ArgumentParser, UserError, finite_float, guarded, parse_int_list, positive_float,  # noqa: E402
+                       positive_int, quiet_library_warnings, seed_int)
+from utils.io import atomic_write_bytes, figure_png, write_sidecar  # noqa: E402
 
 T = 1000                                   # DDPM training steps, linear betas as Ho et al. (2020)
 BETAS = (1e-4, 0.02)
@@ -49,15 +49,15 @@ MU_MEM = (1.5, 1.2)                                                # the memoriz
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num_data", type=positive_int, default=3000)
     p.add_argument("--mem_ratio", type=positive_float, default=0.05, help="weight of the memorized component")
     p.add_argument("--mem_std", type=positive_float, default=0.01, help="std of the memorized component")
     p.add_argument("--train_steps", type=positive_int, default=5000)
     p.add_argument("--batch_size", type=positive_int, default=512)
     p.add_argument("--lr", type=positive_float, default=2e-3)
-    p.add_argument("--second_order_weight", type=float, default=0.5, help="lambda of the second-order term")
-    p.add_argument("--low_noise_fraction", type=float, default=0.5,
+    p.add_argument("--second_order_weight", type=finite_float, default=0.5, help="lambda of the second-order term")
+    p.add_argument("--low_noise_fraction", type=finite_float, default=0.5,
                    help="fraction of each batch with t drawn log-uniformly in [0, T/5) instead of uniformly")
     p.add_argument("--hidden", type=positive_int, default=128)
     p.add_argument("--ddim_steps", type=positive_int, default=500)
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--num_paths", type=positive_int, default=3, help="paths per group in the eigenvalue plot")
     p.add_argument("--trace_steps", default="5,20,100", help="DDPM timesteps t of the trace-identity checks")
     p.add_argument("--mc_samples", type=positive_int, default=20000, help="Monte-Carlo samples per check")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (tiny MLP: 1 is fastest)")
     p.add_argument("--out_dir", default="toy_outputs")
     args = p.parse_args(argv)
@@ -75,12 +75,7 @@ def parse_args(argv=None):
         raise UserError(f"--second_order_weight must be >= 0, got {args.second_order_weight}")
     if not 0 < args.mem_ratio < 1:
         raise UserError(f"--mem_ratio must lie in (0, 1), got {args.mem_ratio}")
-    try:
-        args.trace_steps = sorted({int(s) for s in args.trace_steps.split(",") if s.strip()})
-    except ValueError:
-        raise UserError(f"--trace_steps must be comma-separated integers, got {args.trace_steps!r}")
-    if not args.trace_steps or not all(0 <= s < T for s in args.trace_steps):
-        raise UserError(f"--trace_steps must lie in 0..{T - 1}")
+    args.trace_steps = parse_int_list(args.trace_steps, 0, T - 1, "--trace_steps")
     if args.ddim_steps > T:
         raise UserError(f"--ddim_steps must be at most {T}")
     return args
@@ -336,15 +331,10 @@ def _round(t, digits=6):
 
 
 def _save(fig, path):
-    import matplotlib.pyplot as plt
     from PIL import Image
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    buf.seek(0)
     small = io.BytesIO()  # a 256-colour palette keeps the committed figures small
-    Image.open(buf).convert("RGB").quantize(256).save(small, format="PNG", optimize=True)
+    Image.open(io.BytesIO(figure_png(fig, dpi=80))).convert("RGB").quantize(256).save(small, format="PNG", optimize=True)
     atomic_write_bytes(path, small.getvalue())
 
 
@@ -410,8 +400,8 @@ def main(argv=None):
         print(f"  t={r['t']:>3} {r['distribution']:<19} {r['score']:<8} Lemma {r['lemma']}: "
               f"{r['lhs']:.5g} vs {r['rhs']:.5g} (rel. diff {r['rel_diff']:+.2%}, z {r['z']:+.2f})")
     out = os.path.join(args.out_dir, "toy_2d.json")
-    atomic_write_json(out, dict(
-        arguments=vars(args), versions=library_versions(), seconds=dict(train=t_train, total=time.time() - t_start),
+    write_sidecar(out, vars(args), **dict(
+        seconds=dict(train=t_train, total=time.time() - t_start),
         data=dict(weights=w.tolist(), means=mu.tolist(), covariances=cov.tolist(),
                   counts=[int((labels == 0).sum()), int((labels == 1).sum())], components=["memorized", "broad"]),
         loss_curve=curve, memorized_fraction=frac, memorized_radius=radius, final_step_eigenvalues=final,

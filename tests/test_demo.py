@@ -68,7 +68,7 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
     p = StableDiffusionPipeline.from_pretrained(str(out))
     assert p.vae.config.scaling_factor == pytest.approx(log["vae_scaling_factor"])
     # the benchmark files written by the smoke run are byte-identical to the committed ones (same seed)
-    for name in ("demo_mem.txt", "demo_nmem.txt", "demo_mem.jsonl"):
+    for name in ("demo_mem.txt", "demo_nmem.txt", "demo_nmem_oov.txt", "demo_mem.jsonl"):
         assert (tmp_path / "prompts" / name).read_bytes() == open(os.path.join(PROMPTS, name), "rb").read()
 
 

@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the top-level scripts: one clear message and exit code 2 for bad input."""
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -36,6 +37,15 @@ def guarded(main):
             sys.exit(130)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def flag_hint(hint):
+    """Append a script's advice (its flags) to a UserError raised inside: utils name concepts, scripts name flags."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{e} ({hint})") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

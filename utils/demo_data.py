@@ -244,7 +244,8 @@ def to_pil(image):
 
 
 def write_benchmark(prompts_dir, data, seed=0):
-    """The demo benchmark files: demo_mem.txt, demo_nmem.txt, demo_mem.jsonl and demo_train/<k>.png.
+    """The demo benchmark files: demo_mem.txt, demo_nmem.txt, demo_nmem_oov.txt (paraphrases with words the demo
+    never saw: OOV_TEMPLATES), demo_mem.jsonl and demo_train/<k>.png.
 
     demo_mem.jsonl has one record per memorized caption: {"caption", "index" (training-image index), "file"
     (PNG path relative to prompts_dir)}. Returns the list of written paths.
@@ -265,6 +266,7 @@ def write_benchmark(prompts_dir, data, seed=0):
         paths.append(os.path.join(prompts_dir, rel))
     files = {"demo_mem.txt": "\n".join(c for c, _ in data["memorized"]) + "\n",
              "demo_nmem.txt": "\n".join(nonmemorized_prompts(seed)) + "\n",
+             "demo_nmem_oov.txt": "\n".join(paraphrases(OOV_TEMPLATES, seed)) + "\n",
              "demo_mem.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)}
     for name, text in files.items():
         atomic_write_text(os.path.join(prompts_dir, name), text)

@@ -62,9 +62,6 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
     from tqdm import tqdm
     header, records = M.read_generation_manifest(manifest)
     gt_recs = M.ground_truth_records(read_manifest(os.path.join(gt_dir, MANIFEST_NAME)), gt_dir)
-    if (header.get("model") == "sd2" or str(header.get("sd_ver")) == "2") and not keywords:
-        warn("for SD v2.0 the paper takes the max over all training images sharing the keywords design, "
-             "designart, mills, anderson: add --shared_gt_keywords paper to follow it")
     matches, unmatched = M.match_captions([r["prompt"] for r in records], [g["caption"] for g in gt_recs])
     groups = M.keyword_groups([g["caption"] for g in gt_recs], keywords)
     present, missing, extra = M.check_images(records, os.path.dirname(os.path.abspath(manifest)), images_dir)

@@ -251,7 +251,7 @@ def fetch_all(records, base_dir, out_dir, fetcher, workers=8, min_side=MIN_SIDE,
                 if offline_after and net["other"] == 0 and net["down"] >= offline_after:
                     raise UserError(f"the first {net['down']} downloads all failed to connect ({row['detail']}): "
                                     "no network? Rows so far are in the manifest; run the same command again when "
-                                    "online (pass --offline_after 0 to try every URL anyway)")
+                                    "online, or switch the offline check off to try every URL anyway")
     except BaseException:
         fetcher.stop.set()  # Ctrl-C or an error: running downloads give up at their next chunk
         raise
@@ -259,14 +259,6 @@ def fetch_all(records, base_dir, out_dir, fetcher, workers=8, min_side=MIN_SIDE,
         pool.shutdown(wait=False, cancel_futures=True)
         save(force=True)
     return _ordered(rows)
-
-
-def versions():
-    """Versions of what decides a fetch's outcome (cheap: no deep-learning imports)."""
-    import platform
-    import PIL
-    import requests
-    return {"python": platform.python_version(), "requests": requests.__version__, "pillow": PIL.__version__}
 
 
 def _read_local(path, max_bytes):

@@ -61,7 +61,7 @@ def atomic_save_image(path, image):
 def library_versions():
     """Versions of the libraries that determine the numbers, saved beside every result."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("torch", "diffusers", "transformers", "numpy", "sklearn", "open_clip"):
+    for name in ("torch", "diffusers", "transformers", "numpy", "sklearn", "open_clip", "PIL", "requests"):
         try:
             mod = __import__(name)
             out[name] = getattr(mod, "__version__", "unknown")

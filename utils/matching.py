@@ -91,8 +91,8 @@ def read_generation_manifest(path):
         header, records, _ = read_run_log(path, "generation manifest")
     except UserError as e:
         if not os.path.exists(path):
-            raise UserError(f"generation manifest {path} not found (pass --manifest, or --images pointing at the "
-                            "output folder of mitigate_mem.py)") from None
+            raise UserError(f"generation manifest {path} not found: expected the output folder of "
+                            "mitigate_mem.py") from None
         raise e
     for index, obj in records.items():
         if not (isinstance(obj.get("prompt"), str) and isinstance(obj.get("images"), list)
