@@ -1,18 +1,24 @@
 """Evaluate detection: AUC and TPR@1%/3%FPR of memorized vs non-memorized prompt scores from detect_mem.py.
 
     python detect_eval.py --mem det_outputs/sd1_mem_gen4.pt --nmem det_outputs/sd1_nmem_gen4.pt
+    python detect_eval.py --table det_outputs            # every metric x n x steps found: the paper's Table 1
 
-A prompt's score is the mean over the measured sampling steps (or the steps given by --steps). Prints one line,
-writes the numbers as JSON and the ROC curve as PNG beside the inputs (or where --out says).
+Pair mode: a prompt's score is the mean over the measured sampling steps (or the steps given by --steps); prints
+one line, writes the numbers as JSON and the ROC curve as PNG beside the inputs (or where --out says).
+Table mode: for each memorized / non-memorized pair of prompt sets in the folder (<x>_mem and <x>_nmem, or
+--sets), writes <mem>_vs_<nmem>.table.md / .json / .roc.png there and prints the Markdown table.
 """
+import json
 import os
 
 import numpy as np
 import torch
 
 from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
-from utils.io import atomic_write_bytes, atomic_write_json, figure_png, library_versions
+from utils.detectors import METRICS
+from utils.io import atomic_write_bytes, atomic_write_text, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
+from utils.tables import TABLE_STEPS, build_table, discover, load_paper, markdown, roc_figure, set_pairs
 
 TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
 
@@ -27,24 +33,40 @@ def parse_args(argv=None):
                    help="closest: ROC point with FPR nearest the target (reference); strict: best TPR with FPR<=target")
     p.add_argument("--out", default=None, help="JSON path (default: <mem stem>_vs_<nmem stem>.eval.json beside --mem)")
     p.add_argument("--no_plot", action="store_true", help="skip the ROC curve PNG")
+    p.add_argument("--table", default=None, metavar="DIR", help="table mode: every result found in DIR")
+    p.add_argument("--sets", nargs=2, default=None, metavar=("MEM_STEM", "NMEM_STEM"),
+                   help="table mode: the two prompt sets (default: every <x>_mem / <x>_nmem pair in DIR)")
+    p.add_argument("--table_steps", default=",".join(map(str, TABLE_STEPS)),
+                   help="table mode: first-k-steps settings of multi-step metrics (the paper's 1, 5, 50)")
     return p.parse_args(argv)
 
 
 def load_scores(path, steps):
-    """[prompts, steps] tensor from detect_mem.py -> per-prompt mean over the chosen steps (numpy float64)."""
+    """[prompts, steps] tensor from detect_mem.py -> per-prompt mean over the chosen steps (numpy float64), with
+    the sign that makes larger mean 'memorized' (read from the result's sidecar; tiled_l2 is lower-is-memorized)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; run detect_mem.py first")
     try:
         t = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a detect_mem.py result ({type(e).__name__})")
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] == 0:
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dim() != 2 or t.shape[0] == 0:
         raise UserError(f"{path} does not hold a [prompts, steps] tensor")
     if steps is not None:
         if max(steps) > t.shape[1]:
             raise UserError(f"{path} has {t.shape[1]} measured step(s); --steps asks for step {max(steps)}")
         t = t[:, [s - 1 for s in steps]]
-    return t.double().mean(dim=1).numpy()
+    s = t.double().mean(dim=1).numpy()
+    return -s if _direction(path) == "lower" else s
+
+
+def _direction(pt):
+    try:
+        with open(os.path.splitext(pt)[0] + ".json", encoding="utf-8") as f:
+            meta = json.load(f).get("metric")
+        return meta.get("direction", "higher") if isinstance(meta, dict) else "higher"
+    except (OSError, ValueError, AttributeError):
+        return "higher"
 
 
 def plot_roc(res, title):
@@ -60,9 +82,7 @@ def plot_roc(res, title):
     return figure_png(fig)
 
 
-@guarded
-def main(argv=None):
-    args = parse_args(argv)
+def run_pair(args):
     steps = None if args.steps is None else parse_int_list(args.steps, 1, None, "--steps (1-based step numbers)")
     mem, nmem = load_scores(args.mem, steps), load_scores(args.nmem, steps)
     keep_m, keep_n = np.isfinite(mem), np.isfinite(nmem)
@@ -81,12 +101,43 @@ def main(argv=None):
 
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
     out = args.out or os.path.join(os.path.dirname(args.mem) or ".", f"{stem(args.mem)}_vs_{stem(args.nmem)}.eval.json")
+    if os.path.abspath(out) in (os.path.abspath(args.mem), os.path.abspath(args.nmem)):
+        raise UserError(f"--out {out} is one of the inputs; choose another path")
     res.update(mem_file=args.mem, nmem_file=args.nmem, steps=steps or "all",
-               dropped_nan=dict(mem=int((~keep_m).sum()), nmem=int((~keep_n).sum())), versions=library_versions())
-    atomic_write_json(out, res)
+               dropped_nan=dict(mem=int((~keep_m).sum()), nmem=int((~keep_n).sum())))
+    write_sidecar(out, vars(args), **res)
     if not args.no_plot:
         atomic_write_bytes(os.path.splitext(out)[0] + ".roc.png", plot_roc(res, f"{stem(args.mem)} vs {stem(args.nmem)}"))
     print(f"saved {out}")
+
+
+def run_table(args):
+    if not os.path.isdir(args.table):
+        raise UserError(f"--table {args.table} is not a folder")
+    results = discover(args.table, METRICS)
+    pairs = [tuple(args.sets)] if args.sets else set_pairs(results)
+    if not pairs:
+        raise UserError(f"no pair of <x>_mem / <x>_nmem results in {args.table}; name the sets with --sets")
+    paper = load_paper()
+    steps = parse_int_list(args.table_steps, 1, None, "--table_steps")
+    for mem_stem, nmem_stem in pairs:
+        rows = build_table(results, mem_stem, nmem_stem, steps, paper)
+        if not rows:
+            raise UserError(f"no metric was computed for both {mem_stem} and {nmem_stem} in {args.table}")
+        base = os.path.join(args.table, f"{mem_stem}_vs_{nmem_stem}.table")
+        text = markdown(rows, f"{mem_stem} vs {nmem_stem}")
+        atomic_write_text(base + ".md", text)
+        write_sidecar(base + ".json", vars(args), mem=mem_stem, nmem=nmem_stem,
+                      rows=[{k: v for k, v in r.items() if k != "roc"} for r in rows])
+        atomic_write_bytes(base + ".roc.png", figure_png(roc_figure(rows, f"{mem_stem} vs {nmem_stem}")))
+        print(text)
+        print(f"saved {base}.md, .json and .roc.png")
+
+
+@guarded
+def main(argv=None):
+    args = parse_args(argv)
+    run_table(args) if args.table else run_pair(args)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,30 @@
-"""Sharpness-based memorization detection: ||H_delta s_delta|| at the first sampling steps, per prompt.
+"""Memorization detection: the field's detectors on the same prompts, noise, schedule and UNet calls, per prompt.
 
     python detect_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 4
+    python detect_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 4 --metrics sharpness,wen,anisotropy,tiled_l2
 
-Writes OUT_DIR/<stem>_gen<n>.pt (float32 [prompts, steps], the mean over the n generations; the reference's
-layout) and <stem>_gen<n>.json (prompts, per-generation values, arguments, versions, cost). Results are flushed
-per prompt to <stem>_gen<n>.progress.jsonl, so re-running the same command resumes an interrupted run.
+sharpness (default) writes OUT_DIR/<stem>_gen<n>.pt (float32 [prompts, steps], the mean over the n generations;
+the reference's layout) and <stem>_gen<n>.json (prompts, per-generation values, arguments, versions, cost);
+every other metric m writes <stem>_<m>_gen<n>.pt and .json the same way. One pass computes all requested metrics,
+sharing UNet calls (utils/detectors.py). Results are flushed per prompt and metric to *.progress.jsonl, so
+re-running the same command resumes an interrupted run; tiled_l2 also saves the generated images.
 """
 import math
 import os
+import resource
 import time
 
 import torch
 from tqdm import tqdm
 
 from utils.cli import ArgumentParser, UserError, add_model_arguments, guarded, positive_int, quiet_library_warnings, \
-    seed_int, warn
-from utils.detection import initial_latents, sharpness_scores
-from utils.io import ProgressLog, atomic_torch_save, sha256_file, write_sidecar
-from utils.models import JVP_DTYPES, encode_prompts, jvp_unet_copy, load_pipeline, resolve_device, resolve_dtype, \
-    resolve_model_id
+    raise_arg, seed_int, warn
+from utils.detection import initial_latents
+from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, DIRECTION, METRICS, SPACES, TILED_AGGS,
+                             DetectSettings, run_detectors)
+from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, sha256_file, write_sidecar
+from utils.models import JVP_DTYPES, decode_latents, encode_prompts, jvp_unet_copy, load_pipeline, model_label, \
+    resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
 from utils.scores import V_SCORE_FORMS, ScoreModel
 
@@ -26,26 +32,69 @@ NUM_INFERENCE_STEPS = 50  # DDIM steps of the sampling schedule whose first step
 GUIDANCE_SCALE = 7.5      # classifier-free guidance for the DDIM steps between measured steps
 
 
+def metric_list(text):
+    """argparse type: comma-separated metric names, each known, none twice."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names or len(set(names)) != len(names):
+        raise_arg(f"expected comma-separated metrics from {', '.join(METRICS)} (each once), got {text!r}")
+    return names
+
+
+def weight_pair(text):
+    """argparse type: two finite numbers 'g1,g2'."""
+    try:
+        g = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        g = ()
+    if len(g) != 2 or not all(math.isfinite(v) for v in g):
+        raise_arg(f"expected two finite numbers 'norm_weight,cosine_weight', got {text!r}")
+    return g
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(p)
     p.add_argument("--data_path", default="prompts/sd1_mem.txt", help="prompt file, one prompt per line")
+    p.add_argument("--metrics", type=metric_list, default=["sharpness"], help=f"any of {', '.join(METRICS)}")
     p.add_argument("--gen_num", type=positive_int, default=4, help="n: generations averaged per prompt")
     p.add_argument("--hvp_sampling_num", type=positive_int, default=1,
-                   help=f"S: number of first sampling steps measured (at most {NUM_INFERENCE_STEPS})")
+                   help=f"sharpness: number of first sampling steps measured (at most {NUM_INFERENCE_STEPS})")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="torch seed before each prompt's initial noise")
     p.add_argument("--out_dir", default="det_outputs")
     p.add_argument("--batch_size", type=positive_int, default=1, help="prompts per UNet call (same results)")
     p.add_argument("--v_score", default="correct", choices=V_SCORE_FORMS,
-                   help="v-prediction score: correct -(alpha v + sigma x)/sigma, or the reference's "
+                   help="sharpness on v-prediction models: correct -(alpha v + sigma x)/sigma, or the reference's "
                         "(alpha v - x)/sigma^2 (metric scaled by 1/sigma_t^2)")
     p.add_argument("--jvp_dtype", default="model", choices=JVP_DTYPES,
                    help="model: the JVP in the model's dtype, what the reference effectively does (its float32 "
                         "CUDA autocast is disabled by torch); float32: a float32 copy of the UNet for the JVP")
+    p.add_argument("--wen_steps", type=positive_int, default=NUM_INFERENCE_STEPS,
+                   help="wen: first sampling steps measured (Table 1 averages the first 1, 5 or 50)")
+    p.add_argument("--wen_space", default="output", choices=SPACES,
+                   help="wen: output = raw model output as Wen et al.'s code (v for v-prediction models); "
+                        "eps = noise prediction (README, 'Comparing detectors')")
+    p.add_argument("--aniso_mode", default="x,c|x", choices=ANISO_MODES, help="anisotropy: pair of the cosine term")
+    p.add_argument("--aniso_space", default="output", choices=ANISO_SPACES,
+                   help="anisotropy: output = the authors' code; score = norm of s_delta and cosine of eps")
+    p.add_argument("--aniso_weights", type=weight_pair, default=None,
+                   help="anisotropy: 'g_norm,g_cos' (default: the authors' 1,2 for SD v1.4 / epsilon models, "
+                        "1,0.1 for SD v2.0 / v-prediction models)")
+    p.add_argument("--tile_px", type=positive_int, default=128, help="tiled_l2: tile side in pixels (8 for the demo)")
+    p.add_argument("--tiled_agg", default="mean", choices=TILED_AGGS,
+                   help="tiled_l2: aggregate of the pairwise distances (mean; min = the closest pair)")
     args = p.parse_args(argv)
-    if args.hvp_sampling_num > NUM_INFERENCE_STEPS:
-        p.error(f"--hvp_sampling_num {args.hvp_sampling_num} exceeds the {NUM_INFERENCE_STEPS} sampling steps")
+    for name, v in (("--hvp_sampling_num", args.hvp_sampling_num), ("--wen_steps", args.wen_steps)):
+        if v > NUM_INFERENCE_STEPS:
+            p.error(f"{name} {v} exceeds the {NUM_INFERENCE_STEPS} sampling steps")
+    if "tiled_l2" in args.metrics and args.gen_num < 2:
+        p.error("tiled_l2 compares the n generations of a prompt: it needs --gen_num of at least 2")
     return args
+
+
+def output_base(out_dir, stem, metric, n):
+    """Path stem of a metric's result files (sharpness keeps the reference's name)."""
+    return os.path.join(out_dir, f"{stem}_gen{n}" if metric == "sharpness" else f"{stem}_{metric}_gen{n}")
 
 
 @guarded
@@ -56,60 +105,112 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     model_id = resolve_model_id(args.sd_ver, args.model_id)
     prompts = read_prompts(args.data_path, args.prompt_mirror)
-
     stem = os.path.splitext(os.path.basename(args.data_path))[0]
-    base = os.path.join(args.out_dir, f"{stem}_gen{args.gen_num}")
-    # Everything that changes the numbers; a resumed run must match it exactly.
-    identity = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
-                    hvp_sampling_num=args.hvp_sampling_num, gen_seed=args.gen_seed, dtype=str(dtype),
-                    device=device.type, v_score=args.v_score, jvp_dtype=args.jvp_dtype,
-                    num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE)
-    log = ProgressLog(base + ".progress.jsonl", identity)
-    todo = [i for i in range(len(prompts)) if i not in log.done]
-    if log.done:
-        print(f"resuming: {len(log.done)} of {len(prompts)} prompts already done")
-
     pipe = load_pipeline(model_id, device, dtype)
+    model = ScoreModel(pipe.unet, pipe.scheduler, v_score=args.v_score,
+                       jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if "sharpness" in args.metrics else None)
+    weights = args.aniso_weights or ANISO_WEIGHTS.get(model_label(args.sd_ver, args.model_id),
+                                                      ANISO_WEIGHTS["sd2" if model.prediction_type == "v_prediction"
+                                                                    else "sd1"])
+    st = DetectSettings(num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
+                        hvp_sampling_num=args.hvp_sampling_num, wen_steps=args.wen_steps, wen_space=args.wen_space,
+                        aniso_mode=args.aniso_mode, aniso_space=args.aniso_space, aniso_weights=weights,
+                        tile_px=args.tile_px, tiled_agg=args.tiled_agg)
+    # Everything that changes a metric's numbers; a resumed run must match it exactly (sharpness: as before).
+    common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
+                  gen_seed=args.gen_seed, dtype=str(dtype), device=device.type)
+    identities = {m: dict(common, **st.for_metric(m)) for m in args.metrics}
+    if "sharpness" in identities:
+        identities["sharpness"] = dict(common, hvp_sampling_num=args.hvp_sampling_num, v_score=args.v_score,
+                                       jvp_dtype=args.jvp_dtype, num_inference_steps=NUM_INFERENCE_STEPS,
+                                       guidance_scale=GUIDANCE_SCALE)
+    bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
+    logs = {m: ProgressLog(bases[m] + ".progress.jsonl", identities[m]) for m in args.metrics}
+    todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]
+    if len(todo) < len(prompts):
+        print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")
     long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
     if long_ones:
         warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated by the "
              f"text encoder, as in the reference (prompt(s) {', '.join(str(i + 1) for i in long_ones[:10])}"
              f"{', ...' if len(long_ones) > 10 else ''})")
-    model = ScoreModel(pipe.unet, pipe.scheduler, v_score=args.v_score,
-                       jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype))
+    if "tiled_l2" in args.metrics:
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        if side % args.tile_px:
+            raise UserError(f"--tile_px {args.tile_px} does not divide the image side {side} px")
     latents = initial_latents(pipe, args.gen_num, args.gen_seed)  # same noise for every prompt
     uncond = encode_prompts(pipe, "", device)
+    image_dir = os.path.join(args.out_dir, f"{stem}_gen{args.gen_num}_images")
 
-    for start in tqdm(range(0, len(todo), args.batch_size), desc=f"detect {stem}", unit="batch",
-                      disable=not todo):
+    for start in tqdm(range(0, len(todo), args.batch_size), desc=f"detect {stem}", unit="batch", disable=not todo):
         idx = todo[start:start + args.batch_size]
+        metrics = [m for m in args.metrics if any(i not in logs[m].done for i in idx)]
         t0 = time.time()
-        cond = encode_prompts(pipe, [prompts[i] for i in idx], device)
-        vals, cost = sharpness_scores(model, cond, uncond, latents, num_inference_steps=NUM_INFERENCE_STEPS,
-                                      hvp_sampling_num=args.hvp_sampling_num, guidance_scale=GUIDANCE_SCALE)
+        vals, extras, images, meter = run_detectors(model, encode_prompts(pipe, [prompts[i] for i in idx], device),
+                                                    uncond, latents, metrics, st,
+                                                    decode=lambda z: decode_latents(pipe, z))
         secs = (time.time() - t0) / len(idx)
+        cost = meter.summary(metrics)
         for j, i in enumerate(idx):
-            per_gen = vals[j].T.tolist()  # [steps][generations]
-            if not torch.isfinite(vals[j]).all():
-                warn(f"prompt {i + 1} gave a non-finite score; saved as NaN: {prompts[i][:80]!r}")
-            log.add(dict(index=i, prompt=prompts[i], per_generation=per_gen, seconds=secs,
-                         unet_forwards=cost["unet_forwards"], jvps=cost["jvps"], batch=len(idx)))
+            if images is not None:
+                for k, im in enumerate(images[j]):
+                    atomic_save_image(os.path.join(image_dir, f"{i:05d}_{k}.png"), im)
+            for m in metrics:
+                if i in logs[m].done:
+                    continue
+                if not torch.isfinite(vals[m][j]).all():
+                    warn(f"prompt {i + 1} gave a non-finite {m} value; saved as NaN: {prompts[i][:80]!r}")
+                c = cost[m]
+                logs[m].add(dict(index=i, prompt=prompts[i], per_generation=vals[m][j].T.tolist(), seconds=secs,
+                                 unet_forwards=c["unet_forwards"], jvps=c["jvps"], batch=len(idx),
+                                 extras=extras[m][j],
+                                 cost=dict(c, seconds=c["seconds"] / len(idx),
+                                           step_seconds=[v / len(idx) for v in c["step_seconds"]],
+                                           forward_seconds=_forward_seconds(meter))))
+    for m in args.metrics:
+        _save(m, bases[m], logs[m], prompts, args, model_id, model.prediction_type, identities[m], st)
 
+
+def _forward_seconds(meter):
+    """Mean seconds of one pair forward in this batch (the unit of the cost ratios)."""
+    f = [u[2] for u in meter.units if u[0] == "unet_forwards"]
+    return sum(f) / len(f) if f else None
+
+
+def _save(metric, base, log, prompts, args, model_id, prediction_type, identity, st):
+    """The metric's [prompts, steps] tensor (.pt) and its self-describing sidecar (.json)."""
     records = [log.done[i] for i in range(len(prompts))]
     per_step = torch.tensor([[_mean(step) for step in r["per_generation"]] for r in records], dtype=torch.float32)
     atomic_torch_save(base + ".pt", per_step)
+    costs = [r.get("cost") or {} for r in records]
     write_sidecar(base + ".json", vars(args),
-                  metric="||H_delta s_delta|| (mean over generations), per prompt and sampling step",
+                  metric=dict(name=metric, direction=DIRECTION.get(metric, "higher"), settings=st.for_metric(metric),
+                              stem=os.path.splitext(os.path.basename(args.data_path))[0], gen_num=args.gen_num,
+                              description=_DESCRIPTIONS[metric]),
                   shape=list(per_step.shape), prompts=prompts, values=per_step.tolist(),
-                  per_generation=[r["per_generation"] for r in records], model_id=model_id,
-                  prediction_type=model.prediction_type, identity=identity,
+                  per_generation=[r["per_generation"] for r in records], extras=[r.get("extras") for r in records],
+                  model_id=model_id, prediction_type=prediction_type, identity=identity,
                   cost=dict(seconds_per_prompt=[r["seconds"] for r in records],
                             unet_forwards_per_prompt_batch=records[0]["unet_forwards"],
-                            jvps_per_prompt_batch=records[0]["jvps"], batch_size=args.batch_size))
+                            jvps_per_prompt_batch=records[0]["jvps"], batch_size=args.batch_size,
+                            per_prompt=costs, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                            note="unet_forwards, jvps, vae_decodes, seconds and peak_bytes (CUDA allocator peak; "
+                                 "None on CPU) count every unit of work this metric used; units shared with the "
+                                 "metrics in shared_with ran once and are counted in full for each of them"))
     bad = int((~torch.isfinite(per_step)).any(dim=1).sum())
     finite = per_step[torch.isfinite(per_step)]
     print(f"saved {base}.pt {tuple(per_step.shape)}: mean {finite.mean().item() if finite.numel() else float('nan'):.4g}"
           f"{f', {bad} prompt(s) NaN' if bad else ''}")
+
+
+_DESCRIPTIONS = {
+    "sharpness": "||H_delta s_delta|| (mean over generations), per prompt and sampling step",
+    "wen": "||out(x_t, c) - out(x_t, empty)|| (mean over generations), per prompt and sampling step",
+    "anisotropy": "g_norm * ||D at the first timestep|| + g_cos * mean per-pixel cos at the low-noise timestep "
+                  "(mean over generations); extras: per-generation norm and cosine terms",
+    "tiled_l2": "aggregate over generation pairs of the max over tiles of the RMS pixel difference (lower = "
+                "memorized); extras: pairwise distance matrix",
+}
 
 
 def _mean(values):

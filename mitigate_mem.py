@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, add_model_arguments, finite_float, guarded, nonneg_float, \
+from utils.cli import ArgumentParser, add_model_arguments, finite_float, guarded, nonneg_float, \
     positive_float, positive_int, quiet_library_warnings, seed_int, warn
 from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, safe_filename, sha256_file, write_sidecar
 from utils.models import encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, resolve_model_id

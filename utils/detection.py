@@ -1,8 +1,6 @@
 """Sharpness-based memorization detection: ||H_delta s_delta|| at the first sampling steps (Jeon et al., 2025)."""
 import torch
 
-from .scores import flat_norm
-
 
 def initial_latents(pipe, n, seed, height=None, width=None, dtype=None, device=None):
     """Initial noise exactly as the pipeline draws it with no generator, after torch.manual_seed(seed).
@@ -33,26 +31,13 @@ def sharpness_scores(model, cond, uncond, latents, *, num_inference_steps=50, hv
     latents (n, C, H, W), the same initial noise for every prompt. At step i the UNet runs once on [x; x] for
     both branches, then one JVP gives H_delta s_delta; between measured steps x advances by a classifier-free-
     guided DDIM step. No UNet call is made after the last measured step. Returns a float32 tensor (K, n, S) and
-    a dict of cost counts.
+    a dict of cost counts. (The 'sharpness' metric of utils.detectors.run_detectors, which this calls.)
     """
+    from .detectors import DetectSettings, run_detectors
     if hvp_sampling_num > num_inference_steps:
         raise ValueError("the number of measured steps must not exceed the number of sampling steps")
-    k, n = cond.shape[0], latents.shape[0]
-    timesteps = model.timesteps(num_inference_steps, device=latents.device)
-    embeds = cfg_embeddings(cond, uncond, n)
-    x = latents.repeat(k, 1, 1, 1)
-    out_vals = torch.empty(k * n, hvp_sampling_num)
-    cost = {"unet_forwards": 0, "jvps": 0}
-    for i, t in enumerate(timesteps[:hvp_sampling_num]):
-        xin = model.scale_input(x, t)
-        xx = torch.cat([xin, xin])
-        with torch.no_grad():
-            out = model.output(xx, t, embeds)
-        cost["unet_forwards"] += 1
-        s_delta = model.score_delta(out, xx, t)
-        h = model.hvp_delta(xin, t, embeds, s_delta)
-        cost["jvps"] += 1
-        out_vals[:, i] = flat_norm(h).cpu()
-        if i + 1 < hvp_sampling_num:
-            x = model.guided_step(out, t, x, guidance_scale)
-    return out_vals.view(k, n, hvp_sampling_num), cost
+    st = DetectSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        hvp_sampling_num=hvp_sampling_num)
+    vals, _, _, meter = run_detectors(model, cond, uncond, latents, ["sharpness"], st)
+    tally = meter.summary(["sharpness"])["sharpness"]
+    return vals["sharpness"], {"unet_forwards": tally["unet_forwards"], "jvps": tally["jvps"]}

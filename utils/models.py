@@ -124,7 +124,7 @@ def _from_hub(cls, model_id, kwargs):
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise UserError(f"model {model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                         f"download it on a machine with internet (`hf download {model_id}`) and copy the cache, "
-                        "or pass --model_id /path/to/local/folder")
+                        "or give a local folder as the model id (--model_id /path/to/folder)")
     try:
         return cls.from_pretrained(model_id, **kwargs)
     except Exception as e:
@@ -142,6 +142,14 @@ def _from_hub(cls, model_id, kwargs):
 def encode_prompts(pipe, prompts, device=None):
     """Text embeddings (K, L, D) of a prompt or list of K prompts, without classifier-free doubling."""
     return pipe.encode_prompt(prompts, device or pipe.device, 1, False)[0]
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents):
+    """PIL images of final latents (B, C, h, w), exactly as StableDiffusionPipeline's output_type='pil' path
+    (VAE decode of latents / scaling_factor, then the pipeline's image post-processing)."""
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 
 # ------------------------------------------------------------------------------- forward-mode AD policy
@@ -182,8 +190,7 @@ def load_sscd(path, device="cpu"):
     if not path or not os.path.isfile(path):
         raise UserError(f"SSCD weights not found at {path!r}. Download the public TorchScript release "
                         f"(facebookresearch/sscd-copy-detection, MIT license): wget {SSCD_URL} -O "
-                        f"{path or 'sscd_disc_large.torchscript.pt'} ; then pass --sscd PATH "
-                        "(or use --similarity pixel for the offline demo)")
+                        f"{path or 'sscd_disc_large.torchscript.pt'}")
     import warnings
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated in new torch, but it is SSCD's release format
@@ -206,12 +213,11 @@ def load_clip(model_name, pretrained, device="cpu", cache_dir=None, offline=None
     try:
         import open_clip
     except ImportError:
-        raise UserError("open_clip_torch is needed for the CLIP score: pip install open_clip_torch "
-                        "(or pass --clip_model none)")
+        raise UserError("open_clip_torch is needed for the CLIP score: pip install open_clip_torch")
     if model_name not in open_clip.list_models():
         near = difflib.get_close_matches(model_name, open_clip.list_models(), n=4)
         raise UserError(f"unknown CLIP model {model_name!r}" + (f"; did you mean {', '.join(near)}?" if near else
-                        "; see open_clip.list_models()") + " (or --clip_model none to skip CLIP)")
+                        "; see open_clip.list_models()"))
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     kwargs = {}
@@ -232,8 +238,7 @@ def load_clip(model_name, pretrained, device="cpu", cache_dir=None, offline=None
         elif offline:
             raise UserError(f"CLIP weights {model_name}/{pretrained} are not in the local cache and this machine is "
                             "offline (HF_HUB_OFFLINE); download them where there is internet (`hf download "
-                            f"{cfg.get('hf_hub', '').rstrip('/') or cfg.get('url')}`), pass --clip_pretrained "
-                            "/path/to/checkpoint, or use --clip_model none")
+                            f"{cfg.get('hf_hub', '').rstrip('/') or cfg.get('url')}`) and give the checkpoint file")
         else:
             checkpoint = pretrained  # a tag: open_clip downloads it
     else:
@@ -243,8 +248,7 @@ def load_clip(model_name, pretrained, device="cpu", cache_dir=None, offline=None
             model_name, pretrained=checkpoint, device=device, cache_dir=cache_dir, **kwargs)
     except Exception as e:
         raise UserError(f"could not load CLIP {model_name} ({pretrained}): {one_line(e)[:300]}; "
-                        "without internet, download the weights elsewhere and pass --clip_pretrained FILE, or use "
-                        "--clip_model none") from None
+                        "without internet, download the weights elsewhere and give the checkpoint file") from None
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 

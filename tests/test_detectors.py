@@ -1,0 +1,230 @@
+"""The detection harness: each metric against an independently written computation (plain diffusers calls on the
+tiny pipeline, closed forms on the Gaussian model), one pass == each metric alone, the script's files, the table."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import detect_eval
+import detect_mem
+from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
+from utils.detection import initial_latents
+from utils.detectors import DetectSettings, pairwise_tiled_l2, run_detectors
+from utils.models import decode_latents, encode_prompts
+from utils.scores import ScoreModel
+
+PROMPTS = ["a photo of a cat", "digit seven"]
+
+
+def _run(mod, argv):
+    try:
+        mod.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_eps):
+    pipe = tiny_eps
+    lat = initial_latents(pipe, 3, 5)
+    return pipe, encode_prompts(pipe, PROMPTS, "cpu"), encode_prompts(pipe, "", "cpu"), lat
+
+
+def _plain_trajectory(pipe, prompt, lat, steps):
+    """Plain diffusers calls: DDIM with CFG 7.5 from lat; yields (t, x_t, eps_uncond, eps_cond) per step."""
+    unet, sched = pipe.unet, pipe.scheduler
+    sched.set_timesteps(50)
+    with torch.no_grad():
+        c = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+        u = pipe.encode_prompt("", "cpu", 1, False)[0]
+        n = lat.shape[0]
+        emb = torch.cat([u.expand(n, -1, -1), c.expand(n, -1, -1)])
+        x = lat.clone()
+        for t in sched.timesteps[:steps]:
+            e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
+            yield t, x, e_u, e_c
+            x = sched.step(e_u + 7.5 * (e_c - e_u), t, x, eta=0.0).prev_sample
+
+
+def test_wen_equals_plain_diffusers_loop(setup):
+    pipe, cond, uncond, lat = setup
+    vals, _, _, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["wen"],
+                                  DetectSettings(wen_steps=4))
+    assert vals["wen"].shape == (2, 3, 4)
+    for k, prompt in enumerate(PROMPTS):
+        want = torch.stack([(e_c - e_u).flatten(1).norm(dim=1) for _, _, e_u, e_c in
+                            _plain_trajectory(pipe, prompt, lat, 4)], dim=1)  # (n, steps)
+        torch.testing.assert_close(vals["wen"][k], want, rtol=1e-5, atol=1e-7)
+
+
+def test_anisotropy_equals_plain_computation(setup):
+    pipe, cond, uncond, lat = setup
+    st = DetectSettings(aniso_weights=(1.0, 2.0))
+    vals, extras, _, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["anisotropy"], st)
+    sched = pipe.scheduler
+    for k, prompt in enumerate(PROMPTS):
+        (t1, x, e_u, e_c), = list(_plain_trajectory(pipe, prompt, lat, 1))
+        norm = (e_c - e_u).flatten(1).norm(dim=1)
+        t_low = sched.timesteps[-3]
+        assert int(t_low) == 41  # the authors' low-noise timestep on SD's schedule
+        with torch.no_grad():
+            c = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+            u = pipe.encode_prompt("", "cpu", 1, False)[0]
+            emb = torch.cat([u.expand(3, -1, -1), c.expand(3, -1, -1)])
+            l_u, l_c = pipe.unet(torch.cat([lat, lat]), t_low, encoder_hidden_states=emb).sample.chunk(2)
+        a, b = l_u, l_c - l_u  # default mode "x,c|x": unconditional vs guidance direction, per pixel over channels
+        cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).flatten(1).mean(dim=1)
+        torch.testing.assert_close(torch.tensor(extras["anisotropy"][k]["norm"]), norm, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(extras["anisotropy"][k]["cosine"]), cos, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(vals["anisotropy"][k, :, 0], norm + 2 * cos, rtol=1e-4, atol=1e-6)
+
+
+def test_tiled_l2_equals_pipeline_images_and_numpy_tiles(setup):
+    pipe, cond, uncond, lat = setup
+    st = DetectSettings(tile_px=4)  # the tiny pipeline makes 16x16 images: a 4x4 grid of 4-pixel tiles
+    vals, extras, images, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["tiled_l2"],
+                                            st, decode=lambda z: decode_latents(pipe, z))
+    for k, prompt in enumerate(PROMPTS):
+        ref = pipe(prompt, latents=lat.clone(), num_images_per_prompt=3, num_inference_steps=50,
+                   guidance_scale=7.5).images
+        got = [np.asarray(im) for im in images[k]]
+        assert all(np.array_equal(g, np.asarray(r)) for g, r in zip(got, ref))  # same pixels as the pipeline
+        arr = [np.asarray(r, dtype=np.float64) / 255 for r in ref]
+        d = np.zeros((3, 3))
+        for i in range(3):
+            for j in range(3):
+                d[i, j] = max(np.sqrt(((arr[i][y:y + 4, x:x + 4] - arr[j][y:y + 4, x:x + 4]) ** 2).mean())
+                              for y in range(0, 16, 4) for x in range(0, 16, 4))
+        np.testing.assert_allclose(extras["tiled_l2"][k]["pairwise"], d, rtol=1e-12, atol=1e-15)
+        assert vals["tiled_l2"][k, 0, 0].item() == pytest.approx(d[np.triu_indices(3, 1)].mean(), rel=1e-6)
+
+
+def test_one_pass_equals_each_metric_alone(setup):
+    pipe, cond, uncond, lat = setup
+    model = ScoreModel(pipe.unet, pipe.scheduler)
+    st = DetectSettings(hvp_sampling_num=2, wen_steps=3, tile_px=4)
+    dec = lambda z: decode_latents(pipe, z)
+    together, ex, _, meter = run_detectors(model, cond, uncond, lat, ["sharpness", "wen", "anisotropy", "tiled_l2"],
+                                           st, decode=dec)
+    for m in ("sharpness", "wen", "anisotropy", "tiled_l2"):
+        alone, ex_alone, _, _ = run_detectors(model, cond, uncond, lat, [m], st, decode=dec)
+        assert torch.equal(together[m], alone[m]), m
+        assert ex[m] == ex_alone[m], m
+    cost = meter.summary(["sharpness", "wen", "anisotropy", "tiled_l2"])
+    # Shared calls run once: 50 trajectory forwards + 1 low-noise forward, 2 JVPs, 1 decode in total; each
+    # metric's own count is what it would cost alone.
+    assert (cost["total"]["unet_forwards"], cost["total"]["jvps"], cost["total"]["vae_decodes"]) == (51, 2, 1)
+    assert [cost[m]["unet_forwards"] for m in ("sharpness", "wen", "anisotropy", "tiled_l2")] == [2, 3, 2, 50]
+    assert cost["sharpness"]["jvps"] == 2 and "wen" in cost["sharpness"]["shared_with"]
+
+
+def test_wen_and_anisotropy_norm_on_gaussian_closed_form():
+    """For a Gaussian, eps(x, c) = sigma (x - alpha mu_c) / v_c: Wen's quantity is the norm of a known linear map
+    of x; on v-prediction the raw-v difference is the eps difference over alpha_t (Wen's code takes raw v)."""
+    shape = (4, 4, 4)
+    for pred in ("epsilon", "v_prediction"):
+        sched = ddim_scheduler(pred)
+        model = GaussianUNet(sched.alphas_cumprod, shape, pred).double()
+        g = torch.Generator().manual_seed(1)
+        cond = gaussian_embedding(torch.randn(2, *shape, generator=g), torch.randn(2, *shape, generator=g) - 2)
+        uncond = gaussian_embedding(torch.zeros(1, *shape), torch.zeros(1, *shape))
+        lat = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+        vals, ext, _, _ = run_detectors(ScoreModel(model, sched), cond.double(), uncond.double(), lat,
+                                        ["wen", "anisotropy"], DetectSettings(wen_steps=1))
+        t = int(sched.timesteps[0])
+        alpha, sigma, mu, var_c = model.marginal(t, cond.double().repeat_interleave(3, 0))
+        _, _, _, var_u = model.marginal(t, uncond.double().expand(6, -1, -1))
+        x = lat.repeat(2, 1, 1, 1)
+        d_eps = sigma * ((x - alpha * mu) / var_c - x / var_u)
+        want = d_eps.flatten(1).norm(dim=1) / (alpha if pred == "v_prediction" else 1)
+        torch.testing.assert_close(vals["wen"][..., 0].flatten().double(), want, rtol=1e-5, atol=0)
+        # the authors' norm term: eps difference (epsilon); (alpha/sigma^2) x v difference = eps diff / sigma^2 (v)
+        norm = torch.tensor([v for e in ext["anisotropy"] for v in e["norm"]], dtype=torch.float64)
+        scale = 1 / sigma ** 2 if pred == "v_prediction" else 1
+        torch.testing.assert_close(norm, d_eps.flatten(1).norm(dim=1) * scale, rtol=1e-5, atol=0)
+
+
+def test_pairwise_tiled_l2_rejects_indivisible_tiles_and_is_symmetric():
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    d = pairwise_tiled_l2(x, 4)
+    assert torch.equal(d, d.T) and torch.equal(d.diagonal(), torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        pairwise_tiled_l2(x, 3)
+
+
+def _script_run(model_dir, data, out, *extra):
+    return _run(detect_mem, ["--model_id", model_dir, "--data_path", str(data), "--out_dir", str(out),
+                             "--device", "cpu", *extra])
+
+
+def test_script_outputs_resume_and_table(tiny_eps_dir, tmp_path, capsys):
+    (tmp_path / "t_mem.txt").write_text("\n".join(PROMPTS + ["a red square"]))
+    (tmp_path / "t_nmem.txt").write_text("\n".join(["an oil painting", "a blue circle", "the number 3"]))
+    out = tmp_path / "out"
+    args = ["--gen_num", "2", "--metrics", "sharpness,wen,anisotropy,tiled_l2", "--wen_steps", "5", "--tile_px", "4"]
+    for name in ("t_mem", "t_nmem"):
+        assert _script_run(tiny_eps_dir, tmp_path / f"{name}.txt", out, *args) == 0
+    for m, cols in (("", 1), ("_wen", 5), ("_anisotropy", 1), ("_tiled_l2", 1)):
+        t = torch.load(out / f"t_mem{m}_gen2.pt", weights_only=True)
+        assert t.shape == (3, cols) and t.dtype == torch.float32
+        side = json.loads((out / f"t_mem{m}_gen2.json").read_text())
+        assert side["metric"]["name"] == (m[1:] or "sharpness") and side["versions"]["torch"] == torch.__version__
+    assert len(os.listdir(out / "t_mem_gen2_images")) == 6
+    # the sharpness file is the one --metrics sharpness alone writes (shared calls change no number)
+    assert _script_run(tiny_eps_dir, tmp_path / "t_mem.txt", tmp_path / "alone", "--gen_num", "2") == 0
+    assert torch.equal(torch.load(out / "t_mem_gen2.pt", weights_only=True),
+                       torch.load(tmp_path / "alone" / "t_mem_gen2.pt", weights_only=True))
+    # a finished run resumes to the same files; another setting in the same folder is refused
+    before = (out / "t_mem_wen_gen2.pt").read_bytes()
+    assert _script_run(tiny_eps_dir, tmp_path / "t_mem.txt", out, *args) == 0
+    assert (out / "t_mem_wen_gen2.pt").read_bytes() == before
+    capsys.readouterr()
+    assert _script_run(tiny_eps_dir, tmp_path / "t_mem.txt", out, *args[:-1], "2") == 2
+    assert "different settings" in capsys.readouterr().err
+    assert _run(detect_eval, ["--table", str(out)]) == 0
+    md = (out / "t_mem_vs_t_nmem.table.md").read_text()
+    rows = json.loads((out / "t_mem_vs_t_nmem.table.json").read_text())["rows"]
+    assert {(r["metric"], r["steps"]) for r in rows} == {("sharpness", 1), ("wen", 1), ("wen", 5),
+                                                           ("anisotropy", 1), ("tiled_l2", 50)}
+    assert "| tiled_l2 | 2 | 50 |" in md and os.path.getsize(out / "t_mem_vs_t_nmem.table.roc.png") > 1000
+    wen1 = next(r for r in rows if r["metric"] == "wen" and r["steps"] == 1)
+    assert wen1["cost"]["unet_forwards"] == 1 and wen1["cost"]["ratio"] == pytest.approx(1.0, rel=0.5)
+
+
+def test_table_numbers_direction_and_mismatch(tmp_path):
+    """Hand-made results: known AUCs, tiled_l2's lower-is-memorized direction, and a settings mismatch."""
+    def save(stem, metric, vals, settings, identity=None):
+        name = f"{stem}_gen4" if metric == "sharpness" else f"{stem}_{metric}_gen4"
+        torch.save(torch.tensor(vals, dtype=torch.float32), tmp_path / f"{name}.pt")
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(
+            metric=dict(name=metric, stem=stem, gen_num=4, settings=settings,
+                        direction="lower" if metric == "tiled_l2" else "higher"),
+            values=vals, identity=identity or dict(model_id="m", gen_seed=1))))
+    save("a_mem", "sharpness", [[3.0], [4.0], [1.0]], {"s": 1})
+    save("a_nmem", "sharpness", [[2.0], [0.5]], {"s": 1})
+    save("a_mem", "tiled_l2", [[0.1], [0.2], [0.9]], {"t": 1})   # small distance = memorized
+    save("a_nmem", "tiled_l2", [[0.5], [0.3]], {"t": 1})
+    assert _run(detect_eval, ["--table", str(tmp_path)]) == 0
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "a_mem_vs_a_nmem.table.json").read_text())["rows"]}
+    # sharpness 3, 4, 1 vs 2, 0.5: 5 of 6 pairs ordered; tiled_l2 (negated) -0.1, -0.2, -0.9 vs -0.5, -0.3: 4 of 6
+    assert rows["sharpness"]["auc"] == pytest.approx(5 / 6) and rows["tiled_l2"]["auc"] == pytest.approx(4 / 6)
+    save("a_nmem", "tiled_l2", [[0.5], [0.3]], {"t": 2})
+    assert _run(detect_eval, ["--table", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--metrics", "sharpness,nope"], "expected comma-separated metrics"),
+    (["--metrics", "tiled_l2", "--gen_num", "1"], "needs --gen_num of at least 2"),
+    (["--metrics", "wen", "--wen_steps", "51"], "exceeds the 50 sampling steps"),
+    (["--hvp_sampling_num", "51"], "exceeds the 50 sampling steps"),
+    (["--metrics", "tiled_l2", "--gen_num", "2", "--tile_px", "5"], "does not divide"),
+    (["--metrics", "anisotropy", "--aniso_weights", "1"], "two finite numbers"),
+])
+def test_bad_harness_input_exits_2(argv, msg, tiny_eps_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a prompt")
+    assert _script_run(tiny_eps_dir, tmp_path / "p.txt", tmp_path / "o", *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0]

@@ -1,0 +1,249 @@
+"""The detection harness: the field's memorization detectors computed in one pass over shared UNet calls.
+
+Every metric sees the same prompts, the same initial noise, the same DDIM schedule and the same UNet calls:
+the step-i forward on [x; x] with [uncond; cond] embeddings serves the sharpness metric at step i, Wen et al.'s
+metric at step i and (at step 1) the anisotropy norm term; one classifier-free-guided DDIM trajectory serves
+Wen et al. at all steps and the images of the tiled l2 distance. Shapes: K prompts x n generations.
+
+Metrics (higher = memorized unless `DIRECTION` says lower):
+- sharpness  ||H_delta s_delta|| (Jeon et al., 2025) at each of the first hvp_sampling_num steps;
+- wen        ||out(x_t, c) - out(x_t, empty)|| per generation at each of the first wen_steps steps (Wen et al.,
+             2024; their code takes the raw model output, which is eps for SD v1.4 and v for SD v2.0);
+- anisotropy g1 * ||D_1|| + g2 * cos_low (Asthana & Belagiannis, 2026): D_1 the cond-minus-uncond output at the
+             first timestep, cos_low the per-pixel cosine (over latent channels) between the unconditional output
+             and the guidance direction at a low-noise timestep, evaluated on the same initial noise x_T, averaged
+             over pixels;
+- tiled_l2   pairwise distance between the n generated images (Carlini et al., 2023, as the sharpness paper uses
+             it): the largest RMS pixel difference over co-located tile_px x tile_px tiles, aggregated over the
+             n(n-1)/2 pairs; lower = memorized (generations that all look alike).
+"""
+import contextlib
+import dataclasses
+import itertools
+import time
+
+import torch
+
+from .detection import cfg_embeddings
+from .scores import flat_norm, score_difference
+
+METRICS = ("sharpness", "wen", "anisotropy", "tiled_l2")
+DIRECTION = {"tiled_l2": "lower"}  # all others: higher = memorized
+ANISO_MODES = ("x,c|x", "x,x|c", "x|c,c|x")
+SPACES = ("output", "eps")
+ANISO_SPACES = ("output", "score")
+TILED_AGGS = ("mean", "min")
+# Weights (norm, cosine) of the anisotropy score per model, from the authors' evaluation script.
+ANISO_WEIGHTS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectSettings:
+    """Settings of one detection pass; every metric's options (only the requested metrics' options matter)."""
+    num_inference_steps: int = 50     # DDIM steps of the sampling schedule (the paper's 50)
+    guidance_scale: float = 7.5       # CFG scale of the trajectory between measured steps
+    hvp_sampling_num: int = 1         # sharpness: first S steps measured
+    wen_steps: int = 50               # wen: first S steps measured (Table 1 averages the first 1, 5 or 50)
+    wen_space: str = "output"         # output: raw model output (Wen's code); eps: noise prediction
+    aniso_mode: str = "x,c|x"         # which pair the cosine compares (the authors' default: uncond vs guidance)
+    aniso_space: str = "output"       # output: the authors' code; score: ||s_delta|| and cosine of eps (paper text)
+    aniso_low_index: int = -3         # schedule index of the low-noise timestep (code: timesteps[-3], t = 41)
+    aniso_weights: tuple = (1.0, 2.0)  # (norm, cosine) weights
+    tile_px: int = 128                # tile side of the tiled l2 distance, in pixels
+    tiled_agg: str = "mean"           # aggregate over pairs: mean (default) or min
+
+    def __post_init__(self):
+        n = self.num_inference_steps
+        problems = []
+        for k in ("num_inference_steps", "hvp_sampling_num", "wen_steps", "tile_px"):
+            if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0):
+                problems.append(f"{k} must be a positive integer")
+        for k in ("hvp_sampling_num", "wen_steps"):
+            if isinstance(getattr(self, k), int) and getattr(self, k) > n:
+                problems.append(f"{k} ({getattr(self, k)}) exceeds the {n} sampling steps")
+        if not -n <= self.aniso_low_index < n:
+            problems.append(f"the anisotropy low-noise index {self.aniso_low_index} is outside the {n}-step schedule")
+        for k, allowed in (("wen_space", SPACES), ("aniso_mode", ANISO_MODES), ("aniso_space", ANISO_SPACES),
+                           ("tiled_agg", TILED_AGGS)):
+            if getattr(self, k) not in allowed:
+                problems.append(f"{k} must be one of {allowed}")
+        if len(self.aniso_weights) != 2:
+            problems.append("aniso_weights needs two numbers")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def steps(self, metric):
+        """Columns the metric's result has: measured steps, or 1 for a single-number metric."""
+        return {"sharpness": self.hvp_sampling_num, "wen": self.wen_steps}.get(metric, 1)
+
+    def trajectory(self, metric):
+        """Sampling steps (UNet forwards along the trajectory) the metric needs."""
+        return {"sharpness": self.hvp_sampling_num, "wen": self.wen_steps, "anisotropy": 1,
+                "tiled_l2": self.num_inference_steps}[metric]
+
+    def for_metric(self, metric):
+        """The settings that change the metric's numbers (its identity for resuming)."""
+        own = {"sharpness": ("hvp_sampling_num",), "wen": ("wen_steps", "wen_space"),
+               "anisotropy": ("aniso_mode", "aniso_space", "aniso_low_index", "aniso_weights"),
+               "tiled_l2": ("tile_px", "tiled_agg")}[metric]
+        common = ("num_inference_steps", "guidance_scale")
+        out = {k: getattr(self, k) for k in common + own}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+class CostMeter:
+    """Counts, seconds and peak memory of the pass's units of work, each tagged with the metrics that use it.
+
+    A unit used by several metrics is counted once in the totals and in full in each of its metrics (so the
+    per-metric numbers are what each metric costs alone, and they do not add up to the total).
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.units = []  # (kind, metrics, seconds, peak bytes or None, sampling step or None)
+
+    @contextlib.contextmanager
+    def unit(self, kind, metrics, step=None):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        self.units.append((kind, tuple(metrics), time.perf_counter() - t0, peak, step))
+
+    def summary(self, metrics):
+        """{metric: {unet_forwards, jvps, vae_decodes, seconds, peak_bytes, shared_with, step_seconds}, total: {...}};
+        step_seconds[i]: the seconds of the metric's units at sampling step i (what its first k steps cost)."""
+        def tally(units):
+            out = {"unet_forwards": 0, "jvps": 0, "vae_decodes": 0, "seconds": 0.0, "peak_bytes": None}
+            for kind, _, secs, peak, _ in units:
+                out[kind] += 1
+                out["seconds"] += secs
+                if peak is not None:
+                    out["peak_bytes"] = max(out["peak_bytes"] or 0, peak)
+            return out
+        res = {}
+        for m in metrics:
+            mine = [u for u in self.units if m in u[1]]
+            steps = [u[4] for u in mine if u[4] is not None]
+            per_step = [0.0] * (max(steps) + 1 if steps else 0)
+            for u in mine:
+                if u[4] is not None:
+                    per_step[u[4]] += u[2]
+            res[m] = dict(tally(mine), shared_with=sorted({o for u in mine for o in u[1] if o != m}),
+                          step_seconds=per_step)
+        res["total"] = tally(self.units)
+        return res
+
+
+def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=None):
+    """Compute the requested metrics for K prompts x n generations in one pass.
+
+    model: utils.scores.ScoreModel; cond (K, L, D), uncond (1, L, D); latents (n, C, H, W), the initial noise
+    shared by every prompt; decode: latents (B, C, H, W) -> list of B PIL images (needed for tiled_l2, see
+    utils.models.decode_latents). Returns (values, extras, images, meter): values[m] a float32 tensor
+    (K, n, settings.steps(m)) of per-generation values (tiled_l2: (K, 1, 1), the aggregate over pairs);
+    extras[m] per-prompt details (anisotropy: per-generation norm and cosine terms; tiled_l2: the pairwise
+    distance matrix); images: K lists of n PIL images when the trajectory ran to the end, else None.
+    """
+    st = settings
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {METRICS}")
+    k, n = cond.shape[0], latents.shape[0]
+    if "tiled_l2" in metrics and (n < 2 or decode is None):
+        raise ValueError("tiled_l2 compares generations: it needs n >= 2 and a decoder")
+    timesteps = model.timesteps(st.num_inference_steps, device=latents.device)
+    embeds = cfg_embeddings(cond, uncond, n)
+    x = latents.repeat(k, 1, 1, 1)
+    need = max(st.trajectory(m) for m in metrics)
+    complete = need == st.num_inference_steps and "tiled_l2" in metrics  # images need the whole trajectory
+    vals = {m: torch.empty(k if m == "tiled_l2" else k * n, st.steps(m)) for m in metrics}
+    extras = {m: [None] * k for m in metrics}
+    meter = CostMeter(latents.device)
+    for i, t in enumerate(timesteps[:need]):
+        xin = model.scale_input(x, t)
+        xx = torch.cat([xin, xin])
+        users = [m for m in metrics if i < st.trajectory(m)]
+        with torch.no_grad(), meter.unit("unet_forwards", users, i):
+            out = model.output(xx, t, embeds)
+        if "sharpness" in metrics and i < st.hvp_sampling_num:
+            s_delta = model.score_delta(out, xx, t)
+            with meter.unit("jvps", ["sharpness"], i):
+                h = model.hvp_delta(xin, t, embeds, s_delta)
+            vals["sharpness"][:, i] = flat_norm(h).cpu()
+        if "wen" in metrics and i < st.wen_steps:
+            diff = out if st.wen_space == "output" else model.eps(out, xx, t)
+            vals["wen"][:, i] = flat_norm(score_difference(diff)).cpu()
+        if "anisotropy" in metrics and i == 0:
+            with torch.no_grad():
+                norm, cos = _anisotropy(model, out, xx, t, timesteps[st.aniso_low_index], x, embeds, st, meter)
+            vals["anisotropy"][:, 0] = (st.aniso_weights[0] * norm + st.aniso_weights[1] * cos).cpu()
+            for j in range(k):
+                extras["anisotropy"][j] = dict(norm=norm[j * n:(j + 1) * n].tolist(),
+                                               cosine=cos[j * n:(j + 1) * n].tolist())
+        if i + 1 < need or complete:
+            with torch.no_grad():
+                x = model.guided_step(out, t, x, st.guidance_scale)
+    images = None
+    if complete:
+        with torch.no_grad(), meter.unit("vae_decodes", ["tiled_l2"]):
+            flat = decode(x)
+        images = [flat[j * n:(j + 1) * n] for j in range(k)]
+        for j, ims in enumerate(images):
+            d = pairwise_tiled_l2(images_to_tensor(ims), st.tile_px)
+            pairs = d[torch.triu_indices(n, n, 1).unbind()]
+            vals["tiled_l2"][j, 0] = float(pairs.mean() if st.tiled_agg == "mean" else pairs.min())
+            extras["tiled_l2"][j] = dict(pairwise=d.tolist())
+    return {m: v.view(k, -1, v.shape[1]) for m, v in vals.items()}, extras, images, meter
+
+
+def _anisotropy(model, out, xx, t, t_low, x, embeds, st, meter):
+    """Norm term at the first timestep (from the shared forward) and cosine term at t_low on the same x_T (one
+    more pair forward). Returns two float32 tensors (B,)."""
+    if st.aniso_space == "score":
+        norm = flat_norm(model.score_delta(out, xx, t))
+    elif model.prediction_type == "v_prediction":
+        # the authors' v branch: the difference of (alpha v - x) / sigma^2, i.e. alpha/sigma^2 times the v difference
+        a, s = model.alpha_sigma(t)
+        norm = flat_norm(score_difference((a * out - xx) / s ** 2))
+    else:
+        norm = flat_norm(score_difference(out))
+    xl = model.scale_input(x, t_low)
+    xxl = torch.cat([xl, xl])
+    with meter.unit("unet_forwards", ["anisotropy"]):
+        low = model.output(xxl, t_low, embeds)
+    if st.aniso_space == "score":
+        low = model.eps(low, xxl, t_low)  # the cosine of scores equals that of eps (same -1/sigma on both)
+    u, c = low.float().chunk(2)
+    a_vec, b_vec = {"x,c|x": (u, c - u), "x,x|c": (c, u), "x|c,c|x": (c, c - u)}[st.aniso_mode]
+    cos = torch.nn.functional.cosine_similarity(a_vec, b_vec, dim=1)  # over channels, per pixel: (B, H, W)
+    return norm, cos.flatten(1).mean(dim=1)
+
+
+def images_to_tensor(images):
+    """PIL images -> float64 tensor (N, 3, H, W) in [0, 1] (the 8-bit images as saved)."""
+    import numpy as np
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0).permute(2, 0, 1)
+                        for im in images])
+
+
+def pairwise_tiled_l2(images, tile_px):
+    """Tiled l2 distances between all pairs of images (N, C, H, W): (N, N), zero diagonal.
+
+    d(a, b) = max over the non-overlapping tile_px x tile_px tiles of sqrt(mean((a - b)^2)) over the tile's
+    pixels and channels (Carlini et al.'s tiled distance; images in [0, 1]). H and W must be multiples of tile_px.
+    """
+    n, c, h, w = images.shape
+    if h % tile_px or w % tile_px:
+        raise ValueError(f"the tile size {tile_px} px does not divide the image size {h}x{w}")
+    tiles = images.reshape(n, c, h // tile_px, tile_px, w // tile_px, tile_px)
+    d = torch.zeros(n, n, dtype=images.dtype)
+    for i, j in itertools.combinations(range(n), 2):
+        rms = (tiles[i] - tiles[j]).pow(2).mean(dim=(0, 2, 4)).sqrt()
+        d[i, j] = d[j, i] = rms.max()
+    return d
