@@ -1,12 +1,16 @@
-"""SAIL mitigation: search smooth initial noise for each prompt, then sample normally and save the images.
+"""Mitigation: sample each prompt with a mitigation method (SAIL, Wen et al., RNA/RTA, CFG delay, or none) and save.
 
-    python mitigate_mem.py --sd_ver 1 --data_path prompts/sample_mitigation.txt --gen_num 4
-    python mitigate_mem.py --sd_ver 1 --data_path prompts/sample_mitigation.txt --no_mitigation   # "before"
+    python mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 5                  # SAIL
+    python mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 5 --method none    # "before"
+    python mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 5 --method wen --grid
+    python mitigate_mem.py ... --method sail --flagged_by det_outputs/x_gen4.pt --flag_fpr 0.01 \
+        --flag_nmem det_outputs/y_gen4.pt                                                       # detect, then mitigate
 
-Images go to OUT_DIR/<model>/<prompt_type>/ (with --no_mitigation: <prompt_type>_nomiti/), named
-<index>_<cleaned prompt>_<k>.png; <model> is sd1, sd2 or sddemo as in the reference (with --model_id: the model's
-name). manifest.jsonl there records each finished prompt (flushed at once, so a re-run resumes), run.json the
-arguments and library versions.
+Every method samples with the same DDIM schedule, guidance and UNet calls, from the seeded initial noise of plain
+sampling unless it changes the noise (SAIL). Images go to OUT_DIR/<model>/<folder>/: SAIL <prompt_type>/, none
+<prompt_type>_nomiti/, others <prompt_type>_<method>/; with --grid <prompt_type>_<method>_<setting>/; gated runs
+end in _gated. Each folder holds <index>_<cleaned prompt>_<k>.png, manifest.jsonl (header: the run's settings; one
+record per finished prompt, flushed at once, so a re-run resumes) and run.json (arguments, versions).
 """
 import os
 import time
@@ -14,15 +18,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, add_model_arguments, finite_float, guarded, nonneg_float, \
-    positive_float, positive_int, quiet_library_warnings, seed_int, warn
+from utils import mitigation as MI
+from utils.cli import ArgumentParser, UserError, add_model_arguments, finite_float, guarded, nonneg_float, \
+    nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn
+from utils.detection import initial_latents
 from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, safe_filename, sha256_file, write_sidecar
-from utils.models import encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, resolve_model_id
+from utils.models import decode_latents, encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, \
+    resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
-from utils.sail import FORMS, SailSettings, sail_latents
+from utils.sail import FORMS, SailSettings
 from utils.scores import ScoreModel
 
-NUM_INFERENCE_STEPS = 50  # DDIM steps, for the search's timestep and for generation (as the reference)
+NUM_INFERENCE_STEPS = 50  # DDIM steps, for every method (as the reference)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling
 
 
@@ -30,97 +37,188 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(p)
     p.add_argument("--data_path", default="prompts/sample_mitigation.txt")
-    p.add_argument("--prompt_type", default="mem", help="sub-folder name for the images (e.g. mem, nmem)")
-    p.add_argument("--gen_num", type=positive_int, default=4, help="images per prompt")
-    p.add_argument("--gen_seed", type=seed_int, default=42, help="first torch seed of the search / of plain sampling")
-    # Hyperparameters of Algorithm 2 (paper, Appendix D)
-    p.add_argument("--miti_thres", type=finite_float, default=8.2, help="l_thres; SD1 grid 7.6-9, SD2 grid 4-6")
-    p.add_argument("--miti_lr", type=positive_float, default=0.05, help="Adam learning rate on the latents")
-    p.add_argument("--miti_budget", type=positive_int, default=8, help="candidates optimized together")
-    p.add_argument("--miti_max_steps", type=positive_int, default=10, help="Adam steps per round")
-    p.add_argument("--miti_max_rounds", type=positive_int, default=100, help="rounds before giving up on a prompt")
-    p.add_argument("--miti_alpha", type=nonneg_float, default=None,
+    p.add_argument("--prompt_type", default="mem", help="first part of the output folder name (e.g. mem, nmem)")
+    p.add_argument("--method", default="sail", choices=list(MI.METHODS))
+    p.add_argument("--no_mitigation", action="store_true", help="same as --method none")
+    p.add_argument("--grid", nargs="?", const="paper", default=None, metavar="V1,V2,...",
+                   help="one run per setting: the paper's five (no value) or these values of the method's main "
+                        "hyperparameter (sail: thres, wen: l_target, rna/rta: count, cfg_delay: transition or "
+                        "'dynamic')")
+    p.add_argument("--gen_num", type=positive_int, default=4, help="images per prompt (the paper: 5)")
+    p.add_argument("--gen_seed", type=seed_int, default=42, help="seed of the initial noise, SAIL's search, RNA/RTA")
+    g = p.add_argument_group("SAIL (paper, Algorithm 2 and Appendix D)")
+    g.add_argument("--miti_thres", type=finite_float, default=8.2, help="l_thres; SD1 grid 7.6-9, SD2 grid 4-6")
+    g.add_argument("--miti_lr", type=positive_float, default=0.05, help="Adam learning rate on the latents")
+    g.add_argument("--miti_budget", type=positive_int, default=8, help="candidates optimized together")
+    g.add_argument("--miti_max_steps", type=positive_int, default=10, help="Adam steps per round")
+    g.add_argument("--miti_max_rounds", type=positive_int, default=100, help="rounds before giving up on a prompt")
+    g.add_argument("--miti_alpha", type=nonneg_float, default=None,
                    help="weight of ||x_T|| in the loss (default 0.05 for epsilon, 0.01 for v-prediction models)")
-    p.add_argument("--miti_form", default="reference", choices=FORMS,
+    g.add_argument("--miti_form", default="reference", choices=FORMS,
                    help="reference: the paper's code (default); clean: Algorithm 2 as written (see README)")
-    p.add_argument("--no_mitigation", action="store_true", help="plain sampling from the seeded noise")
-    p.add_argument("--save_latents", action="store_true",
-                   help="also save each prompt's searched initial latents as latents/<index>.pt (float32)")
+    g = p.add_argument_group("wen (Wen et al., ICLR 2024: their inference_mem.py)")
+    g.add_argument("--wen_target_loss", type=finite_float, default=3.0, help="l_target (their README: 3)")
+    g.add_argument("--wen_lr", type=positive_float, default=0.05)
+    g.add_argument("--wen_max_iters", type=nonneg_int, default=10)
+    g.add_argument("--wen_optimizer", default="adamw", choices=["adamw", "adam"],
+                   help="adamw (weight decay --wen_weight_decay): their code; adam: the paper's description")
+    g.add_argument("--wen_weight_decay", type=nonneg_float, default=0.01)
+    g.add_argument("--wen_space", default="output", choices=["output", "eps"],
+                   help="output: raw model output difference, v on SD v2.0 (their code); eps: noise prediction")
+    g.add_argument("--wen_loss", default="joint", choices=["joint", "mean"],
+                   help="joint: one norm over all n images (their code; l_target depends on n); mean: per image")
+    g = p.add_argument_group("rna / rta (Somepalli et al., as in Wen et al.'s code)")
+    g.add_argument("--aug_count", type=nonneg_int, default=4, help="numbers / tokens inserted (grid 1,2,4,6,8)")
+    g.add_argument("--aug_per_image", action="store_true",
+                   help="a new draw for each image (their code: one augmented prompt for all n images)")
+    g.add_argument("--rta_vocab", type=positive_int, default=49400, help="token ids drawn from [0, this)")
+    g = p.add_argument_group("cfg_delay (Jain et al., CVPR 2025)")
+    g.add_argument("--cfg_rule", default="static", choices=MI.CFG_RULES)
+    g.add_argument("--cfg_transition", type=finite_float, default=500.0,
+                   help="static: timestep value; steps with t > it use --cfg_w_pre (their code; not a step index)")
+    g.add_argument("--cfg_w_pre", type=finite_float, default=None,
+                   help="guidance before the transition (default: 0 static, 1 dynamic; negative: opposite guidance)")
+    g.add_argument("--cfg_w_post", type=finite_float, default=GUIDANCE_SCALE)
+    g = p.add_argument_group("gating: mitigate only the prompts a detector flags; the rest are sampled normally")
+    g.add_argument("--flagged_by", default=None, metavar="DET.pt", help="detect_mem.py result on --data_path")
+    g.add_argument("--flag_threshold", type=finite_float, default=None, help="flag prompts scoring above this")
+    g.add_argument("--flag_fpr", type=finite_float, default=None, help="or: the threshold at this FPR on --flag_nmem")
+    g.add_argument("--flag_nmem", default=None, metavar="NMEM.pt", help="detect_mem.py result on non-memorized prompts")
+    p.add_argument("--save_latents", action="store_true", help="also save each prompt's initial latents (float32)")
     p.add_argument("--out_dir", default="miti_outputs")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.no_mitigation:
+        a.method = "none"
+    gate_flags = (a.flag_threshold is not None, a.flag_fpr is not None)
+    if a.flagged_by and gate_flags.count(True) != 1:
+        p.error("--flagged_by needs exactly one of --flag_threshold and --flag_fpr (with --flag_nmem)")
+    if not a.flagged_by and (any(gate_flags) or a.flag_nmem):
+        p.error("--flag_threshold / --flag_fpr / --flag_nmem need --flagged_by")
+    if a.flag_fpr is not None and not a.flag_nmem:
+        p.error("--flag_fpr needs --flag_nmem (detection scores of non-memorized prompts)")
+    if a.method == "none" and (a.grid or a.flagged_by):
+        p.error("--method none has nothing to grid over or to gate")
+    return a
 
 
-def generate(pipe, prompt, latents, gen_num, seed):
-    """Ordinary 50-step DDIM sampling with CFG; from `latents` if given, else from the noise seeded by `seed`."""
-    if latents is None:
-        torch.manual_seed(seed)  # the pipeline draws its noise from the global generator, as the reference
-    return pipe(prompt, num_images_per_prompt=gen_num, latents=latents, num_inference_steps=NUM_INFERENCE_STEPS,
-                guidance_scale=GUIDANCE_SCALE).images
+def method_settings(a):
+    """The chosen method's settings from the flags (a ValueError names an invalid value)."""
+    return {"none": lambda: MI.NoSettings(),
+            "sail": lambda: SailSettings(gen_num=a.gen_num, seed=a.gen_seed, thres=a.miti_thres, lr=a.miti_lr,
+                                         budget=a.miti_budget, max_steps=a.miti_max_steps,
+                                         max_rounds=a.miti_max_rounds, alpha=a.miti_alpha, form=a.miti_form,
+                                         num_inference_steps=NUM_INFERENCE_STEPS),
+            "wen": lambda: MI.WenSettings(target_loss=a.wen_target_loss, lr=a.wen_lr, max_iters=a.wen_max_iters,
+                                          optimizer=a.wen_optimizer, weight_decay=a.wen_weight_decay,
+                                          space=a.wen_space, loss=a.wen_loss),
+            "rna": lambda: MI.AugmentSettings(count=a.aug_count, per_image=a.aug_per_image, vocab=a.rta_vocab),
+            "rta": lambda: MI.AugmentSettings(count=a.aug_count, per_image=a.aug_per_image, vocab=a.rta_vocab),
+            "cfg_delay": lambda: MI.CfgDelaySettings(rule=a.cfg_rule, transition=a.cfg_transition,
+                                                     w_pre=a.cfg_w_pre, w_post=a.cfg_w_post)}[a.method]()
+
+
+def gate(a, prompts):
+    """(flags per prompt, scores, manifest description) of --flagged_by, or (None, None, None) without gating."""
+    if not a.flagged_by:
+        return None, None, None
+    scores, det_prompts, meta = MI.read_detection(a.flagged_by)
+    MI.check_same_prompts(det_prompts, prompts, a.flagged_by)
+    info = dict(detection=os.path.abspath(a.flagged_by), detection_sha256=sha256_file(a.flagged_by),
+                metric=(meta.get("metric") or {}).get("name", "sharpness"), threshold=a.flag_threshold)
+    if a.flag_fpr is not None:
+        nmem, _, nmeta = MI.read_detection(a.flag_nmem)
+        for key in ("model_id",):
+            if nmeta.get(key) != meta.get(key):
+                raise UserError(f"--flag_nmem {a.flag_nmem} comes from another {key} ({nmeta.get(key)!r}) than "
+                                f"--flagged_by ({meta.get(key)!r})")
+        if (nmeta.get("metric") or {}).get("name", "sharpness") != info["metric"]:
+            raise UserError(f"--flag_nmem {a.flag_nmem} holds another detection metric than --flagged_by")
+        info.update(threshold=MI.calibrated_threshold(nmem, a.flag_fpr), fpr=a.flag_fpr,
+                    nmem=os.path.abspath(a.flag_nmem), nmem_sha256=sha256_file(a.flag_nmem))
+    flags = MI.flag_prompts(scores, info["threshold"])
+    info["flagged"] = [i for i, f in enumerate(flags) if f]
+    return flags, scores, info
+
+
+def folder_name(prompt_type, method, label, gridded, gated):
+    """Output folder of one run (SAIL and none keep the reference's names)."""
+    name = {"none": prompt_type + "_nomiti", "sail": prompt_type}.get(method, f"{prompt_type}_{method}")
+    if gridded:
+        name = f"{prompt_type}_{method}_{MI.folder_tag(label)}"
+    return name + ("_gated" if gated else "")
 
 
 @guarded
 def main(argv=None):
-    args = parse_args(argv)
+    a = parse_args(argv)
     quiet_library_warnings()
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model_id = resolve_model_id(args.sd_ver, args.model_id)
-    label = model_label(args.sd_ver, args.model_id)
-    prompts = read_prompts(args.data_path, args.prompt_mirror)
-    settings = None if args.no_mitigation else SailSettings(
-        gen_num=args.gen_num, seed=args.gen_seed, thres=args.miti_thres, lr=args.miti_lr, budget=args.miti_budget,
-        max_steps=args.miti_max_steps, max_rounds=args.miti_max_rounds, alpha=args.miti_alpha, form=args.miti_form,
-        num_inference_steps=NUM_INFERENCE_STEPS)
-    folder = os.path.join(args.out_dir, label, args.prompt_type + ("_nomiti" if args.no_mitigation else ""))
-    identity = dict(model=label, model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
-                    gen_seed=args.gen_seed, no_mitigation=args.no_mitigation, dtype=str(dtype), device=device.type)
-    if settings is not None:
-        identity["sail"] = settings.to_dict()
-    log = ProgressLog(os.path.join(folder, "manifest.jsonl"), identity)
-    todo = [i for i in range(len(prompts)) if i not in log.done]
-    if log.done:
-        print(f"resuming: {len(log.done)} of {len(prompts)} prompts already done")
-    pipe = load_pipeline(model_id, device, dtype)
-    model = ScoreModel(pipe.unet, pipe.scheduler)
-    write_sidecar(os.path.join(folder, "run.json"), vars(args), model_id=model_id, model=label,
-                  prediction_type=model.prediction_type, identity=identity)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    model_id = resolve_model_id(a.sd_ver, a.model_id)
+    label = model_label(a.sd_ver, a.model_id)
+    prompts = read_prompts(a.data_path, a.prompt_mirror)
+    try:
+        base = method_settings(a)
+        grid = None if a.grid is None else None if a.grid == "paper" else [v for v in a.grid.split(",") if v.strip()]
+        if a.grid is not None and grid == []:
+            raise ValueError("--grid got no value")
+        pipe = load_pipeline(model_id, device, dtype)
+        model = ScoreModel(pipe.unet, pipe.scheduler)
+        runs = [base] if a.grid is None else MI.grid_settings(a.method, base, grid, label, model.prediction_type)
+    except ValueError as e:
+        raise UserError(f"{a.method}: {e}") from None
+    flags, scores, gate_info = gate(a, prompts)  # every check before anything is written
+    common = dict(model=label, model_id=model_id, data_sha256=sha256_file(a.data_path), gen_num=a.gen_num,
+                  gen_seed=a.gen_seed, dtype=str(dtype), device=device.type, method=a.method,
+                  num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE)
+    jobs = []
+    for st in runs:
+        setting = MI.setting_label(a.method, st.to_dict())
+        folder = os.path.join(a.out_dir, label, folder_name(a.prompt_type, a.method, setting, a.grid is not None,
+                                                            gate_info is not None))
+        identity = dict(common, settings=st.to_dict(), setting=setting, **({"gate": gate_info} if gate_info else {}))
+        jobs.append((st, setting, folder, identity, ProgressLog(os.path.join(folder, "manifest.jsonl"), identity)))
     long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
     if long_ones:
         warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated")
-    latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    uncond = encode_prompts(pipe, "", device)
+    ctx = MI.Context(model=model, encode=lambda ps: encode_prompts(pipe, ps, device),
+                     uncond=encode_prompts(pipe, "", device), noise=initial_latents(pipe, a.gen_num, a.gen_seed),
+                     seed=a.gen_seed, tokenizer=pipe.tokenizer, num_inference_steps=NUM_INFERENCE_STEPS,
+                     guidance_scale=GUIDANCE_SCALE)
+    for st, setting, folder, identity, log in jobs:
+        write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
+                      prediction_type=model.prediction_type, identity=identity)
+        run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores)
 
-    failed = 0
-    for i in tqdm(todo, desc="SAIL" if settings else "sample", unit="prompt", disable=not todo):
-        prompt = prompts[i]
-        rec = dict(index=i, prompt=prompt, seeds=[args.gen_seed], final_threshold=None, rounds=0, opt_steps=0,
-                   accepted_losses=[], reached_threshold=None, search_seconds=0.0)
-        latents = None
-        if settings is not None:
-            latents, info = sail_latents(model, encode_prompts(pipe, prompt, device), uncond, latent_shape, settings,
-                                         dtype=dtype, device=device)
-            rec.update(seeds=info["seeds"], final_threshold=info["final_threshold"], rounds=info["rounds"],
-                       opt_steps=info["opt_steps"], unet_calls=info["unet_calls"],
-                       accepted_losses=[a["loss"] for a in info["accepted"]], accepted=info["accepted"],
-                       filled_losses=info["filled_losses"], reached_threshold=info["reached_threshold"],
-                       search_seconds=info["search_seconds"])
-            if not info["reached_threshold"]:
-                failed += 1
-                warn(f"prompt {i + 1}: only {info['n_accepted']} of {args.gen_num} latents reached the threshold "
-                     f"after {info['rounds']} rounds; the rest use the lowest-loss candidates found")
-            if args.save_latents:
-                atomic_torch_save(os.path.join(folder, "latents", f"{i:05d}.pt"), latents.detach().float().cpu())
+
+def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores):
+    """Generate every prompt of one setting not yet in its manifest; each record is flushed when done."""
+    todo = [i for i in range(len(prompts)) if i not in log.done]
+    if log.done:
+        print(f"{folder}: resuming, {len(log.done)} of {len(prompts)} prompts already done")
+    unreached = 0
+    for i in tqdm(todo, desc=f"{a.method} {setting}".strip(), unit="prompt", disable=not todo):
+        mitigate = flags is None or flags[i]
         t0 = time.time()
-        with torch.no_grad():
-            images = generate(pipe, prompt, latents, args.gen_num, args.gen_seed)
-        names = [safe_filename(i, prompt, suffix=f"_{k}.png") for k in range(len(images))]
+        plan = (MI.METHODS[a.method].plan if mitigate else MI.plan_none)(ctx, i, prompts[i], st)
+        t1 = time.time()
+        images = decode_latents(pipe, MI.run_plan(ctx, plan))
+        names = [safe_filename(i, prompts[i], suffix=f"_{k}.png") for k in range(len(images))]
         for name, img in zip(names, images):
             atomic_save_image(os.path.join(folder, name), img)
-        rec.update(images=names, generate_seconds=time.time() - t0)
+        if a.save_latents:
+            atomic_torch_save(os.path.join(folder, "latents", f"{i:05d}.pt"), plan.latents.detach().float().cpu())
+        rec = dict(index=i, prompt=prompts[i], images=names, method=a.method if mitigate else "none",
+                   mitigated=mitigate, prompts_used=plan.prompts, seeds=[a.gen_seed], search_unet_calls=0,
+                   search_backward_calls=0)
+        rec.update(plan.record, search_seconds=t1 - t0, generate_seconds=time.time() - t1)
+        if scores is not None:
+            rec["detection_score"] = float(scores[i])
+        if rec.get("reached_threshold") is False or rec.get("reached_target") is False:
+            unreached += 1
         log.add(rec)
-
     print(f"{len(prompts)} prompt(s) done in {folder}"
-          + (f"; {failed} did not reach the threshold (see manifest.jsonl)" if failed else ""))
+          + (f"; {unreached} did not reach the method's threshold / target (see manifest.jsonl)" if unreached else ""))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_end_to_end_and_no_mitigation_matches_plain_diffusers(which, tiny_eps_di
     folder = tmp_path / "out" / os.path.basename(model_dir) / "mem"
     lines = (folder / "manifest.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines[1:]]
-    assert json.loads(lines[0])["header"]["sail"]["thres"] == 100 and [r["prompt"] for r in recs] == prompts
+    assert json.loads(lines[0])["header"]["settings"]["thres"] == 100 and [r["prompt"] for r in recs] == prompts
     for r in recs:
         assert r["reached_threshold"] and r["rounds"] == 1 and r["opt_steps"] == 0 and len(r["images"]) == 2
         assert all(os.path.isfile(folder / n) and "/" not in n and '"' not in n for n in r["images"])

@@ -202,13 +202,74 @@ def load_sscd(path, device="cpu"):
     return model.eval()
 
 
+SSCD_TIMEOUT = 30  # seconds per connect/read of the SSCD download: an offline machine fails fast, never hangs
+
+
+def sscd_weights(path=None, sha256=None, url=SSCD_URL, hub_dir=None, timeout=SSCD_TIMEOUT):
+    """Path of the SSCD TorchScript file: `path` if given (offline use; checked against sha256 if given), else the
+    copy in torch hub's checkpoint cache (hub_dir or torch.hub.get_dir(), + '/checkpoints'), downloaded on first
+    use with torch.hub.download_url_to_file.
+
+    No SHA-256 of sscd_disc_large.torchscript.pt is published, so without a pinned `sha256` the cache uses trust
+    on first use: the digest observed at download is written beside the file (<file>.sha256) and every later use
+    verifies the file against it. A mismatch, a wrong pinned hash or an unreachable URL is a UserError.
+    """
+    import socket
+
+    import torch.hub
+    from .io import atomic_write_text, sha256_file
+    want = sha256.lower() if sha256 else None
+    if want is not None and not re.fullmatch(r"[0-9a-f]{64}", want):
+        raise UserError(f"a SHA-256 is 64 hexadecimal digits, got {sha256!r}")
+    if path:
+        if want is not None and os.path.isfile(path) and sha256_file(path) != want:
+            raise UserError(f"{path} does not have the pinned SHA-256 {want}")
+        return path
+    dst = os.path.join(hub_dir or torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+    record = dst + ".sha256"
+    if not os.path.isfile(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)  # torch.hub's urlopen takes no timeout of its own; restored below
+        try:
+            torch.hub.download_url_to_file(url, dst, hash_prefix=want, progress=False)
+        except RuntimeError as e:  # torch.hub's hash check
+            raise UserError(f"the download from {url} does not have the pinned SHA-256 {want} ({one_line(e)[:120]});"
+                            " nothing was kept") from None
+        except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
+            raise UserError(f"could not download the SSCD weights from {url} ({one_line(e)[:160]}); without "
+                            f"internet, download them elsewhere and give the file ({dst} or any path)") from None
+        finally:
+            socket.setdefaulttimeout(old)
+        atomic_write_text(record, sha256_file(dst) + "\n")
+        return dst
+    seen = sha256_file(dst)
+    if not os.path.isfile(record):  # placed there by hand or by another tool: trust it now, check it from now on
+        atomic_write_text(record, seen + "\n")
+    recorded = open(record, encoding="utf-8").read().strip()
+    if seen != recorded:
+        raise UserError(f"{dst} has SHA-256 {seen}, but {recorded} was recorded when it was first fetched: the file "
+                        f"changed; delete it (and {os.path.basename(record)}) to fetch it again")
+    if want is not None and seen != want:
+        raise UserError(f"{dst} does not have the pinned SHA-256 {want} (it has {seen})")
+    return dst
+
+
+def token_text(tokenizer, token_id):
+    """The text of one token id as the tokenizer decodes it alone (CLIP: '</w>' as a space, then stripped)."""
+    return tokenizer.decode([int(token_id)])
+
+
 def load_clip(model_name, pretrained, device="cpu", cache_dir=None, offline=None):
     """(model, preprocess, tokenizer) from open_clip, failing fast with a UserError instead of hanging offline.
 
     pretrained: a tag of model_name (e.g. 'laion2b_s32b_b79k') or a checkpoint file path. When the tag's weights
     are already in the Hugging Face cache they are loaded from there without any network access; otherwise,
     offline (HF_HUB_OFFLINE=1 or offline=True) is an immediate UserError, online they are downloaded.
+    model_name 'demo': the project's demo CLIP model (utils.demo_clip; pretrained: its folder, None = default).
     """
+    if model_name == "demo":
+        return _load_demo_clip(pretrained, device)
     import difflib
     try:
         import open_clip
@@ -250,6 +311,24 @@ def load_clip(model_name, pretrained, device="cpu", cache_dir=None, offline=None
         raise UserError(f"could not load CLIP {model_name} ({pretrained}): {one_line(e)[:300]}; "
                         "without internet, download the weights elsewhere and give the checkpoint file") from None
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _load_demo_clip(folder, device):
+    """The demo CLIP model (utils.demo_clip, same interface as open_clip's), imported only when asked for."""
+    try:
+        from .demo_clip import DEFAULT_DIR, load_demo_clip
+    except ImportError:
+        raise UserError("the demo CLIP model (utils/demo_clip.py) is not in this checkout") from None
+    folder = folder or DEFAULT_DIR
+    if not os.path.isdir(folder):
+        raise UserError(f"demo CLIP weights folder {folder!r} does not exist")
+    try:
+        model, preprocess, tokenizer = load_demo_clip(folder, device=device)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"could not load the demo CLIP model from {folder}: {one_line(e)[:300]}") from None
+    return model.eval(), preprocess, tokenizer
 
 
 def _cached_clip_weights(cfg, cache_dir=None):

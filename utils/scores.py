@@ -143,10 +143,26 @@ class ScoreModel:
         return score_difference(tangent)
 
     def guided_step(self, out, t, x, guidance_scale):
-        """One classifier-free-guided DDIM step (eta = 0) from latents x (B, ...) with pair outputs out (2B, ...)."""
+        """One classifier-free-guided DDIM step (eta = 0) from latents x (B, ...) with pair outputs out (2B, ...).
+
+        guidance_scale: a number, or a (B,) tensor of per-sample scales (w = 0: unconditional, 1: conditional)."""
         o_uc, o_c = out.chunk(2)
+        if torch.is_tensor(guidance_scale):
+            guidance_scale = guidance_scale.to(o_c.dtype).view(-1, *[1] * (o_c.dim() - 1))
         guided = o_uc + guidance_scale * (o_c - o_uc)
         return self.scheduler.step(guided, t, x, eta=0.0, return_dict=False)[0]
+
+    def sample(self, x, embeds, num_inference_steps, guidance):
+        """Classifier-free-guided DDIM sampling (eta = 0) from initial latents x (B, C, H, W): the denoising loop of
+        StableDiffusionPipeline (same UNet batch [x; x], same arithmetic), with a guidance scale per step.
+
+        embeds: (2B, L, D) [uncond; cond]. guidance: a number, or callable(i, t, out) -> a number or (B,) tensor for
+        step i, where out is that step's pair output (2B, ...). Returns the final latents (B, C, H, W); call it
+        under torch.no_grad()."""
+        for i, t in enumerate(self.timesteps(num_inference_steps, device=x.device)):
+            out = self.output(self.scale_input(torch.cat([x, x]), t), t, embeds)
+            x = self.guided_step(out, t, x, guidance(i, t, out) if callable(guidance) else guidance)
+        return x
 
     def sail_difference(self, out, x, t):
         """Cond-minus-uncond of pair outputs in SAIL's reference space (reference_guidance_difference)."""
