@@ -1,12 +1,15 @@
-"""Evaluate mitigation: fetch the prompts' training images, then score generated images by SSCD and CLIP.
+"""Evaluate mitigation: fetch the prompts' training images, score generated images by SSCD and CLIP, plot Figure 6.
 
     python mitigate_eval.py fetch --jsonl prompts/sd1_mem.jsonl --out training_images/sd1
-    python mitigate_eval.py score --images miti_outputs/sd1/mem --gt training_images/sd1 \
-        --sscd sscd_disc_large.torchscript.pt [--compare OTHER.json]
+    python mitigate_eval.py score --images miti_outputs/sd1/mem --gt training_images/sd1 [--compare OTHER.json]
+    python mitigate_eval.py plot miti_outputs/sd1 --similarity sscd --out figures/sd1_fig6
 
 score: per prompt, the similarity of each generated image to the prompt's training image(s) (max over them),
-averaged over its images, and the CLIP score (image vs prompt). Prompts are matched to training images by caption
-text. Writes <out>.json (summary, per-prompt rows, arguments, versions) and <out>.csv (per-prompt rows).
+averaged over its images, the CLIP score (image vs the original prompt) and the share of nearly blank images.
+Prompts are matched to training images by caption text. SSCD weights are fetched on first use into torch hub's
+cache (checked by SHA-256; --sscd PATH offline). Writes <out>.json (summary, per-prompt rows, arguments, versions)
+and <out>.csv. plot: one point per scored generation folder (method x setting): PREFIX.png and PREFIX.csv, and
+with --grid_prompts a per-prompt image grid PREFIX_grid.png.
 """
 import os
 import sys
@@ -18,8 +21,8 @@ from utils import similarity as S
 from utils.cli import ArgumentParser, UserError, finite_float, flag_hint, guarded, nonneg_float, nonneg_int, \
     positive_float, positive_int, warn
 from utils.images import MIN_SIDE
-from utils.io import atomic_write_text, write_sidecar
-from utils.models import load_clip, load_sscd, resolve_device
+from utils.io import atomic_write_bytes, atomic_write_text, write_sidecar
+from utils.models import SSCD_URL, load_clip, load_sscd, resolve_device, sscd_weights
 from utils.prompts import read_jsonl
 
 PAPER_USABLE = {"sd1_mem.jsonl": (454, 500), "sd2_mem.jsonl": (202, 219)}
@@ -46,20 +49,48 @@ def parse_args(argv=None):
     s.add_argument("--manifest", default=None, help="generation manifest (default: <images>/manifest.jsonl)")
     s.add_argument("--gt", required=True, help="training-image folder written by `fetch`")
     s.add_argument("--similarity", default="sscd", choices=["sscd", "pixel"])
-    s.add_argument("--sscd", default="sscd_disc_large.torchscript.pt", help="SSCD TorchScript file")
+    s.add_argument("--sscd", default=None, help="SSCD TorchScript file (default: fetched once into torch hub's cache)")
+    s.add_argument("--sscd_sha256", default=None, metavar="HEX",
+                   help="pin the SSCD file's SHA-256 (none is published; without it the hash seen at the first "
+                        "download is recorded beside the file and checked on every later use)")
+    s.add_argument("--sscd_url", default=SSCD_URL, help="where to fetch the SSCD weights from")
     s.add_argument("--sscd_preprocess", default="center224", choices=sorted(S.SSCD_PRESETS))
     s.add_argument("--pixel_size", type=positive_int, default=32, help="common side for --similarity pixel")
-    s.add_argument("--clip_model", default="ViT-H-14", help="open_clip architecture, or 'none' to skip CLIP")
-    s.add_argument("--clip_pretrained", default="laion2b_s32b_b79k", help="open_clip tag or checkpoint file")
+    s.add_argument("--clip_model", default="ViT-H-14",
+                   help="open_clip architecture, 'demo' (the demo's own CLIP model) or 'none' to skip CLIP")
+    s.add_argument("--clip_pretrained", default=None,
+                   help="open_clip tag or checkpoint file (default laion2b_s32b_b79k, the paper's); for 'demo' its "
+                        "weights folder")
     s.add_argument("--shared_gt_keywords", nargs="*", default=[], metavar="WORD",
                    help="prompts with one of these words are judged against all training images sharing it "
                         "('paper' = design designart mills anderson, the reference's SD v2.0 rule)")
+    s.add_argument("--gt_match", default="caption", choices=["caption", "all"],
+                   help="caption: each prompt's own training image(s); all: the most similar of all training images "
+                        "(e.g. for non-memorized prompts)")
     s.add_argument("--thresholds", type=finite_float, nargs="+", default=[0.5, 0.7])
     s.add_argument("--device", default=None)
     s.add_argument("--batch_size", type=positive_int, default=32)
     s.add_argument("--out", default=None, help="results JSON (default: <images>/eval_<similarity>.json)")
     s.add_argument("--compare", default=None, help="another results JSON to print side by side (e.g. baseline)")
+    g = sub.add_parser("plot", help="Figure 6: copy similarity vs CLIP score, one point per method and setting")
+    g.add_argument("results", nargs="+", help="score result JSONs, or folders searched for them (eval_*.json)")
+    g.add_argument("--out", required=True, help="path prefix: writes PREFIX.png and PREFIX.csv")
+    g.add_argument("--similarity", default=None, choices=["sscd", "pixel"],
+                   help="in folders, take eval_<this>.json (needed when both kinds are there)")
+    g.add_argument("--y", default="clip", choices=["clip", "not_blank"],
+                   help="y axis: mean CLIP score (the paper), or the share of images that are not nearly blank")
+    g.add_argument("--title", default=None)
+    g.add_argument("--grid_prompts", type=index_list, default=None, metavar="I,J,...",
+                   help="also PREFIX_grid.png: these prompt indices under each method (the paper's Figures 7-8)")
+    g.add_argument("--grid_pick", nargs="*", default=[], metavar="METHOD=SETTING",
+                   help="setting shown per method in the grid (label or folder tag, e.g. sail=thres0.6)")
+    g.add_argument("--gt", default=None, help="training-image folder: the grid's first column")
     return p.parse_args(argv)
+
+
+def index_list(text):
+    """argparse type: comma-separated prompt indices (integers >= 0)."""
+    return [nonneg_int(v) for v in text.split(",") if v.strip()]
 
 
 def run_fetch(a):
@@ -94,22 +125,25 @@ def run_score(a):
     device = resolve_device(a.device)
     if a.similarity == "sscd":
         with flag_hint("pass --sscd PATH, or --similarity pixel for the offline demo"):
-            sscd = load_sscd(a.sscd, device)
+            path = sscd_weights(a.sscd, a.sscd_sha256, a.sscd_url)
+            sscd = load_sscd(path, device)
         embed = E.sscd_embedder(sscd, S.sscd_transform(a.sscd_preprocess), device, a.batch_size)
-        sim = {"name": "SSCD", "kind": "sscd", "model": os.path.abspath(a.sscd), "preprocess": a.sscd_preprocess,
+        sim = {"name": "SSCD", "kind": "sscd", "model": os.path.abspath(path), "preprocess": a.sscd_preprocess,
                **S.SSCD_PRESETS[a.sscd_preprocess]}
     else:
         embed = E.pixel_embedder(a.pixel_size)
         sim = {"name": S.PIXEL_NAME, "kind": "pixel", "size": a.pixel_size}
-    clip = None
+    clip, pretrained = None, a.clip_pretrained
     if a.clip_model.lower() != "none":
+        if pretrained is None and a.clip_model != "demo":
+            pretrained = "laion2b_s32b_b79k"  # the paper's ViT-H-14 weights
         with flag_hint("--clip_pretrained FILE takes a checkpoint; --clip_model none skips CLIP"):
-            clip = load_clip(a.clip_model, a.clip_pretrained, device)
+            clip = load_clip(a.clip_model, pretrained, device)
     keywords = E.expand_keywords(a.shared_gt_keywords)
-    result = E.evaluate(manifest, a.images, a.gt, embed, clip, keywords=keywords,
-                        thresholds=a.thresholds, device=device, batch_size=a.batch_size)
+    result = E.evaluate(manifest, a.images, a.gt, embed, clip, keywords=keywords, thresholds=a.thresholds,
+                        device=device, batch_size=a.batch_size, match_all=a.gt_match == "all")
     result = {"similarity": sim, "clip": None if clip is None else {"model": a.clip_model,
-                                                                      "pretrained": a.clip_pretrained}, **result}
+                                                                      "pretrained": pretrained}, **result}
     header = result["generation_header"]
     if (header.get("model") == "sd2" or str(header.get("sd_ver")) == "2") and not keywords:
         warn("for SD v2.0 the paper takes the max over all training images sharing the keywords design, "
@@ -124,11 +158,55 @@ def run_score(a):
         E.print_compare(result, other, a.compare)
 
 
+def run_plot(a):
+    paths = []
+    for r in a.results:
+        if os.path.isdir(r):
+            pattern = f"eval_{a.similarity}.json" if a.similarity else None
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(r) for f in fs
+                           if (f == pattern if pattern else f.startswith("eval_") and f.endswith(".json")))
+            if not found:
+                raise UserError(f"no score results ({pattern or 'eval_*.json'}) under {r}; run `score` first")
+            paths += found
+        elif os.path.isfile(r):
+            paths.append(r)
+        else:
+            raise UserError(f"{r} is neither a score result nor a folder")
+    results = [E.load_result(p) for p in paths]
+    names = {r["similarity"]["name"] for r in results}
+    if len(names) > 1:
+        raise UserError(f"the results mix measures ({', '.join(sorted(names))}); choose one with --similarity")
+    thresholds = sorted({t for r in results for t in r["thresholds"]})
+    if any(r["thresholds"] != results[0]["thresholds"] for r in results):
+        raise UserError("the results were scored with different --thresholds; score them alike")
+    rows = E.figure6_rows(results, paths)
+    y = "mean_clip" if a.y == "clip" else "not_blank"
+    for r in rows:
+        r["not_blank"] = None if r["frac_blank"] is None else 1 - r["frac_blank"]
+    if y == "mean_clip" and any(r["mean_clip"] is None for r in rows):
+        bad = next(r["result"] for r in rows if r["mean_clip"] is None)
+        raise UserError(f"{bad} has no CLIP score: score with --clip_model (or plot --y not_blank)")
+    clip = next((r["clip"] for r in results if r.get("clip")), None) or {}
+    ylabel = (f"mean CLIP score ({clip.get('model')})" if y == "mean_clip" else "share of images not nearly blank")
+    atomic_write_text(a.out + ".csv", E.figure6_csv(rows, thresholds))
+    atomic_write_bytes(a.out + ".png", E.figure6_plot(rows, f"mean {names.pop()} to the training image", ylabel, y,
+                                                      a.title))
+    print(f"{len(rows)} point(s): {a.out}.png, {a.out}.csv")
+    if a.grid_prompts:
+        picks = dict(p.split("=", 1) for p in a.grid_pick if "=" in p)
+        if len(picks) != len(a.grid_pick):
+            raise UserError("--grid_pick takes METHOD=SETTING pairs")
+        atomic_write_bytes(a.out + "_grid.png", E.image_grid(results, a.grid_prompts, picks, a.gt))
+        print(f"image grid: {a.out}_grid.png")
+
+
 @guarded
 def main(argv=None):
     a = parse_args(argv)
     if a.cmd == "fetch":
         run_fetch(a)
+    elif a.cmd == "plot":
+        run_plot(a)
     else:
         if not os.path.isdir(a.images):
             raise UserError(f"--images {a.images} is not a folder")

@@ -30,7 +30,7 @@ from utils.sail import FORMS, SailSettings
 from utils.scores import ScoreModel
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for every method (as the reference)
-GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling
+GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling (Jain's w_post)
 
 
 def parse_args(argv=None):
@@ -46,6 +46,8 @@ def parse_args(argv=None):
                         "'dynamic')")
     p.add_argument("--gen_num", type=positive_int, default=4, help="images per prompt (the paper: 5)")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="seed of the initial noise, SAIL's search, RNA/RTA")
+    p.add_argument("--num_inference_steps", type=positive_int, default=NUM_INFERENCE_STEPS,
+                   help="DDIM steps of every method (the paper: 50)")
     g = p.add_argument_group("SAIL (paper, Algorithm 2 and Appendix D)")
     g.add_argument("--miti_thres", type=finite_float, default=8.2, help="l_thres; SD1 grid 7.6-9, SD2 grid 4-6")
     g.add_argument("--miti_lr", type=positive_float, default=0.05, help="Adam learning rate on the latents")
@@ -107,7 +109,7 @@ def method_settings(a):
             "sail": lambda: SailSettings(gen_num=a.gen_num, seed=a.gen_seed, thres=a.miti_thres, lr=a.miti_lr,
                                          budget=a.miti_budget, max_steps=a.miti_max_steps,
                                          max_rounds=a.miti_max_rounds, alpha=a.miti_alpha, form=a.miti_form,
-                                         num_inference_steps=NUM_INFERENCE_STEPS),
+                                         num_inference_steps=a.num_inference_steps),
             "wen": lambda: MI.WenSettings(target_loss=a.wen_target_loss, lr=a.wen_lr, max_iters=a.wen_max_iters,
                                           optimizer=a.wen_optimizer, weight_decay=a.wen_weight_decay,
                                           space=a.wen_space, loss=a.wen_loss),
@@ -117,12 +119,14 @@ def method_settings(a):
                                                      w_pre=a.cfg_w_pre, w_post=a.cfg_w_post)}[a.method]()
 
 
-def gate(a, prompts):
+def gate(a, prompts, model_id):
     """(flags per prompt, scores, manifest description) of --flagged_by, or (None, None, None) without gating."""
     if not a.flagged_by:
         return None, None, None
     scores, det_prompts, meta = MI.read_detection(a.flagged_by)
     MI.check_same_prompts(det_prompts, prompts, a.flagged_by)
+    if meta.get("model_id") not in (None, model_id):
+        warn(f"{a.flagged_by} was computed with {meta.get('model_id')}, this run uses {model_id}")
     info = dict(detection=os.path.abspath(a.flagged_by), detection_sha256=sha256_file(a.flagged_by),
                 metric=(meta.get("metric") or {}).get("name", "sharpness"), threshold=a.flag_threshold)
     if a.flag_fpr is not None:
@@ -159,18 +163,20 @@ def main(argv=None):
     prompts = read_prompts(a.data_path, a.prompt_mirror)
     try:
         base = method_settings(a)
-        grid = None if a.grid is None else None if a.grid == "paper" else [v for v in a.grid.split(",") if v.strip()]
-        if a.grid is not None and grid == []:
+        values = None if a.grid in (None, "paper") else [v for v in a.grid.split(",") if v.strip()]
+        if values == []:
             raise ValueError("--grid got no value")
-        pipe = load_pipeline(model_id, device, dtype)
-        model = ScoreModel(pipe.unet, pipe.scheduler)
-        runs = [base] if a.grid is None else MI.grid_settings(a.method, base, grid, label, model.prediction_type)
+        runs = [base] if a.grid is None else None if values is None else MI.grid_settings(a.method, base, values)
     except ValueError as e:
         raise UserError(f"{a.method}: {e}") from None
-    flags, scores, gate_info = gate(a, prompts)  # every check before anything is written
+    flags, scores, gate_info = gate(a, prompts, model_id)  # every check before anything is loaded or written
+    pipe = load_pipeline(model_id, device, dtype)
+    model = ScoreModel(pipe.unet, pipe.scheduler)
+    if runs is None:  # the paper's grid for this model
+        runs = MI.grid_settings(a.method, base, None, label, model.prediction_type)
     common = dict(model=label, model_id=model_id, data_sha256=sha256_file(a.data_path), gen_num=a.gen_num,
                   gen_seed=a.gen_seed, dtype=str(dtype), device=device.type, method=a.method,
-                  num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE)
+                  num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE)
     jobs = []
     for st in runs:
         setting = MI.setting_label(a.method, st.to_dict())
@@ -183,7 +189,7 @@ def main(argv=None):
         warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated")
     ctx = MI.Context(model=model, encode=lambda ps: encode_prompts(pipe, ps, device),
                      uncond=encode_prompts(pipe, "", device), noise=initial_latents(pipe, a.gen_num, a.gen_seed),
-                     seed=a.gen_seed, tokenizer=pipe.tokenizer, num_inference_steps=NUM_INFERENCE_STEPS,
+                     seed=a.gen_seed, tokenizer=pipe.tokenizer, num_inference_steps=a.num_inference_steps,
                      guidance_scale=GUIDANCE_SCALE)
     for st, setting, folder, identity, log in jobs:
         write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,

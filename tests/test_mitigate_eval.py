@@ -1,10 +1,13 @@
 """End to end: `mitigate_eval.py fetch` on local training images, then `score --similarity pixel --clip_model none`
-on hand-made generated images with a hand-written manifest; exact expected numbers."""
+on hand-made generated images with a hand-written manifest; exact expected numbers. SSCD weights fetched from a
+loopback server with trust-on-first-use hashing; --clip_model demo."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mitigate_eval
@@ -117,3 +120,122 @@ def test_score_bad_inputs_exit_2(setup, capsys):
         assert e.value.code == 2, argv
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, (argv, err)
+
+
+# ------------------------------------------------------------------ SSCD weights: fetched once, checked by SHA-256
+
+class _Descriptor(torch.nn.Module):
+    """A TorchScript-able stand-in with SSCD's interface: images (B, 3, H, W) -> descriptors (B, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.lin(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture()
+def sscd_server(tmp_path, monkeypatch):
+    """A loopback HTTP server (127.0.0.1 only) serving a small TorchScript file; yields (url, bytes, stop)."""
+    import http.server
+    import io
+    import threading
+    import warnings
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # TorchScript is deprecated in new torch, but it is SSCD's release format
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(_Descriptor()), buf)
+    data = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/sscd_disc_large.torchscript.pt"
+    stopped = []
+
+    def stop():
+        if not stopped:
+            server.shutdown()
+            server.server_close()
+            stopped.append(1)
+    yield url, data, stop
+    stop()
+
+
+def test_sscd_fetch_trust_on_first_use_and_pinning(sscd_server, tmp_path):
+    import hashlib
+
+    from utils.cli import UserError
+    from utils.models import load_sscd, sscd_weights
+    url, data, stop = sscd_server
+    digest = hashlib.sha256(data).hexdigest()
+    hub = tmp_path / "hub"
+    with pytest.raises(UserError, match="pinned SHA-256"):  # a wrong pin keeps nothing
+        sscd_weights(None, "0" * 64, url, hub_dir=str(hub))
+    assert os.listdir(hub / "checkpoints") == []
+    path = sscd_weights(None, None, url, hub_dir=str(hub))
+    assert path == str(hub / "checkpoints" / "sscd_disc_large.torchscript.pt")
+    assert open(path, "rb").read() == data and open(path + ".sha256").read().strip() == digest
+    assert load_sscd(path)(torch.zeros(1, 3, 8, 8)).shape == (1, 4)
+    stop()  # from now on offline: the cached, recorded file is used
+    assert sscd_weights(None, None, url, hub_dir=str(hub)) == path
+    assert sscd_weights(None, digest.upper(), url, hub_dir=str(hub)) == path
+    with pytest.raises(UserError, match="pinned"):
+        sscd_weights(None, "f" * 64, url, hub_dir=str(hub))
+    with open(path, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(UserError, match="changed"):
+        sscd_weights(None, None, url, hub_dir=str(hub))
+    with pytest.raises(UserError, match="could not download"):  # nothing listens there any more
+        sscd_weights(None, None, url, hub_dir=str(tmp_path / "other"))
+    with pytest.raises(UserError, match="64 hexadecimal"):
+        sscd_weights(path, "abc", url)
+
+
+def test_score_fetches_sscd_into_the_torch_hub_cache(setup, sscd_server, monkeypatch, capsys):
+    tmp, gt, gen = setup
+    url, data, _ = sscd_server
+    monkeypatch.setenv("TORCH_HOME", str(tmp / "torch_home"))
+    argv = ["score", "--images", str(gen), "--gt", str(gt), "--clip_model", "none", "--sscd_url", url,
+            "--out", str(tmp / "sscd.json")]
+    mitigate_eval.main(argv)
+    res = json.loads((tmp / "sscd.json").read_text())
+    assert res["similarity"]["model"] == str(tmp / "torch_home" / "hub" / "checkpoints" /
+                                             "sscd_disc_large.torchscript.pt")
+    assert res["summary"]["mean_similarity"] is not None and res["counts"]["n_evaluated"] == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mitigate_eval.main(argv + ["--sscd_sha256", "1" * 64])
+    assert e.value.code == 2 and "pinned SHA-256" in capsys.readouterr().err
+
+
+def test_clip_model_demo(setup, capsys):
+    """--clip_model demo: the project's demo CLIP model when this checkout has it, else one clear error line."""
+    tmp, gt, gen = setup
+    argv = ["score", "--images", str(gen), "--gt", str(gt), "--similarity", "pixel", "--clip_model", "demo",
+            "--out", str(tmp / "democlip.json")]
+    try:
+        import utils.demo_clip  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit) as e:
+            mitigate_eval.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "demo CLIP" in err and "Traceback" not in err
+        return
+    mitigate_eval.main(argv)
+    res = json.loads((tmp / "democlip.json").read_text())
+    assert res["clip"]["model"] == "demo" and -1 <= res["summary"]["mean_clip"] <= 1

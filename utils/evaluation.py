@@ -19,7 +19,7 @@ from .cli import UserError, warn
 from .fetch_manifest import MANIFEST_NAME, read_manifest
 
 CSV_COLUMNS = ["index", "prompt", "status", "gt_indices", "n_gt_images", "n_images", "n_missing", "similarity_mean",
-               "similarity_max", "similarity_per_image", "clip_mean", "clip_per_image"]
+               "similarity_max", "similarity_per_image", "clip_mean", "clip_per_image", "n_blank"]
 
 
 def open_image(path):
@@ -52,9 +52,10 @@ def expand_keywords(words):
 
 
 def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thresholds=(0.5, 0.7), device="cpu",
-             batch_size=32):
+             batch_size=32, match_all=False):
     """Score every prompt of a generation manifest. embed: images -> (N, D) unit vectors (pixel_embedder or
-    sscd_embedder); clip: (model, preprocess, tokenizer) or None.
+    sscd_embedder); clip: (model, preprocess, tokenizer) or None. match_all: judge every prompt against every
+    training image (max over all, as a retrieval over the training set) instead of its caption's images.
 
     Returns a dict: summary, counts, per_prompt rows, unmatched_prompts, missing_images, extra_files,
     shared_gt_keywords, generation_header, manifest, gt (the caller adds what describes the measures).
@@ -63,6 +64,8 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
     header, records = M.read_generation_manifest(manifest)
     gt_recs = M.ground_truth_records(read_manifest(os.path.join(gt_dir, MANIFEST_NAME)), gt_dir)
     matches, unmatched = M.match_captions([r["prompt"] for r in records], [g["caption"] for g in gt_recs])
+    if match_all:
+        matches, unmatched = [list(range(len(gt_recs)))] * len(records), ([] if gt_recs else list(range(len(records))))
     groups = M.keyword_groups([g["caption"] for g in gt_recs], keywords)
     present, missing, extra = M.check_images(records, os.path.dirname(os.path.abspath(manifest)), images_dir)
     gt_cache, rows, img_sims, prompt_sims, prompt_clips = {}, [], [], [], []
@@ -77,7 +80,8 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
         row = {"index": rec["index"], "prompt": rec["prompt"], "gt_indices": ";".join(
             str(gt_recs[j]["index"]) for j in match), "n_gt_images": len(gt), "n_images": len(images),
             "n_missing": len(rec["images"]) - len(images), "similarity_mean": None, "similarity_max": None,
-            "similarity_per_image": [], "clip_mean": None, "clip_per_image": []}
+            "similarity_per_image": [], "clip_mean": None, "clip_per_image": [],
+            "n_blank": sum(b <= S.BLANK_LEVEL for b in S.max_brightness(images))}
         row["status"] = ("unmatched" if not match else "no_ground_truth" if not gt else
                          "no_images" if not images else "ok")
         with torch.no_grad():
@@ -96,11 +100,19 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
               "n_unmatched": len(unmatched), "n_no_images": sum(r["status"] == "no_images" for r in rows),
               "n_images": sum(r["n_images"] for r in rows), "n_missing_images": len(missing),
               "n_extra_files": len(extra)}
-    return {"thresholds": list(thresholds), "summary": S.summarize(img_sims, prompt_sims, prompt_clips, thresholds),
+    summary = S.summarize(img_sims, prompt_sims, prompt_clips, thresholds)
+    summary["frac_blank"] = blank_fraction(rows)
+    return {"thresholds": list(thresholds), "summary": summary, "match": "all" if match_all else "caption",
             "counts": counts, "unmatched_prompts": [records[i]["prompt"] for i in unmatched],
             "missing_images": [{"index": i, "file": n} for i, n in missing], "extra_files": extra,
             "shared_gt_keywords": list(keywords), "generation_header": header,
             "manifest": os.path.abspath(manifest), "gt": os.path.abspath(gt_dir), "per_prompt": rows}
+
+
+def blank_fraction(rows):
+    """Share of all read images that are nearly blank (similarity.BLANK_LEVEL), over per-prompt rows; None if none."""
+    n = sum(r["n_images"] for r in rows)
+    return sum(r.get("n_blank", 0) for r in rows) / n if n else None
 
 
 def warn_problems(result):
@@ -137,7 +149,10 @@ def metric_lines(result, keep=None, thresholds=None):
     s = S.summarize([x for r in rows for x in r["similarity_per_image"]], sims, clips, th)
     lines = [(f"mean {name}", s["mean_similarity"])]
     lines += [(f"{name} > {t:g} (frac. of images)", s[f"frac_above_{t:g}"]) for t in th]
-    return lines + [("mean CLIP", s["mean_clip"]), ("prompts evaluated", len(sims))]
+    lines += [("mean CLIP", s["mean_clip"])]
+    if all("n_blank" in r for r in rows):  # results written before the blank count have none
+        lines += [("nearly blank (frac. of images)", blank_fraction(rows))]
+    return lines + [("prompts evaluated", len(sims))]
 
 
 def print_summary(result):
@@ -170,7 +185,9 @@ def print_compare(this, other, other_path):
     print(f"\n{'':<40}{'this run':>12}{'compared':>12}{'diff':>10}   (compared: {other_path})")
     for scope, keep in (("all evaluated prompts", None), (f"{len(common)} prompts evaluated in both", common)):
         print(f"  [{scope}]")
-        for (label, x), (_, y) in zip(metric_lines(this, keep, th), metric_lines(other, keep, th)):
+        theirs = dict(metric_lines(other, keep, th))
+        for label, x in metric_lines(this, keep, th):
+            y = theirs.get(label)
             d = x - y if x is not None and y is not None else None
             print(f"  {label:<38}{_fmt(x):>12}{_fmt(y):>12}{_fmt(d, sign=True):>10}")
 
@@ -181,3 +198,158 @@ def _fmt(v, sign=False):
     if isinstance(v, int):
         return f"{v:+d}" if sign else str(v)
     return f"{v:+.4f}" if sign else f"{v:.4f}"
+
+
+# ------------------------------------------------------------------------ Figure 6: one point per method x setting
+
+FIG6_COLUMNS = ["method", "setting", "gated", "mean_similarity", "mean_clip", "frac_above", "frac_blank",
+                "n_prompts", "n_images", "n_mitigated", "search_seconds", "generate_seconds", "search_unet_calls",
+                "result"]
+
+
+def run_cost(manifest):
+    """Mean per-prompt cost of a generation run from its manifest records: search seconds, generation seconds,
+    search UNet calls, and how many prompts were mitigated. Missing fields (older runs) give None."""
+    try:
+        _, recs = M.read_generation_manifest(manifest)
+    except UserError:
+        return {}
+
+    def mean(*keys):
+        vals = [next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None) for r in recs]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+    return dict(n_mitigated=sum(bool(r.get("mitigated", True)) for r in recs), search_seconds=mean("search_seconds"),
+                generate_seconds=mean("generate_seconds"), search_unet_calls=mean("search_unet_calls", "unet_calls"))
+
+
+def figure6_rows(results, paths):
+    """One row per score result (a generation folder): method, setting and gating from its generation header, the
+    summary numbers exactly as in the JSON, and the mean cost from its manifest. Sorted: method registry order
+    (none first), then setting. frac_above is {threshold: fraction}."""
+    from .mitigation import METHODS, describe_run
+    rows = []
+    for res, path in zip(results, paths):
+        method, setting, settings, gated = describe_run(res.get("generation_header") or {})
+        s, c = res["summary"], res["counts"]
+        rows.append(dict(method=method, setting=setting, gated=gated, mean_similarity=s["mean_similarity"],
+                         mean_clip=s["mean_clip"], frac_above={t: s[f"frac_above_{t:g}"] for t in res["thresholds"]},
+                         frac_blank=s.get("frac_blank"), n_prompts=c["n_evaluated"], n_images=c["n_images"],
+                         result=os.path.abspath(path), **run_cost(res.get("manifest", "")),
+                         _key=(list(METHODS).index(method) if method in METHODS else len(METHODS), gated,
+                               _setting_key(settings))))
+    rows.sort(key=lambda r: r["_key"])
+    return [{k: v for k, v in r.items() if k != "_key"} for r in rows]
+
+
+def _setting_key(settings):
+    """Order of settings within a method: numeric hyperparameters ascending, the dynamic CFG rule last."""
+    if "rule" in settings:
+        return (settings["rule"] == "dynamic", settings.get("transition") or 0, settings.get("w_pre") or 0)
+    return tuple(v for v in settings.values() if isinstance(v, (int, float)) and not isinstance(v, bool))[:1]
+
+
+def figure6_csv(rows, thresholds):
+    """The figure's numbers as CSV text (floats written exactly, with repr)."""
+    buf = io.StringIO()
+    cols = [c for c in FIG6_COLUMNS if c != "frac_above"]
+    cols[4:4] = [f"frac_above_{t:g}" for t in thresholds]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        flat = dict(r, **{f"frac_above_{t:g}": r["frac_above"].get(t) for t in thresholds})
+        w.writerow(["" if flat.get(c) is None else repr(flat[c]) if isinstance(flat[c], float) else flat[c]
+                    for c in cols])
+    return buf.getvalue()
+
+
+def figure6_plot(rows, xlabel, ylabel, y="mean_clip", title=None):
+    """Figure 6: x = mean copy similarity, y = the chosen measure; one colour per method (gated runs hollow), each
+    point labelled with its setting, the no-mitigation point as a black star. Returns PNG bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import figure_png
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["gated"]), []).append(r)
+    for (method, gated), rs in groups.items():
+        pts = [(r["mean_similarity"], r[y], r["setting"]) for r in rs if r["mean_similarity"] is not None
+               and r[y] is not None]
+        if not pts:
+            continue
+        name = method + (" (gated)" if gated else "")
+        if method == "none":
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=180, c="k", label=name, zorder=3)
+            continue
+        c = next(colours)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, lw=0.6, alpha=0.5)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, label=name, zorder=3,
+                   facecolors="none" if gated else c, edgecolors=c)
+        for xv, yv, lab in pts:
+            ax.annotate(lab, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=6, color=c)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def image_grid(results, prompt_indices, picks=None, gt_dir=None):
+    """Figures 7-8: one row per chosen prompt index, one column per method, each cell the prompt's first image
+    (k = 0: the same initial noise under every method but SAIL); the training image first when gt_dir is given.
+    picks: {method: setting label or folder tag}; default the middle setting of the method's non-gated runs.
+    results: score results (their manifests locate the images). Returns PNG bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import figure_png
+    from .mitigation import METHODS, describe_run, folder_tag
+    runs = {}
+    for res in results:
+        method, setting, settings, gated = describe_run(res.get("generation_header") or {})
+        if not gated:
+            runs.setdefault(method, []).append((_setting_key(settings), setting, res))
+    chosen = []
+    for method in sorted(runs, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS)):
+        cands = sorted(runs[method], key=lambda c: c[0])
+        want = (picks or {}).get(method)
+        hit = [c for c in cands if want in (c[1], folder_tag(c[1]))]
+        if want and not hit:
+            raise UserError(f"no {method} result with setting {want!r}; there are: {', '.join(c[1] for c in cands)}")
+        _, label, res = hit[0] if want else cands[(len(cands) - 1) // 2]
+        _, records = M.read_generation_manifest(res["manifest"])
+        chosen.append((method, label, os.path.dirname(res["manifest"]), {r["index"]: r for r in records}))
+    gt = _first_training_images(gt_dir) if gt_dir else None
+    ncol = len(chosen) + (gt is not None)
+    fig, axes = plt.subplots(len(prompt_indices), ncol, figsize=(1.5 * ncol, 1.6 * len(prompt_indices) + 0.3),
+                             squeeze=False, dpi=110)
+    for i, idx in enumerate(prompt_indices):
+        prompt = next((recs[idx]["prompt"] for *_, recs in chosen if idx in recs), None)
+        if prompt is None:
+            raise UserError(f"prompt index {idx} is in none of the results")
+        cells = ([("training image", gt.get(M.normalize_caption(prompt)))] if gt is not None else [])
+        cells += [(f"{method}\n{label}", os.path.join(folder, recs[idx]["images"][0]) if idx in recs else None)
+                  for method, label, folder, recs in chosen]
+        for j, (title, path) in enumerate(cells):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            im = open_image(path) if path and os.path.isfile(path) else None
+            if im is not None:
+                ax.imshow(im)
+            if i == 0:
+                ax.set_title(title, fontsize=6)
+        axes[i][0].set_ylabel(prompt[:30] + ("..." if len(prompt) > 30 else ""), fontsize=5)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _first_training_images(gt_dir):
+    """{normalized caption: first training-image file} of a fetched training-image folder."""
+    recs = M.ground_truth_records(read_manifest(os.path.join(gt_dir, MANIFEST_NAME)), gt_dir)
+    return {M.normalize_caption(r["caption"]): r["files"][0] for r in recs if r["files"]}

@@ -17,6 +17,7 @@ SSCD_PRESETS = {
     "sscd320": dict(resize=(320, 320), crop=None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
 PIXEL_NAME = "pixel cosine"
+BLANK_LEVEL = 0.4  # an image is nearly blank if no pixel is brighter than this (max over RGB, 1 = 255)
 
 
 def sscd_transform(preset="center224"):
@@ -89,6 +90,14 @@ def pixel_vectors(images, size=32):
     vecs = [pixel_unit_vectors(resize_square(torch.from_numpy(np.asarray(to_rgb(im), dtype=np.float64))
                                              .permute(2, 0, 1)[None], size))[0] for im in images]
     return torch.stack(vecs) if vecs else torch.zeros(0, 3 * size * size, dtype=torch.float64)
+
+
+def max_brightness(images):
+    """Brightest value of each PIL image, max over pixels and RGB channels, in [0, 1]: list of floats. An image
+    with max_brightness <= BLANK_LEVEL is 'nearly blank' (the demo's canvas is black; SD's blank outputs too)."""
+    import numpy as np
+    from .images import to_rgb
+    return [float(np.asarray(to_rgb(im)).max()) / 255.0 for im in images]
 
 
 @torch.no_grad()
