@@ -1,54 +1,88 @@
 #!/usr/bin/env bash
-# SAIL mitigation, as the reference runs it, and its "before" baseline.
-#   bash run_mitigation.sh          SD v1.4 on prompts/sample_mitigation.txt, n = 4 (GPU)
-#   bash run_mitigation.sh demo     the bundled demo model: baseline, SAIL, then the before/after evaluation (CPU)
-# Images: $OUT_DIR/sd<ver>/<prompt_type>/ (SAIL) and .../<prompt_type>_nomiti/ (baseline), each with manifest.jsonl.
+# The paper's Figure 6: every mitigation method at its five settings, plus no mitigation, on the same prompts, seeds,
+# scheduler and UNet calls; then the training images, the scores and the figure.
+#   bash run_mitigation.sh          SD v1.4 (SD_VER=2 bash run_mitigation.sh: SD v2.0): SSCD + CLIP ViT-H-14 (GPU)
+#   bash run_mitigation.sh demo     the bundled demo model: pixel cosine + the demo CLIP model, the figure and table
+#                                   into examples/figures/demo_fig6.* (CPU; about 3 h on 2 cores, SAIL most of it)
+# Images: $OUT_DIR/sd<ver>/<prompt_type>_<method>_<setting>/ (none: <prompt_type>_nomiti/), each with
+# manifest.jsonl and, after scoring, eval_<similarity>.json / .csv. Every step resumes when re-run.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# ---- hyperparameters: edit here (paper, Appendix D) ----
-SD_VER=1                 # 1 = SD v1.4, 2 = SD v2.0
-DATA=prompts/sample_mitigation.txt
-PROMPT_TYPE=mem
-GEN_NUM=4                # images per prompt
+# ---- hyperparameters: edit here (paper, Appendix D; the grids themselves: METHODS in utils/mitigation.py) ----
+SD_VER=${SD_VER:-1}      # 1 = SD v1.4, 2 = SD v2.0
+METHODS="sail wen rna rta cfg_delay"   # each run with --grid: the paper's five settings for the model
+GEN_NUM=5                # images per prompt (the paper: 5; the reference's script: 4)
 GEN_SEED=42
-MITI_THRES=8.2           # l_thres; SD v1.4 grid {7.6, 7.8, 8.2, 8.6, 9}, SD v2.0 grid {4, 4.5, 5, 5.5, 6}
-MITI_LR=0.05             # Adam learning rate on x_T
-MITI_BUDGET=8            # candidates optimized together
-MITI_MAX_STEPS=10        # Adam steps per round
-MITI_ALPHA=""            # weight of ||x_T||; empty = 0.05 (epsilon models) / 0.01 (v-prediction models)
+PROMPT_TYPE=mem
+MITI_ALPHA=""            # SAIL's weight of ||x_T||; empty = 0.05 (SD v1.4) / 0.01 (SD v2.0)
 OUT_DIR=miti_outputs
-EXTRA_ARGS=""            # e.g. "--miti_form clean" or "--dtype float32"
+TRAIN_DIR=training_images
+SSCD=""                  # sscd_disc_large.torchscript.pt; empty = fetched once into torch hub's cache (SHA-256 recorded)
+CLIP_MODEL=ViT-H-14      # open_clip; the paper's
+CLIP_PRETRAINED=laion2b_s32b_b79k
+SIMILARITY=sscd
+FIGURE=""                # prefix of the figure (default: $OUT_DIR/sd<ver>_fig6)
+GRID_PROMPTS="0,1,2,3"   # prompts shown under each method (the paper's Figures 7-8)
+EXTRA_ARGS=""            # e.g. "--dtype float32" or "--prompt_mirror /path/to/prompt/copies"
 PYTHON=${PYTHON:-python3}
 
-if [ "${1:-}" = "demo" ]; then
-  SD_VER=demo
-  DATA=prompts/demo_mem.txt
-  MITI_THRES=${DEMO_THRES:-0.6}   # for the demo's 4x8x8 latent (README, "The demo model")
-  MITI_ALPHA=${DEMO_ALPHA:-0.02}
-fi
-
+case "${1:-}" in
+  demo)
+    SD_VER=demo; GEN_NUM=4; MITI_ALPHA=0.02; SIMILARITY=pixel; FIGURE=examples/figures/demo_fig6
+    CLIP_MODEL=demo; CLIP_PRETRAINED=""
+    $PYTHON -c "import utils.demo_clip" 2>/dev/null || CLIP_MODEL=none   # not in this checkout: no CLIP axis
+    # tiny UNet ops: one thread per process is as fast, and two processes share the cores without contention
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
+  "") ;;
+  *) echo "error: unknown mode '$1' (use demo, or nothing for Stable Diffusion)" >&2; exit 2 ;;
+esac
+case "$SD_VER" in
+  1) DATA=prompts/sd1_mem.txt; JSONL=prompts/sd1_mem.jsonl; KEYWORDS="" ;;
+  2) DATA=prompts/sd2_mem.txt; JSONL=prompts/sd2_mem.jsonl; KEYWORDS="--shared_gt_keywords paper" ;;
+  demo) DATA=prompts/demo_mem.txt; JSONL=prompts/demo_mem.jsonl; KEYWORDS="" ;;
+  *) echo "error: SD_VER must be 1, 2 or demo" >&2; exit 2 ;;
+esac
+FIGURE=${FIGURE:-$OUT_DIR/sd${SD_VER}_fig6}
 alpha_arg=()
 [ -n "$MITI_ALPHA" ] && alpha_arg=(--miti_alpha "$MITI_ALPHA")
 common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --gen_num "$GEN_NUM"
         --gen_seed "$GEN_SEED" --out_dir "$OUT_DIR")
 
-$PYTHON mitigate_mem.py "${common[@]}" --no_mitigation $EXTRA_ARGS
-$PYTHON mitigate_mem.py "${common[@]}" --miti_thres "$MITI_THRES" --miti_lr "$MITI_LR" \
-  --miti_budget "$MITI_BUDGET" --miti_max_steps "$MITI_MAX_STEPS" "${alpha_arg[@]}" $EXTRA_ARGS
-
-# The paper's threshold grids (uncomment to sweep; each run gets its own folder via --prompt_type):
-# for th in 7.6 7.8 8.2 8.6 9; do $PYTHON mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt \
-#   --prompt_type mem_th$th --miti_thres $th --gen_num 4; done
-# for th in 4 4.5 5 5.5 6; do $PYTHON mitigate_mem.py --sd_ver 2 --data_path prompts/sd2_mem.txt \
-#   --prompt_type mem_th$th --miti_thres $th --gen_num 4; done
-
-if [ "$SD_VER" = "demo" ]; then
-  # Offline evaluation: the demo's training images ship with the project; pixel cosine needs no weights.
-  $PYTHON mitigate_eval.py fetch --jsonl prompts/demo_mem.jsonl --out "$OUT_DIR/demo_training_images"
-  base="$OUT_DIR/sd$SD_VER/${PROMPT_TYPE}_nomiti"
-  $PYTHON mitigate_eval.py score --images "$base" --gt "$OUT_DIR/demo_training_images" --similarity pixel \
-    --clip_model none
-  $PYTHON mitigate_eval.py score --images "$OUT_DIR/sd$SD_VER/$PROMPT_TYPE" --gt "$OUT_DIR/demo_training_images" \
-    --similarity pixel --clip_model none --compare "$base/eval_pixel.json"
+# 1. generation: no mitigation, then each method's grid (SAIL, the slowest, beside the others on the demo)
+$PYTHON mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
+others() { for m in $METHODS; do [ "$m" = sail ] || $PYTHON mitigate_mem.py "${common[@]}" --method "$m" --grid $EXTRA_ARGS; done; }
+if [[ " $METHODS " == *" sail "* ]]; then
+  if [ "$SD_VER" = demo ]; then
+    TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${alpha_arg[@]}" $EXTRA_ARGS & pid=$!
+    others
+    wait "$pid"
+  else
+    $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${alpha_arg[@]}" $EXTRA_ARGS
+    others
+  fi
+else
+  others
 fi
+
+# 2. the prompts' training images (the paper's 454 of 500 for SD v1.4, 202 of 219 for SD v2.0; link rot lowers it)
+$PYTHON mitigate_eval.py fetch --jsonl "$JSONL" --out "$TRAIN_DIR/sd$SD_VER"
+
+# 3. scores of every generation folder of this prompt type, then the figure
+sscd_arg=()
+[ -n "$SSCD" ] && sscd_arg=(--sscd "$SSCD")
+clip_arg=(--clip_model "$CLIP_MODEL")
+[ -n "$CLIP_PRETRAINED" ] && clip_arg+=(--clip_pretrained "$CLIP_PRETRAINED")
+dirs=()
+for dir in "$OUT_DIR/sd$SD_VER/${PROMPT_TYPE}"_*/; do
+  [ -f "$dir/manifest.jsonl" ] || continue
+  dir=${dir%/}
+  [[ "$dir" == *_gated ]] || dirs+=("$dir")   # gated runs are compared separately (README, "Comparing mitigations")
+  [ "$dir/eval_$SIMILARITY.json" -nt "$dir/manifest.jsonl" ] && continue   # scored since its last image
+  $PYTHON mitigate_eval.py score --images "$dir" --gt "$TRAIN_DIR/sd$SD_VER" --similarity "$SIMILARITY" \
+    "${sscd_arg[@]}" "${clip_arg[@]}" $KEYWORDS
+done
+y=clip
+[ "$CLIP_MODEL" = none ] && y=not_blank
+$PYTHON mitigate_eval.py plot "${dirs[@]}" --similarity "$SIMILARITY" --y "$y" --out "$FIGURE" \
+  --grid_prompts "$GRID_PROMPTS" --gt "$TRAIN_DIR/sd$SD_VER"

@@ -227,7 +227,7 @@ def figure6_rows(results, paths):
     """One row per score result (a generation folder): method, setting and gating from its generation header, the
     summary numbers exactly as in the JSON, and the mean cost from its manifest. Sorted: method registry order
     (none first), then setting. frac_above is {threshold: fraction}."""
-    from .mitigation import METHODS, describe_run
+    from .mitigation import METHODS, describe_run, setting_sort_key
     rows = []
     for res, path in zip(results, paths):
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
@@ -237,16 +237,9 @@ def figure6_rows(results, paths):
                          frac_blank=s.get("frac_blank"), n_prompts=c["n_evaluated"], n_images=c["n_images"],
                          result=os.path.abspath(path), **run_cost(res.get("manifest", "")),
                          _key=(list(METHODS).index(method) if method in METHODS else len(METHODS), gated,
-                               _setting_key(settings))))
+                               setting_sort_key(method, settings))))
     rows.sort(key=lambda r: r["_key"])
     return [{k: v for k, v in r.items() if k != "_key"} for r in rows]
-
-
-def _setting_key(settings):
-    """Order of settings within a method: numeric hyperparameters ascending, the dynamic CFG rule last."""
-    if "rule" in settings:
-        return (settings["rule"] == "dynamic", settings.get("transition") or 0, settings.get("w_pre") or 0)
-    return tuple(v for v in settings.values() if isinstance(v, (int, float)) and not isinstance(v, bool))[:1]
 
 
 def figure6_csv(rows, thresholds):
@@ -308,12 +301,12 @@ def image_grid(results, prompt_indices, picks=None, gt_dir=None):
     import matplotlib.pyplot as plt
 
     from .io import figure_png
-    from .mitigation import METHODS, describe_run, folder_tag
+    from .mitigation import METHODS, describe_run, folder_tag, setting_sort_key
     runs = {}
     for res in results:
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
         if not gated:
-            runs.setdefault(method, []).append((_setting_key(settings), setting, res))
+            runs.setdefault(method, []).append((setting_sort_key(method, settings), setting, res))
     chosen = []
     for method in sorted(runs, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS)):
         cands = sorted(runs[method], key=lambda c: c[0])

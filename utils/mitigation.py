@@ -454,6 +454,17 @@ def setting_label(method, settings_dict):
     return m.label(settings_dict) if m and m.label else ""
 
 
+def setting_sort_key(method, settings_dict):
+    """Order of a method's settings: its grid hyperparameter ascending (cfg_delay: static by transition, the
+    dynamic rule last)."""
+    if method == "cfg_delay":
+        return (settings_dict.get("rule") == "dynamic", settings_dict.get("transition") or 0.0,
+                settings_dict.get("w_pre") or 0.0)
+    m = METHODS.get(method)
+    v = settings_dict.get(m.grid_field) if m and m.grid_field else None
+    return (0, v) if isinstance(v, (int, float)) else (1, 0)
+
+
 def folder_tag(label):
     """A setting label as a folder-name part: 'thres=0.6' -> 'thres0.6', 't=500, w=-2' -> 't500_w-2'."""
     return label.replace(", ", "_").replace("=", "").replace(" ", "_")
