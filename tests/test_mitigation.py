@@ -265,12 +265,16 @@ def test_bad_inputs_exit_2_and_lose_nothing(runs, capsys):
     torch.save(torch.tensor([[float("nan")], [1.0]]), det / "nan.pt")
     side = json.loads((det / "shuffled_gen1.json").read_text())
     (det / "nan.json").write_text(json.dumps(side))
+    torch.save(torch.tensor([[1.0], [2.0]]), det / "other.pt")  # a result for two other prompts
+    (det / "other.json").write_text(json.dumps(dict(side, prompts=["another prompt", PROMPTS[1]])))
     cases = [
         (["--method", "ren"], "invalid choice"),
         (["--method", "rna", "--grid", "1.5"], "not a valid count"),
         (["--method", "sail", "--grid", "0.5,high"], "not a valid thres"),
         (["--method", "rna", "--flagged_by", str(det / "shuffled_gen1.pt"), "--flag_threshold", "0"],
          "in another order"),
+        (["--method", "rna", "--flagged_by", str(det / "other.pt"), "--flag_threshold", "0"], "for other prompts"),
+        (["--method", "none", "--flagged_by", str(det / "other.pt"), "--flag_threshold", "0"], "nothing to"),
         (["--method", "rna", "--flagged_by", str(det / "shuffled_gen1.pt"), "--flag_threshold", "nan"],
          "finite"),
         (["--method", "rna", "--flagged_by", str(det / "shuffled_gen1.pt"), "--flag_fpr", "0.01"], "--flag_nmem"),

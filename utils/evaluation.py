@@ -279,7 +279,8 @@ def figure6_plot(rows, xlabel, ylabel, y="mean_clip", title=None):
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=180, c="k", label=name, zorder=3)
             continue
         c = next(colours)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, lw=0.6, alpha=0.5)
+        if len({p[2].split("=")[0] for p in pts}) == 1 and "," not in pts[0][2]:  # one hyperparameter: a curve
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, lw=0.6, alpha=0.5)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, label=name, zorder=3,
                    facecolors="none" if gated else c, edgecolors=c)
         for xv, yv, lab in pts:
