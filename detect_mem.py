@@ -17,11 +17,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, add_model_arguments, guarded, positive_int, quiet_library_warnings, \
-    raise_arg, seed_int, warn
+from utils.cli import ArgumentParser, UserError, add_model_arguments, guarded, nonneg_int, positive_int, \
+    quiet_library_warnings, raise_arg, seed_int, warn
 from utils.detection import initial_latents
-from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, DIRECTION, METRICS, SPACES, TILED_AGGS,
-                             DetectSettings, run_detectors)
+from utils.attention import prompt_lengths
+from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, METRICS, SPACES,
+                             TILED_AGGS, DetectSettings, attention_layers, run_detectors)
 from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, sha256_file, write_sidecar
 from utils.models import JVP_DTYPES, decode_latents, encode_prompts, jvp_unet_copy, load_pipeline, model_label, \
     resolve_device, resolve_dtype, resolve_model_id
@@ -39,6 +40,17 @@ def metric_list(text):
     if bad or not names or len(set(names)) != len(names):
         raise_arg(f"expected comma-separated metrics from {', '.join(METRICS)} (each once), got {text!r}")
     return names
+
+
+def index_list(text):
+    """argparse type: comma-separated non-negative integers, as a tuple."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if not vals or min(vals) < 0:
+        raise_arg(f"expected comma-separated layer indices, got {text!r}")
+    return vals
 
 
 def weight_pair(text):
@@ -83,6 +95,11 @@ def parse_args(argv=None):
     p.add_argument("--tile_px", type=positive_int, default=128, help="tiled_l2: tile side in pixels (8 for the demo)")
     p.add_argument("--tiled_agg", default="mean", choices=TILED_AGGS,
                    help="tiled_l2: aggregate of the pairwise distances (mean; min = the closest pair)")
+    p.add_argument("--le_layer", type=nonneg_int, default=3,
+                   help="le: forward index of the cross-attention layer (Ren et al.'s 3 = down_blocks.1.attentions.1)")
+    p.add_argument("--be_layers", type=index_list, default=(),
+                   help="be: forward indices of the end-token mask layers (default: the first down block's, as "
+                        "Chen et al.'s two 64x64 layers of SD v1.4)")
     args = p.parse_args(argv)
     for name, v in (("--hvp_sampling_num", args.hvp_sampling_num), ("--wen_steps", args.wen_steps)):
         if v > NUM_INFERENCE_STEPS:
@@ -115,7 +132,13 @@ def main(argv=None):
     st = DetectSettings(num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
                         hvp_sampling_num=args.hvp_sampling_num, wen_steps=args.wen_steps, wen_space=args.wen_space,
                         aniso_mode=args.aniso_mode, aniso_space=args.aniso_space, aniso_weights=weights,
-                        tile_px=args.tile_px, tiled_agg=args.tiled_agg)
+                        tile_px=args.tile_px, tiled_agg=args.tiled_agg, le_layer=args.le_layer,
+                        be_layers=args.be_layers)
+    if any(m in ATTENTION_METRICS for m in args.metrics):
+        try:
+            attention_layers(pipe.unet, st)
+        except ValueError as e:
+            raise UserError(f"{' '.join(str(e).split())[:400]} (--le_layer / --be_layers)") from None
     # Everything that changes a metric's numbers; a resumed run must match it exactly (sharpness: as before).
     common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                   gen_seed=args.gen_seed, dtype=str(dtype), device=device.type)
@@ -146,9 +169,10 @@ def main(argv=None):
         idx = todo[start:start + args.batch_size]
         metrics = [m for m in args.metrics if any(i not in logs[m].done for i in idx)]
         t0 = time.time()
-        vals, extras, images, meter = run_detectors(model, encode_prompts(pipe, [prompts[i] for i in idx], device),
-                                                    uncond, latents, metrics, st,
-                                                    decode=lambda z: decode_latents(pipe, z))
+        batch = [prompts[i] for i in idx]
+        vals, extras, images, meter = run_detectors(model, encode_prompts(pipe, batch, device), uncond, latents,
+                                                    metrics, st, decode=lambda z: decode_latents(pipe, z),
+                                                    prompt_lengths=prompt_lengths(pipe.tokenizer, batch))
         secs = (time.time() - t0) / len(idx)
         cost = meter.summary(metrics)
         for j, i in enumerate(idx):
@@ -166,13 +190,14 @@ def main(argv=None):
                                  extras=extras[m][j],
                                  cost=dict(c, seconds=c["seconds"] / len(idx),
                                            step_seconds=[v / len(idx) for v in c["step_seconds"]],
-                                           forward_seconds=_forward_seconds(meter))))
+                                           forward_seconds=_forward_seconds(meter) / len(idx))))
     for m in args.metrics:
         _save(m, bases[m], logs[m], prompts, args, model_id, model.prediction_type, identities[m], st)
 
 
 def _forward_seconds(meter):
-    """Mean seconds of one pair forward in this batch (the unit of the cost ratios)."""
+    """Mean seconds of one pair forward of this batch (K prompts; per prompt: divide by K): the unit of the
+    cost ratios, one UNet forward on the [uncond; cond] batch of a prompt's 2n rows."""
     f = [u[2] for u in meter.units if u[0] == "unet_forwards"]
     return sum(f) / len(f) if f else None
 
@@ -210,6 +235,11 @@ _DESCRIPTIONS = {
                   "(mean over generations); extras: per-generation norm and cosine terms",
     "tiled_l2": "aggregate over generation pairs of the max over tiles of the RMS pixel difference (lower = "
                 "memorized); extras: pairwise distance matrix",
+    "le": "entropy of the head- and query-averaged cross-attention of one layer at the first step (Ren et al.)",
+    "ae": "mean entropy over the last T/5 steps of the layer-averaged cross-attention plus the change of the "
+          "summary-token entropy from the first step (Ren et al.)",
+    "be": "mean over steps of ||m * (out_c - out_u)|| / mean(m), m the end-token attention map at the last step "
+          "(Chen et al.'s Bright Ending); extras: per-step values",
 }
 
 

@@ -102,7 +102,7 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None):
                 continue
             res = detection_metrics(mem_s[keep_m], nmem_s[keep_n], (0.01, 0.03), "closest")
             strict = detection_metrics(mem_s[keep_m], nmem_s[keep_n], (0.01,), "strict")
-            used = k or {"tiled_l2": settings.get("num_inference_steps", 50)}.get(metric, 1)
+            used = k or (1 if metric in ("anisotropy", "le") else settings.get("num_inference_steps", 50))
             row = dict(metric=metric, n=n, steps=used, direction=direction, auc=res["auc"],
                        tpr_1_closest=res["tpr_at_fpr"][0.01], tpr_1_strict=strict["tpr_at_fpr"][0.01],
                        tpr_3_closest=res["tpr_at_fpr"][0.03], n_mem=int(keep_m.sum()), n_nmem=int(keep_n.sum()),
