@@ -34,6 +34,16 @@ def writing(path, what="output"):
         raise UserError(f"cannot write {what} {path}: {e.strerror or one_line(e)}") from None
 
 
+def prepare_dir(path, what="output folder"):
+    """Create folder path (and parents) if needed, at the start of a run: a path that is a file, lies under a
+    file or cannot be created is one UserError now, not after hours of computing. Returns path."""
+    with writing(path, what):
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", path)
+    return path
+
+
 def atomic_write_bytes(path, data):
     """Write bytes to path via a temporary file in the same folder and os.replace (never a half-written file).
     An unwritable path is a UserError (see writing)."""
