@@ -72,7 +72,7 @@ def run_fetch(a):
     records = read_jsonl(a.jsonl, a.prompt_mirror)
     fetcher = F.Fetcher(timeout=a.timeout, retries=a.retries, backoff=a.backoff,
                         max_bytes=int(a.max_mb * (1 << 20)), total_timeout=a.total_timeout)
-    with flag_hint("--offline_after 0 tries every URL"):
+    with flag_hint("--offline_after 0 tries every URL", only=F.Offline):
         rows = F.fetch_all(records, os.path.dirname(os.path.abspath(a.jsonl)), a.out, fetcher, workers=a.workers,
                            min_side=a.min_side, offline_after=a.offline_after)
     counts = {}
@@ -94,8 +94,8 @@ def run_fetch(a):
 def run_score(a):
     manifest = a.manifest or os.path.join(a.images, "manifest.jsonl")
     if not os.path.isfile(manifest):
-        raise UserError(f"generation manifest {manifest} not found (pass --manifest, or --images pointing at the "
-                        "output folder of mitigate_mem.py)")
+        raise UserError(f"generation manifest {manifest} " + ("is not a regular file" if os.path.exists(manifest) else
+                        "not found (pass --manifest, or --images pointing at the output folder of mitigate_mem.py)"))
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
     check_score_outputs(a, manifest, out)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring

@@ -27,7 +27,7 @@ from utils.cli import ArgumentParser, UserError, bounded_float, bounded_int, gua
 from utils.demo_data import build_dataset, write_benchmark
 from utils.demo_model import (assemble_pipeline, build_components, ddim_scheduler, encode_latents, make_pairs,
                               train_unet, train_vae)
-from utils.io import atomic_write_json, check_outputs, library_versions, staged_dir, writing
+from utils.io import atomic_write_json, check_outputs, check_replaceable, library_versions, staged_dir, writing
 from utils.models import DEMO_MODEL_DIR, REPO_ROOT, offline_clip_tokenizer
 
 COMMITTED_PROMPTS = os.path.join(REPO_ROOT, "prompts")
@@ -104,6 +104,7 @@ def check_destinations(args):
     if not args.out_dir.strip():
         raise UserError("--out_dir must not be empty")
     check_outputs({"--out_dir": args.out_dir}, {"--prompts_dir": args.prompts_dir})
+    check_replaceable(args.out_dir, MODEL_MARKER)
 
 
 @guarded(memory_hint="use a smaller --batch_size or --vae_batch_size")

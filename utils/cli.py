@@ -73,11 +73,14 @@ def guarded(main=None, *, memory_hint=MEMORY_HINT):
 
 
 @contextlib.contextmanager
-def flag_hint(hint):
-    """Append a script's advice (its flags) to a UserError raised inside: utils name concepts, scripts name flags."""
+def flag_hint(hint, only=None):
+    """Append a script's advice (its flags) to a UserError raised inside: utils name concepts, scripts name flags.
+    only: a UserError subclass the hint is about (other errors pass unchanged)."""
     try:
         yield
     except UserError as e:
+        if only is not None and not isinstance(e, only):
+            raise
         raise UserError(f"{e} ({hint})") from None
 
 
@@ -121,14 +124,16 @@ def _show(text):
     return r if len(r) <= 40 else r[:37] + "..."
 
 
-def _parse_int(text, low, high, name):
+def _parse_int(text, low, high):
     """An integer in [low, high] (None: unbounded) parsed from text, or an argparse error naming the kind."""
+    kind = ("a positive integer" if low == 1 else "a non-negative integer" if low == 0 else
+            "an integer" if low is None else f"an integer >= {low}")
     try:
         v = int(text)
     except ValueError:  # also int('9' * 5000): Python refuses over 4,300 digits
-        raise_arg(f"expected a {name} integer, got {_show(text)}")
+        raise_arg(f"expected {kind}, got {_show(text)}")
     if low is not None and v < low:
-        raise_arg(f"expected a {name} integer, got {v}")
+        raise_arg(f"expected {kind}, got {v}")
     if high is not None and v > high:
         raise_arg(f"expected at most {high}, got {_show(text)}")
     return v
@@ -136,17 +141,17 @@ def _parse_int(text, low, high, name):
 
 def positive_int(text):
     """argparse type: an integer > 0."""
-    return _parse_int(text, 1, None, "positive")
+    return _parse_int(text, 1, None)
 
 
 def nonneg_int(text):
     """argparse type: an integer >= 0."""
-    return _parse_int(text, 0, None, "non-negative")
+    return _parse_int(text, 0, None)
 
 
 def seed_int(text):
     """argparse type: a random seed, an integer in [0, 2^63 - 1]."""
-    v = _parse_int(text, 0, None, "non-negative")
+    v = _parse_int(text, 0, None)
     if v > SEED_MAX:
         raise_arg(f"a seed must be at most 2^63 - 1, got {_show(text)}")
     return v
@@ -154,10 +159,8 @@ def seed_int(text):
 
 def bounded_int(low, high=None):
     """argparse type factory: an integer in [low, high] (high None: no upper bound)."""
-    name = "positive" if low == 1 else "non-negative" if low == 0 else f">= {low}"
-
     def parse(text):
-        return _parse_int(text, low, high, name)
+        return _parse_int(text, low, high)
 
     parse.__name__ = f"integer in [{low}, {high if high is not None else 'inf'}]"
     return parse

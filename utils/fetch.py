@@ -335,6 +335,10 @@ def _shutdown(sock):
         pass
 
 
+class Offline(UserError):
+    """The first downloads all failed to connect: the machine looks offline (fetch_all's offline_after)."""
+
+
 class FetchError(Exception):
     """A download or local read that failed for a reason of the record or the server: status (a manifest
     status word), detail (text), transient (worth retrying)."""
@@ -455,7 +459,7 @@ def fetch_all(records, base_dir, out_dir, fetcher, workers=8, min_side=MIN_SIDE,
                 if it.url is not None and row["detail"] != "already present":
                     net["down" if row["status"] in ("connection_error", "timeout") else "other"] += 1
                     if offline_after and net["other"] == 0 and net["down"] >= offline_after:
-                        raise UserError(f"the first {net['down']} downloads all failed to connect ({row['detail']})"
+                        raise Offline(f"the first {net['down']} downloads all failed to connect ({row['detail']})"
                                         ": no network? Rows so far are in the manifest; run the same command again "
                                         "when online, or switch the offline check off to try every URL anyway")
     except BaseException:

@@ -444,8 +444,8 @@ def check_outputs(outputs, inputs):
                 raise UserError(f"{olabel} {out} lies inside {ilabel} {inp}, an input folder; choose another "
                                 "output path")
             if _inside(ri, ro):
-                raise UserError(f"{ilabel} {inp} lies inside {olabel} {out}, which this run replaces; choose "
-                                "another output path")
+                raise UserError(f"{ilabel} {inp} lies inside {olabel} {out}: an output folder never holds the "
+                                "run's inputs (it may be replaced as a whole); choose another output path")
 
 
 def _labelled(pairs):
@@ -480,7 +480,7 @@ def staged_dir(target, marker=None):
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
-    _check_replaceable(target, marker)
+    check_replaceable(target, marker)
     with writing(target, "output folder"):
         os.makedirs(parent, exist_ok=True)
         _remove_stale(parent, f".tmp-{name}-")
@@ -494,7 +494,9 @@ def staged_dir(target, marker=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_replaceable(target, marker):
+def check_replaceable(target, marker=None):
+    """UserError unless staged_dir may replace target: absent, or a folder that is empty or holds marker. Call
+    it before long work, so that a wrong output path stops the run at once."""
     if os.path.lexists(target) and not os.path.isdir(target):
         raise UserError(f"{target} exists and is not a folder; choose another output folder")
     if marker and os.path.isdir(target) and os.listdir(target) and not os.path.exists(os.path.join(target, marker)):
