@@ -176,7 +176,7 @@ class Fetcher:
         raw = sock = watchdog = None
         try:
             proxy = self._proxy(scheme, host)
-            raw = socket.create_connection(proxy[:2] if proxy else (host, port), timeout=self._wait(deadline))
+            raw = self._connect(*(proxy[:2] if proxy else (host, port)), deadline)
             with self._lock:
                 self._sockets.add(raw)
             watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _fire, (raw, fired))
@@ -203,6 +203,22 @@ class Fetcher:
                     s.close()
             with self._lock:
                 self._sockets.discard(raw)
+
+    def _connect(self, host, port, deadline):
+        """A TCP socket connected to host:port. Each address of the host is tried with min(timeout, time left),
+        recomputed per address, so a host with many unreachable addresses cannot outlast the deadline."""
+        err = None
+        for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            wait = self._wait(deadline)
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(wait)
+                sock.connect(addr)
+                return sock
+            except OSError as e:  # refused, unreachable, timed out: try the next address
+                sock.close()
+                err = e
+        raise err or OSError(f"no address for {host}")
 
     def _exchange(self, sock, scheme, host, port, target, proxy_auth, deadline, fired):
         cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
