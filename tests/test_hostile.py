@@ -636,6 +636,47 @@ def test_total_timeout_bounds_a_trickling_server(trickle, path):
     assert e.value.status == "timeout" and 1.9 < took < 3.5, took
 
 
+@pytest.fixture()
+def tls_trickle():
+    """A loopback TCP server that answers a TLS client with one handshake byte every 0.5 s: https://... URL."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(b"\x16\x03\x03\x40\x00")  # a TLS record header announcing 16 KiB
+                    while not stop.wait(0.5):
+                        conn.send(b"\x02")
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"https://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    srv.close()
+
+
+def test_total_timeout_bounds_a_trickled_tls_handshake_and_cancel_is_immediate(tls_trickle):
+    from utils.fetch import Fetcher, FetchError
+    f = Fetcher(timeout=15, retries=3, backoff=0.1, total_timeout=2)
+    t = time.monotonic()
+    with pytest.raises(FetchError) as e:
+        f.get(tls_trickle + "/x")
+    assert e.value.status == "timeout" and time.monotonic() - t < 3.5
+    f = Fetcher(timeout=15, total_timeout=100)
+    threading.Timer(0.5, f.cancel).start()
+    t = time.monotonic()
+    with pytest.raises(FetchError) as e:
+        f.get(tls_trickle + "/x")
+    assert e.value.status == "pending" and time.monotonic() - t < 2
+
+
 def test_ctrl_c_ends_fetch_at_once_with_the_manifest_saved(trickle, tmp_path):
     recs = [{"caption": f"c{i}", "index": i, "url": f"{trickle}/body/{i}"} for i in range(6)]
     _jsonl(tmp_path / "r.jsonl", recs)

@@ -116,7 +116,7 @@ class Fetcher:
         self.max_bytes, self.total_timeout, self.user_agent = max_bytes, total_timeout, user_agent
         self.max_redirects = max_redirects
         self.stop = threading.Event()
-        self._sockets, self._lock = set(), threading.Lock()
+        self._lines, self._lock = set(), threading.Lock()
         self._proxies = urllib.request.getproxies()
         self._tls = _tls_context()
 
@@ -124,9 +124,9 @@ class Fetcher:
         """Stop all downloads now: running ones end with status "pending" (their sockets are shut down)."""
         self.stop.set()
         with self._lock:
-            socks = list(self._sockets)
-        for sock in socks:
-            _shutdown(sock)
+            lines = list(self._lines)
+        for line in lines:
+            line.shutdown()
 
     def get(self, url):
         """Bytes of url, or raise FetchError(status, detail). Transient failures are retried with backoff."""
@@ -172,37 +172,33 @@ class Fetcher:
         scheme, host, port, target = _split_url(url)
         if self.stop.is_set():
             raise FetchError("pending", "cancelled")
-        fired = threading.Event()
-        raw = sock = watchdog = None
+        raw = sock = line = None
         try:
             proxy = self._proxy(scheme, host)
-            raw = self._connect(*(proxy[:2] if proxy else (host, port)), deadline)
+            raw = sock = self._connect(*(proxy[:2] if proxy else (host, port)), deadline)
+            line = _Line(raw, deadline)
             with self._lock:
-                self._sockets.add(raw)
-            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _fire, (raw, fired))
-            watchdog.daemon = True
-            watchdog.start()
-            if self.stop.is_set():  # cancel() ran before this socket was registered
-                _shutdown(raw)
-            sock = raw
+                self._lines.add(line)
+            if self.stop.is_set():  # cancel() ran before this connection was registered
+                line.shutdown()
             if proxy and scheme == "https":
                 _tunnel(sock, host, port, proxy[2])
-            if scheme == "https":
+            if scheme == "https":  # the handshake runs under the watchdog too: it shuts the descriptor down
                 sock = self._tls.wrap_socket(sock, server_hostname=host)
             return self._exchange(sock, scheme, host, port, target if not (proxy and scheme == "http") else url,
-                                  proxy[2] if proxy and scheme == "http" else None, deadline, fired)
+                                  proxy[2] if proxy and scheme == "http" else None, deadline, line)
         except FetchError:
             raise
         except Exception as e:  # socket, TLS and protocol errors: classified, never a crash of the run
-            raise self._classify(e, deadline, fired) from e
+            raise self._classify(e, deadline, line) from e
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            for s in (sock, raw):
+            if line is not None:
+                line.close()
+                with self._lock:
+                    self._lines.discard(line)
+            for s in (sock, raw):  # after wrap_socket, raw is detached and closing it does nothing
                 if s is not None:
                     s.close()
-            with self._lock:
-                self._sockets.discard(raw)
 
     def _connect(self, host, port, deadline):
         """A TCP socket connected to host:port. Each address of the host is tried with min(timeout, time left),
@@ -220,7 +216,7 @@ class Fetcher:
                 err = e
         raise err or OSError(f"no address for {host}")
 
-    def _exchange(self, sock, scheme, host, port, target, proxy_auth, deadline, fired):
+    def _exchange(self, sock, scheme, host, port, target, proxy_auth, deadline, line):
         cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
         conn = cls(host, port)
         conn.sock = sock  # already connected (and wrapped): http.client only speaks HTTP over it
@@ -243,7 +239,7 @@ class Fetcher:
             chunk = r.read1(1 << 16)
             if self.stop.is_set():
                 raise FetchError("pending", "cancelled")
-            if fired.is_set():
+            if line.fired.is_set():
                 raise self._over_time()
             if not chunk:
                 break
@@ -265,11 +261,11 @@ class Fetcher:
     def _over_time(self):
         return FetchError("timeout", f"download took over {self.total_timeout:g} s", transient=True)
 
-    def _classify(self, e, deadline, fired):
+    def _classify(self, e, deadline, line):
         """The FetchError for an exception of one request (socket, TLS, HTTP protocol, URL)."""
         if self.stop.is_set():
             return FetchError("pending", "cancelled")
-        if fired.is_set() or time.monotonic() >= deadline:
+        if (line is not None and line.fired.is_set()) or time.monotonic() >= deadline:
             return self._over_time()
         if isinstance(e, TimeoutError):
             return FetchError("timeout", f"no answer within {self.timeout:g} s", transient=True)
@@ -338,17 +334,43 @@ def _tls_context():
         return ssl.create_default_context()
 
 
-def _fire(sock, fired):
-    """Watchdog: the download's deadline passed; a blocked read returns at once."""
-    fired.set()
-    _shutdown(sock)
+class _Line:
+    """One request's connection as other threads see it: a watchdog shuts it down at the deadline (fired is then
+    set), cancel() may shut it down at any time. The shutdown goes to the descriptor (through a duplicate), so it
+    also reaches a socket wrapped for TLS meanwhile, and happens under a lock with close(), so it never reaches a
+    descriptor number that was closed and reused."""
 
+    def __init__(self, sock, deadline):
+        self.fd, self.fired, self._lock, self._open = sock.fileno(), threading.Event(), threading.Lock(), True
+        self._watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
 
-def _shutdown(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # already closed or never connected
-        pass
+    def _fire(self):
+        self.fired.set()
+        self.shutdown()
+
+    def shutdown(self):
+        """End the connection now: a read blocked on it returns at once."""
+        with self._lock:
+            if not self._open:
+                return
+            try:
+                dup = socket.socket(fileno=os.dup(self.fd))
+            except OSError:
+                return
+            try:
+                dup.shutdown(socket.SHUT_RDWR)  # shuts the connection, which every duplicate shares
+            except OSError:  # not connected (any more)
+                pass
+            finally:
+                dup.close()  # closes only the duplicate
+
+    def close(self):
+        """Called before the socket is closed: no shutdown after this."""
+        self._watchdog.cancel()
+        with self._lock:
+            self._open = False
 
 
 class Offline(UserError):
