@@ -638,7 +638,7 @@ def test_total_timeout_bounds_a_trickling_server(trickle, path):
 
 @pytest.fixture()
 def tls_trickle():
-    """A loopback TCP server that answers a TLS client with one handshake byte every 0.5 s: https://... URL."""
+    """A loopback TCP server that answers a TLS client with one handshake byte every 0.5 s; yields its https URL."""
     srv = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
