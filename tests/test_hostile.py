@@ -578,6 +578,40 @@ def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
     assert not os.path.exists(str(log) + ".lock")  # released and removed
 
 
+@pytest.mark.parametrize("name", ["", " ", ".", "..", "../x", "a/b", "/abs", "a\\b", "x\n", "t\x00", "\x7f",
+                                  "y" * 256])
+def test_names_that_become_paths_are_plain_components(name, tmp_path):
+    from utils.cli import UserError
+    from utils.io import safe_component, safe_join
+    with pytest.raises(UserError, match="--prompt_type"):
+        safe_join(str(tmp_path), "sd1", name, what="--prompt_type")
+    with pytest.raises(UserError):
+        safe_component(name)
+
+
+def test_plain_names_pass_and_stay_under_the_folder(tmp_path):
+    from utils.io import safe_join
+    for name in ("mem", "mem_nomiti", "sd1", "a.b-c", "ünï cödé", "..x", "x.."):
+        path = safe_join(str(tmp_path), "sd1", name)
+        assert os.path.dirname(os.path.dirname(path)) == str(tmp_path)
+
+
+def test_check_outputs_sees_links_and_folders(tmp_path):
+    from utils.cli import UserError
+    from utils.io import check_outputs
+    (tmp_path / "in.pt").write_text("scores")
+    os.link(tmp_path / "in.pt", tmp_path / "hard.pt")
+    os.symlink(tmp_path / "in.pt", tmp_path / "soft.pt")
+    (tmp_path / "gt").mkdir()
+    for out in ("in.pt", "hard.pt", "soft.pt", "./x/../in.pt", "gt/r.json"):
+        with pytest.raises(UserError, match="--out"):
+            check_outputs({"--out": str(tmp_path / out)}, {"--mem": str(tmp_path / "in.pt"), "--gt": tmp_path / "gt",
+                                                            "--nmem": None})
+    with pytest.raises(UserError, match="lies inside --out_dir"):
+        check_outputs({"--out_dir": str(tmp_path)}, [("--mem", str(tmp_path / "in.pt"))])
+    check_outputs({"--out": str(tmp_path / "r.json")}, {"--mem": str(tmp_path / "in.pt"), "--gt": tmp_path / "gt"})
+
+
 def test_prompt_lines_split_on_newlines_only(tmp_path, capsys):
     from utils.prompts import read_prompt_lines, read_prompts
     f = tmp_path / "p.txt"

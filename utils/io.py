@@ -256,10 +256,10 @@ class ProgressLog:
         self.close()
 
     def __del__(self):  # a log dropped without close(), e.g. a script's main() returning
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            with contextlib.suppress(Exception):
-                lock.release()
+        try:
+            self._lock.release()
+        except Exception:  # __init__ failed before the lock, or the interpreter is shutting down
+            pass
 
 
 class RunLock:
