@@ -23,7 +23,8 @@ from utils.detection import initial_latents
 from utils.attention import prompt_lengths
 from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, METRICS, SPACES,
                              TILED_AGGS, DetectSettings, attention_layers, run_detectors)
-from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, sha256_file, write_sidecar
+from utils import distributed as D
+from utils.io import atomic_save_image, atomic_torch_save, sha256_file, write_sidecar
 from utils.models import JVP_DTYPES, decode_latents, encode_prompts, jvp_unet_copy, load_pipeline, model_label, \
     resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
@@ -118,7 +119,10 @@ def output_base(out_dir, stem, metric, n):
 def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
-    device = resolve_device(args.device)
+    shard = D.current_shard()  # several processes under accelerate launch / torchrun: prompts are sharded
+    device = D.shard_device(shard, resolve_device(args.device))
+    D.start(shard, device)
+    D.agree(shard, "the arguments", vars(args))
     dtype = resolve_dtype(args.dtype, device)
     model_id = resolve_model_id(args.sd_ver, args.model_id)
     prompts = read_prompts(args.data_path, args.prompt_mirror)
@@ -148,9 +152,9 @@ def main(argv=None):
                                        jvp_dtype=args.jvp_dtype, num_inference_steps=NUM_INFERENCE_STEPS,
                                        guidance_scale=GUIDANCE_SCALE)
     bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
-    logs = {m: ProgressLog(bases[m] + ".progress.jsonl", identities[m]) for m in args.metrics}
+    logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard) for m in args.metrics}
     todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]
-    if len(todo) < len(prompts):
+    if len(todo) < len(prompts) and shard.main:
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")
     long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
     if long_ones:
@@ -165,8 +169,9 @@ def main(argv=None):
     uncond = encode_prompts(pipe, "", device)
     image_dir = os.path.join(args.out_dir, f"{stem}_gen{args.gen_num}_images")
 
-    for start in tqdm(range(0, len(todo), args.batch_size), desc=f"detect {stem}", unit="batch", disable=not todo):
-        idx = todo[start:start + args.batch_size]
+    mine = D.my_batches(todo, args.batch_size, shard)
+    for idx in tqdm(mine, desc=f"detect {stem}" + (f" [{shard.rank}]" if shard.world > 1 else ""), unit="batch",
+                    disable=not mine):
         metrics = [m for m in args.metrics if any(i not in logs[m].done for i in idx)]
         t0 = time.time()
         batch = [prompts[i] for i in idx]
@@ -191,8 +196,11 @@ def main(argv=None):
                                  cost=dict(c, seconds=c["seconds"] / len(idx),
                                            step_seconds=[v / len(idx) for v in c["step_seconds"]],
                                            forward_seconds=_forward_seconds(meter) / len(idx))))
-    for m in args.metrics:
-        _save(m, bases[m], logs[m], prompts, args, model_id, model.prediction_type, identities[m], st)
+    for m in args.metrics:  # merged only when every prompt is done, by the main process
+        records = D.merged_records(logs[m], len(prompts), shard)
+        if shard.main:
+            _save(m, bases[m], records, prompts, args, model_id, model.prediction_type, identities[m], st)
+    D.finish(shard)
 
 
 def _forward_seconds(meter):
@@ -202,9 +210,8 @@ def _forward_seconds(meter):
     return sum(f) / len(f) if f else None
 
 
-def _save(metric, base, log, prompts, args, model_id, prediction_type, identity, st):
-    """The metric's [prompts, steps] tensor (.pt) and its self-describing sidecar (.json)."""
-    records = [log.done[i] for i in range(len(prompts))]
+def _save(metric, base, records, prompts, args, model_id, prediction_type, identity, st):
+    """The metric's [prompts, steps] tensor (.pt) and its self-describing sidecar (.json) from its records."""
     per_step = torch.tensor([[_mean(step) for step in r["per_generation"]] for r in records], dtype=torch.float32)
     atomic_torch_save(base + ".pt", per_step)
     costs = [r.get("cost") or {} for r in records]

@@ -64,16 +64,9 @@ class DetectSettings:
     be_layers: tuple = ()             # be: forward indices of the mask layers; () = the first down block's
 
     def __post_init__(self):
-        n = self.num_inference_steps
-        problems = []
-        for k in ("num_inference_steps", "hvp_sampling_num", "wen_steps", "tile_px"):
-            if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0):
-                problems.append(f"{k} must be a positive integer")
-        for k in ("hvp_sampling_num", "wen_steps"):
-            if isinstance(getattr(self, k), int) and getattr(self, k) > n:
-                problems.append(f"{k} ({getattr(self, k)}) exceeds the {n} sampling steps")
-        if not -n <= self.aniso_low_index < n:
-            problems.append(f"the anisotropy low-noise index {self.aniso_low_index} is outside the {n}-step schedule")
+        problems = [f"{k} must be a positive integer" for k in ("num_inference_steps", "hvp_sampling_num",
+                                                               "wen_steps", "tile_px")
+                    if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0)]
         for k, allowed in (("wen_space", SPACES), ("aniso_mode", ANISO_MODES), ("aniso_space", ANISO_SPACES),
                            ("tiled_agg", TILED_AGGS)):
             if getattr(self, k) not in allowed:
@@ -82,6 +75,16 @@ class DetectSettings:
             problems.append("aniso_weights needs two numbers")
         if not isinstance(self.le_layer, int) or self.le_layer < 0:
             problems.append("le_layer must be a non-negative integer")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def check(self, metrics):
+        """ValueError if a requested metric needs more sampling steps than the schedule has."""
+        n = self.num_inference_steps
+        problems = [f"{m} needs {self.trajectory(m)} sampling steps; the schedule has {n}" for m in metrics
+                    if self.trajectory(m) > n]
+        if "anisotropy" in metrics and not -n <= self.aniso_low_index < n:
+            problems.append(f"the anisotropy low-noise index {self.aniso_low_index} is outside the {n}-step schedule")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -170,6 +173,7 @@ def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=Non
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {METRICS}")
+    st.check(metrics)
     k, n = cond.shape[0], latents.shape[0]
     if "tiled_l2" in metrics and (n < 2 or decode is None):
         raise ValueError("tiled_l2 compares generations: it needs n >= 2 and a decoder")
