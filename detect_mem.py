@@ -17,14 +17,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, add_model_arguments, guarded, nonneg_int, positive_int, \
+from utils.cli import ArgumentParser, UserError, add_model_arguments, bounded_int, guarded, nonneg_int, positive_int, \
     quiet_library_warnings, raise_arg, seed_int, warn
 from utils.detection import initial_latents
 from utils.attention import prompt_lengths
 from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, METRICS, SPACES,
                              TILED_AGGS, DetectSettings, attention_layers, run_detectors)
 from utils import distributed as D
-from utils.io import atomic_save_image, atomic_torch_save, sha256_file, write_sidecar
+from utils.io import atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, sha256_file, write_sidecar
 from utils.models import JVP_DTYPES, decode_latents, encode_prompts, jvp_unet_copy, load_pipeline, model_label, \
     resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
@@ -70,12 +70,12 @@ def parse_args(argv=None):
     add_model_arguments(p)
     p.add_argument("--data_path", default="prompts/sd1_mem.txt", help="prompt file, one prompt per line")
     p.add_argument("--metrics", type=metric_list, default=["sharpness"], help=f"any of {', '.join(METRICS)}")
-    p.add_argument("--gen_num", type=positive_int, default=4, help="n: generations averaged per prompt")
+    p.add_argument("--gen_num", type=bounded_int(1, 65536), default=4, help="n: generations averaged per prompt")
     p.add_argument("--hvp_sampling_num", type=positive_int, default=1,
                    help=f"sharpness: number of first sampling steps measured (at most {NUM_INFERENCE_STEPS})")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="torch seed before each prompt's initial noise")
     p.add_argument("--out_dir", default="det_outputs")
-    p.add_argument("--batch_size", type=positive_int, default=1, help="prompts per UNet call (same results)")
+    p.add_argument("--batch_size", type=bounded_int(1, 65536), default=1, help="prompts per UNet call (same results)")
     p.add_argument("--v_score", default="correct", choices=V_SCORE_FORMS,
                    help="sharpness on v-prediction models: correct -(alpha v + sigma x)/sigma, or the reference's "
                         "(alpha v - x)/sigma^2 (metric scaled by 1/sigma_t^2)")
@@ -115,7 +115,7 @@ def output_base(out_dir, stem, metric, n):
     return os.path.join(out_dir, f"{stem}_gen{n}" if metric == "sharpness" else f"{stem}_{metric}_gen{n}")
 
 
-@guarded
+@guarded(memory_hint="use a smaller --gen_num or --batch_size")
 def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
@@ -127,6 +127,10 @@ def main(argv=None):
     model_id = resolve_model_id(args.sd_ver, args.model_id)
     prompts = read_prompts(args.data_path, args.prompt_mirror)
     stem = os.path.splitext(os.path.basename(args.data_path))[0]
+    bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
+    prepare_dir(args.out_dir)  # an unusable output folder is an error now, not after the computing
+    check_outputs({f"the {m} result": bases[m] + ext for m in args.metrics for ext in (".pt", ".json")},
+                  {"--data_path": args.data_path})
     pipe = load_pipeline(model_id, device, dtype)
     model = ScoreModel(pipe.unet, pipe.scheduler, v_score=args.v_score,
                        jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if "sharpness" in args.metrics else None)
@@ -151,8 +155,8 @@ def main(argv=None):
         identities["sharpness"] = dict(common, hvp_sampling_num=args.hvp_sampling_num, v_score=args.v_score,
                                        jvp_dtype=args.jvp_dtype, num_inference_steps=NUM_INFERENCE_STEPS,
                                        guidance_scale=GUIDANCE_SCALE)
-    bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
-    logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard) for m in args.metrics}
+    logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard,
+                          fields={"prompt": str, "per_generation": list}) for m in args.metrics}
     todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]
     if len(todo) < len(prompts) and shard.main:
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")

@@ -521,6 +521,77 @@ def test_toy_2d_bad_inputs(world, argv, code, fragment):
     check_row(TOY, argv, code, fragment, world)
 
 
+# ------------------------------------------------------------------------------ detect_mem.py and detect_eval.py
+
+DETECT = "detect_mem"
+DETECT_BASE = ["--model_id", "tiny", "--data_path", "{w}/det/p.txt", "--device", "cpu", "--gen_num", "1"]
+DETECT_ROWS = [
+    (DETECT_BASE + ["--hvp_sampling_num", "51"], 2, "exceeds the 50 sampling steps"),
+    (DETECT_BASE + ["--wen_steps", "51", "--metrics", "wen"], 2, "exceeds the 50 sampling steps"),
+    (DETECT_BASE + ["--gen_seed", BIG], 2, "2^63"),
+    (DETECT_BASE + ["--gen_seed", "-1"], 2, "--gen_seed"),
+    (DETECT_BASE + ["--device", "foo"], 2, "expected cpu, cuda"),
+    (DETECT_BASE + ["--device", "meta"], 2, "expected cpu, cuda"),
+    (DETECT_BASE + ["--gen_num", "0"], 2, "--gen_num"),
+    (DETECT_BASE + ["--gen_num", "10000000"], 2, "at most"),
+    (DETECT_BASE + ["--batch_size", "0"], 2, "--batch_size"),
+    (DETECT_BASE + ["--metrics", "sharpness,nope"], 2, "--metrics"),
+    (DETECT_BASE + ["--metrics", "tiled_l2"], 2, "at least 2"),
+    (DETECT_BASE + ["--metrics", "anisotropy", "--aniso_weights", "1,nan"], 2, "two finite numbers"),
+    (DETECT_BASE + ["--sd_ver", "3"], 2, "--sd_ver"),
+    (DETECT_BASE[:2] + ["--data_path", "{w}/fifo", "--device", "cpu"], 2, "not a regular file"),
+    (DETECT_BASE[:2] + ["--data_path", "{w}/nonutf8.txt", "--device", "cpu"], 2, "not UTF-8"),
+    (DETECT_BASE + ["--out_dir", "{w}/afile"], 2, "cannot write"),
+    (DETECT_BASE + ["--out_dir", "{w}/afile/sub"], 2, "cannot write"),
+    (DETECT_BASE + ["--out_dir", "{w}/det/binary_log"], 2, "progress log"),
+    (DETECT_BASE + ["--out_dir", "{w}/det/o", "--metrics", "le", "--le_layer", "99"], 2, "no cross-attention layer"),
+]
+
+
+@pytest.fixture(scope="module")
+def detect_world(world):
+    import torch
+    det = world / "det"
+    (det / "binary_log").mkdir(parents=True)
+    (det / "p.txt").write_text("a red rug\n")
+    (det / "binary_log" / "p_gen1.progress.jsonl").write_bytes(b"\x00\xff" * 100)
+    torch.save(torch.tensor([[1.0], [2.0]]), det / "a_mem_gen1.pt")
+    torch.save(torch.tensor([[0.5, 1.0, 2.0], [1.0, 1.0, 1.0]]), det / "a_nmem_gen1.pt")
+    torch.save(torch.tensor([[1.0], [2.0]]).to_sparse(), det / "sparse.pt")
+    torch.save({"not": "a tensor"}, det / "dict.pt")
+    (det / "nopairs").mkdir()
+    return world
+
+
+@pytest.mark.parametrize("argv,code,fragment", DETECT_ROWS, ids=lambda v: None)
+def test_detect_mem_bad_inputs(detect_world, argv, code, fragment):
+    check_row(DETECT, argv, code, fragment, detect_world, allowed=("det/o",))
+
+
+DETECT_EVAL = "detect_eval"
+D = "{w}/det/"
+DETECT_EVAL_ROWS = [
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_nmem_gen1.pt"], 2, "not comparable"),
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_nmem_gen1.pt", "--steps", "2"], 2, "--steps asks for step 2"),
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_nmem_gen1.pt", "--steps", "0"], 2, "--steps"),
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_mem_gen1.pt", "--out", D + "a_mem_gen1.pt"], 2,
+     "never replaces an input"),
+    (["--mem", D + "sparse.pt", "--nmem", D + "a_mem_gen1.pt"], 2, "[prompts, steps] tensor"),
+    (["--mem", D + "dict.pt", "--nmem", D + "a_mem_gen1.pt"], 2, "[prompts, steps] tensor"),
+    (["--mem", "{w}/fifo", "--nmem", D + "a_mem_gen1.pt"], 2, "regular file"),
+    (["--mem", D + "missing.pt", "--nmem", D + "a_mem_gen1.pt"], 2, "run detect_mem.py first"),
+    (["--mem", "{w}/afile", "--nmem", D + "a_mem_gen1.pt"], 2, "not a detect_mem.py result"),
+    (["--table", "{w}/afile"], 2, "not a folder"),
+    (["--table", D + "nopairs"], 2, "no pair"),
+    (["--table", D, "--table_steps", "x"], 2, "--table_steps"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", DETECT_EVAL_ROWS, ids=lambda v: None)
+def test_detect_eval_bad_inputs(detect_world, argv, code, fragment):
+    check_row(DETECT_EVAL, argv, code, fragment, detect_world)
+
+
 # -------------------------------------------------------------------------------- the shared guard and writers
 
 def test_guard_turns_allocation_failures_into_one_line_and_keeps_bugs(capsys):

@@ -57,11 +57,27 @@ def load_paper(path=PAPER_TABLE):
     return {(r["metric"], r["sd"], r["n"], r["steps"]): r for r in rows}
 
 
+def load_result(path):
+    """The [prompts, steps] tensor of a detect_mem.py result, read safely (a regular file of at most 1 GiB,
+    weights_only); anything else is a UserError."""
+    import io
+
+    from .io import DataPathError, read_limited
+    try:
+        data = read_limited(path, 1 << 30)
+    except DataPathError as e:
+        raise UserError(f"{path}: {e.detail}; run detect_mem.py first") from None
+    try:
+        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a detect_mem.py result ({type(e).__name__})") from None
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dim() != 2 or t.shape[0] == 0:
+        raise UserError(f"{path} does not hold a [prompts, steps] tensor")
+    return t
+
+
 def _scores(pt, steps, direction):
-    t = torch.load(pt, map_location="cpu", weights_only=True)
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.layout != torch.strided:
-        raise UserError(f"{pt} does not hold a [prompts, steps] tensor")
-    s = t[:, :steps].double().mean(dim=1).numpy()
+    s = load_result(pt)[:, :steps].double().mean(dim=1).numpy()
     return -s if direction == "lower" else s
 
 
