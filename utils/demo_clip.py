@@ -49,6 +49,12 @@ before the vocabulary is built and before training. Metrics (evaluate()):
 (c) memorized retrieval: for each of the 32 memorized captions, the 32 memorized training images are scored;
     correct when the best is the caption's own memorized image (chance 1/32). These are training pairs: this says
     how well the score knows the memorized associations, not how it generalizes.
+
+What the score measures: for prompts made of the training captions' words (digit names, numerals, colours), whether
+the image shows that digit in that colour; words it never saw are one out-of-vocabulary token, so an unrelated
+prompt scores every digit image about alike. For a memorized caption it measures, weakly, likeness to the 31
+images that caption describes; it is not a copy detector (pixel cosine to the training image is that measure).
+The measured numbers are in demo_clip/train_log.json.
 """
 import json
 import math
@@ -306,10 +312,19 @@ def train(data, holdout, steps, batch_size=256, lr=2e-3, weight_decay=1e-4, toke
 # -------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
+def _images(model, images):
+    """Unit-norm image embeddings of (N, 3, 32, 32) tensors in [-1, 1]."""
+    return nn.functional.normalize(model.encode_image(images), dim=1)
+
+
+@torch.no_grad()
+def _texts(model, tokenizer, texts):
+    """Unit-norm text embeddings of a list of str."""
+    return nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=1)
+
+
 def _embed(model, tokenizer, images, texts):
-    img = nn.functional.normalize(model.encode_image(images), dim=1)
-    txt = nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=1)
-    return img, txt
+    return _images(model, images), _texts(model, tokenizer, texts)
 
 
 def zero_shot(model, tokenizer, data, indices, template=ZERO_SHOT):
@@ -358,12 +373,13 @@ def score_scale(model, tokenizer, data, indices):
     other = [ZERO_SHOT.format(c=names[(c + 1 + k % 7) % 8], n=DIGIT_NAMES[(d + 1 + k % 9) % 10])
              for k, (d, c) in enumerate(zip(lab, col))]
     unrelated = [UNRELATED_PROMPTS[k % len(UNRELATED_PROMPTS)] for k in range(len(indices))]
-    img, _ = _embed(model, tokenizer, data["images"][indices], [""])
-    pair = lambda texts: (img * _embed(model, tokenizer, data["images"][:1], texts)[1]).sum(1).mean().item()
+    img = _images(model, data["images"][indices])
+    pair = lambda texts: (img * _texts(model, tokenizer, texts)).sum(1).mean().item()
     caps = [c for c, _ in data["memorized"]]
     mimg, mtxt = _embed(model, tokenizer, data["images"][[k for _, k in data["memorized"]]], caps)
-    shared = [(caps.index(c), i) for c, i in data["shared"] if i not in set(indices)]
-    simg = _embed(model, tokenizer, data["images"][[i for _, i in shared]], [""])[0]
+    held = set(indices)
+    shared = [(caps.index(c), i) for c, i in data["shared"] if i not in held]
+    simg = _images(model, data["images"][[i for _, i in shared]])
     return {"heldout_own_caption": pair(own), "heldout_other_digit_and_colour": pair(other),
             "heldout_unrelated_prompt": pair(unrelated),
             "memorized_caption_memorized_image": (mimg * mtxt).sum(1).mean().item(),
