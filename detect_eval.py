@@ -12,13 +12,12 @@ import json
 import os
 
 import numpy as np
-import torch
 
 from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
 from utils.detectors import METRICS
-from utils.io import atomic_write_bytes, atomic_write_text, figure_png, write_sidecar
+from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
-from utils.tables import TABLE_STEPS, build_table, discover, load_paper, markdown, roc_figure, set_pairs
+from utils.tables import TABLE_STEPS, build_table, discover, load_paper, load_result, markdown, roc_figure, set_pairs
 
 TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
 
@@ -44,14 +43,7 @@ def parse_args(argv=None):
 def load_scores(path, steps):
     """[prompts, steps] tensor from detect_mem.py -> per-prompt mean over the chosen steps (numpy float64), with
     the sign that makes larger mean 'memorized' (read from the result's sidecar; tiled_l2 is lower-is-memorized)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found; run detect_mem.py first")
-    try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a detect_mem.py result ({type(e).__name__})")
-    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dim() != 2 or t.shape[0] == 0:
-        raise UserError(f"{path} does not hold a [prompts, steps] tensor")
+    t = load_result(path)
     if steps is not None:
         if max(steps) > t.shape[1]:
             raise UserError(f"{path} has {t.shape[1]} measured step(s); --steps asks for step {max(steps)}")
@@ -84,6 +76,14 @@ def plot_roc(res, title):
 
 def run_pair(args):
     steps = None if args.steps is None else parse_int_list(args.steps, 1, None, "--steps (1-based step numbers)")
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+    out = args.out or os.path.join(os.path.dirname(args.mem) or ".", f"{stem(args.mem)}_vs_{stem(args.nmem)}.eval.json")
+    check_outputs({"--out": out, "the ROC PNG": os.path.splitext(out)[0] + ".roc.png"},
+                  {"--mem": args.mem, "--nmem": args.nmem})
+    widths = [load_result(p).shape[1] for p in (args.mem, args.nmem)]
+    if steps is None and widths[0] != widths[1]:
+        raise UserError(f"--mem has {widths[0]} measured step(s) and --nmem {widths[1]}: their means over all steps "
+                        "are not comparable; choose common steps with --steps")
     mem, nmem = load_scores(args.mem, steps), load_scores(args.nmem, steps)
     keep_m, keep_n = np.isfinite(mem), np.isfinite(nmem)
     if (~keep_m).any() or (~keep_n).any():
@@ -99,10 +99,6 @@ def run_pair(args):
     tprs = " | ".join(f"TPR@{f * 100:g}%FPR: {v:.3f}" for f, v in res["tpr_at_fpr"].items())
     print(f"AUC: {res['auc']:.3f} | {tprs}")
 
-    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
-    out = args.out or os.path.join(os.path.dirname(args.mem) or ".", f"{stem(args.mem)}_vs_{stem(args.nmem)}.eval.json")
-    if os.path.abspath(out) in (os.path.abspath(args.mem), os.path.abspath(args.nmem)):
-        raise UserError(f"--out {out} is one of the inputs; choose another path")
     res.update(mem_file=args.mem, nmem_file=args.nmem, steps=steps or "all",
                dropped_nan=dict(mem=int((~keep_m).sum()), nmem=int((~keep_n).sum())))
     write_sidecar(out, vars(args), **res)
@@ -114,12 +110,12 @@ def run_pair(args):
 def run_table(args):
     if not os.path.isdir(args.table):
         raise UserError(f"--table {args.table} is not a folder")
+    steps = parse_int_list(args.table_steps, 1, None, "--table_steps")
     results = discover(args.table, METRICS)
     pairs = [tuple(args.sets)] if args.sets else set_pairs(results)
     if not pairs:
         raise UserError(f"no pair of <x>_mem / <x>_nmem results in {args.table}; name the sets with --sets")
     paper = load_paper()
-    steps = parse_int_list(args.table_steps, 1, None, "--table_steps")
     for mem_stem, nmem_stem in pairs:
         rows = build_table(results, mem_stem, nmem_stem, steps, paper)
         if not rows:

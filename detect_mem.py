@@ -17,12 +17,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, add_model_arguments, guarded, positive_int, quiet_library_warnings, \
-    raise_arg, seed_int, warn
+from utils.cli import ArgumentParser, UserError, add_model_arguments, bounded_int, guarded, nonneg_int, positive_int, \
+    quiet_library_warnings, raise_arg, seed_int, warn
 from utils.detection import initial_latents
-from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, DIRECTION, METRICS, SPACES, TILED_AGGS,
-                             DetectSettings, run_detectors)
-from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, sha256_file, write_sidecar
+from utils.attention import prompt_lengths
+from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, METRICS, SPACES,
+                             TILED_AGGS, DetectSettings, attention_layers, run_detectors)
+from utils import distributed as D
+from utils.io import atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, sha256_file, write_sidecar
 from utils.models import JVP_DTYPES, decode_latents, encode_prompts, jvp_unet_copy, load_pipeline, model_label, \
     resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
@@ -41,6 +43,17 @@ def metric_list(text):
     return names
 
 
+def index_list(text):
+    """argparse type: comma-separated non-negative integers, as a tuple."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if not vals or min(vals) < 0:
+        raise_arg(f"expected comma-separated layer indices, got {text!r}")
+    return vals
+
+
 def weight_pair(text):
     """argparse type: two finite numbers 'g1,g2'."""
     try:
@@ -57,12 +70,12 @@ def parse_args(argv=None):
     add_model_arguments(p)
     p.add_argument("--data_path", default="prompts/sd1_mem.txt", help="prompt file, one prompt per line")
     p.add_argument("--metrics", type=metric_list, default=["sharpness"], help=f"any of {', '.join(METRICS)}")
-    p.add_argument("--gen_num", type=positive_int, default=4, help="n: generations averaged per prompt")
+    p.add_argument("--gen_num", type=bounded_int(1, 65536), default=4, help="n: generations averaged per prompt")
     p.add_argument("--hvp_sampling_num", type=positive_int, default=1,
                    help=f"sharpness: number of first sampling steps measured (at most {NUM_INFERENCE_STEPS})")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="torch seed before each prompt's initial noise")
     p.add_argument("--out_dir", default="det_outputs")
-    p.add_argument("--batch_size", type=positive_int, default=1, help="prompts per UNet call (same results)")
+    p.add_argument("--batch_size", type=bounded_int(1, 65536), default=1, help="prompts per UNet call (same results)")
     p.add_argument("--v_score", default="correct", choices=V_SCORE_FORMS,
                    help="sharpness on v-prediction models: correct -(alpha v + sigma x)/sigma, or the reference's "
                         "(alpha v - x)/sigma^2 (metric scaled by 1/sigma_t^2)")
@@ -83,6 +96,11 @@ def parse_args(argv=None):
     p.add_argument("--tile_px", type=positive_int, default=128, help="tiled_l2: tile side in pixels (8 for the demo)")
     p.add_argument("--tiled_agg", default="mean", choices=TILED_AGGS,
                    help="tiled_l2: aggregate of the pairwise distances (mean; min = the closest pair)")
+    p.add_argument("--le_layer", type=nonneg_int, default=3,
+                   help="le: forward index of the cross-attention layer (Ren et al.'s 3 = down_blocks.1.attentions.1)")
+    p.add_argument("--be_layers", type=index_list, default=(),
+                   help="be: forward indices of the end-token mask layers (default: the first down block's, as "
+                        "Chen et al.'s two 64x64 layers of SD v1.4)")
     args = p.parse_args(argv)
     for name, v in (("--hvp_sampling_num", args.hvp_sampling_num), ("--wen_steps", args.wen_steps)):
         if v > NUM_INFERENCE_STEPS:
@@ -97,15 +115,22 @@ def output_base(out_dir, stem, metric, n):
     return os.path.join(out_dir, f"{stem}_gen{n}" if metric == "sharpness" else f"{stem}_{metric}_gen{n}")
 
 
-@guarded
+@guarded(memory_hint="use a smaller --gen_num or --batch_size")
 def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
-    device = resolve_device(args.device)
+    shard = D.current_shard()  # several processes under accelerate launch / torchrun: prompts are sharded
+    device = D.shard_device(shard, resolve_device(args.device))
+    D.start(shard, device)
+    D.agree(shard, "the arguments", vars(args))
     dtype = resolve_dtype(args.dtype, device)
     model_id = resolve_model_id(args.sd_ver, args.model_id)
     prompts = read_prompts(args.data_path, args.prompt_mirror)
     stem = os.path.splitext(os.path.basename(args.data_path))[0]
+    bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
+    prepare_dir(args.out_dir)  # an unusable output folder is an error now, not after the computing
+    check_outputs({f"the {m} result": bases[m] + ext for m in args.metrics for ext in (".pt", ".json")},
+                  {"--data_path": args.data_path})
     pipe = load_pipeline(model_id, device, dtype)
     model = ScoreModel(pipe.unet, pipe.scheduler, v_score=args.v_score,
                        jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if "sharpness" in args.metrics else None)
@@ -115,7 +140,13 @@ def main(argv=None):
     st = DetectSettings(num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
                         hvp_sampling_num=args.hvp_sampling_num, wen_steps=args.wen_steps, wen_space=args.wen_space,
                         aniso_mode=args.aniso_mode, aniso_space=args.aniso_space, aniso_weights=weights,
-                        tile_px=args.tile_px, tiled_agg=args.tiled_agg)
+                        tile_px=args.tile_px, tiled_agg=args.tiled_agg, le_layer=args.le_layer,
+                        be_layers=args.be_layers)
+    if any(m in ATTENTION_METRICS for m in args.metrics):
+        try:
+            attention_layers(pipe.unet, st)
+        except ValueError as e:
+            raise UserError(f"{' '.join(str(e).split())[:400]} (--le_layer / --be_layers)") from None
     # Everything that changes a metric's numbers; a resumed run must match it exactly (sharpness: as before).
     common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                   gen_seed=args.gen_seed, dtype=str(dtype), device=device.type)
@@ -124,10 +155,10 @@ def main(argv=None):
         identities["sharpness"] = dict(common, hvp_sampling_num=args.hvp_sampling_num, v_score=args.v_score,
                                        jvp_dtype=args.jvp_dtype, num_inference_steps=NUM_INFERENCE_STEPS,
                                        guidance_scale=GUIDANCE_SCALE)
-    bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
-    logs = {m: ProgressLog(bases[m] + ".progress.jsonl", identities[m]) for m in args.metrics}
+    logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard,
+                          fields={"prompt": str, "per_generation": list}) for m in args.metrics}
     todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]
-    if len(todo) < len(prompts):
+    if len(todo) < len(prompts) and shard.main:
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")
     long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
     if long_ones:
@@ -142,13 +173,15 @@ def main(argv=None):
     uncond = encode_prompts(pipe, "", device)
     image_dir = os.path.join(args.out_dir, f"{stem}_gen{args.gen_num}_images")
 
-    for start in tqdm(range(0, len(todo), args.batch_size), desc=f"detect {stem}", unit="batch", disable=not todo):
-        idx = todo[start:start + args.batch_size]
+    mine = D.my_batches(todo, args.batch_size, shard)
+    for idx in tqdm(mine, desc=f"detect {stem}" + (f" [{shard.rank}]" if shard.world > 1 else ""), unit="batch",
+                    disable=not mine):
         metrics = [m for m in args.metrics if any(i not in logs[m].done for i in idx)]
         t0 = time.time()
-        vals, extras, images, meter = run_detectors(model, encode_prompts(pipe, [prompts[i] for i in idx], device),
-                                                    uncond, latents, metrics, st,
-                                                    decode=lambda z: decode_latents(pipe, z))
+        batch = [prompts[i] for i in idx]
+        vals, extras, images, meter = run_detectors(model, encode_prompts(pipe, batch, device), uncond, latents,
+                                                    metrics, st, decode=lambda z: decode_latents(pipe, z),
+                                                    prompt_lengths=prompt_lengths(pipe.tokenizer, batch))
         secs = (time.time() - t0) / len(idx)
         cost = meter.summary(metrics)
         for j, i in enumerate(idx):
@@ -166,20 +199,23 @@ def main(argv=None):
                                  extras=extras[m][j],
                                  cost=dict(c, seconds=c["seconds"] / len(idx),
                                            step_seconds=[v / len(idx) for v in c["step_seconds"]],
-                                           forward_seconds=_forward_seconds(meter))))
-    for m in args.metrics:
-        _save(m, bases[m], logs[m], prompts, args, model_id, model.prediction_type, identities[m], st)
+                                           forward_seconds=_forward_seconds(meter) / len(idx))))
+    for m in args.metrics:  # merged only when every prompt is done, by the main process
+        records = D.merged_records(logs[m], len(prompts), shard)
+        if shard.main:
+            _save(m, bases[m], records, prompts, args, model_id, model.prediction_type, identities[m], st)
+    D.finish(shard)
 
 
 def _forward_seconds(meter):
-    """Mean seconds of one pair forward in this batch (the unit of the cost ratios)."""
+    """Mean seconds of one pair forward of this batch (K prompts; per prompt: divide by K): the unit of the
+    cost ratios, one UNet forward on the [uncond; cond] batch of a prompt's 2n rows."""
     f = [u[2] for u in meter.units if u[0] == "unet_forwards"]
     return sum(f) / len(f) if f else None
 
 
-def _save(metric, base, log, prompts, args, model_id, prediction_type, identity, st):
-    """The metric's [prompts, steps] tensor (.pt) and its self-describing sidecar (.json)."""
-    records = [log.done[i] for i in range(len(prompts))]
+def _save(metric, base, records, prompts, args, model_id, prediction_type, identity, st):
+    """The metric's [prompts, steps] tensor (.pt) and its self-describing sidecar (.json) from its records."""
     per_step = torch.tensor([[_mean(step) for step in r["per_generation"]] for r in records], dtype=torch.float32)
     atomic_torch_save(base + ".pt", per_step)
     costs = [r.get("cost") or {} for r in records]
@@ -210,6 +246,11 @@ _DESCRIPTIONS = {
                   "(mean over generations); extras: per-generation norm and cosine terms",
     "tiled_l2": "aggregate over generation pairs of the max over tiles of the RMS pixel difference (lower = "
                 "memorized); extras: pairwise distance matrix",
+    "le": "entropy of the head- and query-averaged cross-attention of one layer at the first step (Ren et al.)",
+    "ae": "mean entropy over the last T/5 steps of the layer-averaged cross-attention plus the change of the "
+          "summary-token entropy from the first step (Ren et al.)",
+    "be": "mean over steps of ||m * (out_c - out_u)|| / mean(m), m the end-token attention map at the last step "
+          "(Chen et al.'s Bright Ending); extras: per-step values",
 }
 
 

@@ -18,10 +18,10 @@ from utils import evaluation as E
 from utils import fetch as F
 from utils import fetch_manifest as FM
 from utils import similarity as S
-from utils.cli import ArgumentParser, UserError, finite_float, flag_hint, guarded, nonneg_float, nonneg_int, \
-    positive_float, positive_int, warn
+from utils.cli import ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint, \
+    guarded, nonneg_int, nonneg_seconds, seconds, warn
 from utils.images import MIN_SIDE
-from utils.io import atomic_write_bytes, atomic_write_text, write_sidecar
+from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, write_sidecar
 from utils.models import SSCD_URL, load_clip, load_sscd, resolve_device, sscd_weights
 from utils.prompts import read_jsonl
 
@@ -35,13 +35,16 @@ def parse_args(argv=None):
     f.add_argument("--jsonl", required=True, help="records with caption, index and url (or file)")
     f.add_argument("--out", required=True, help="folder for <index>_<k>.<ext> images and fetch_manifest.csv")
     f.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark files (offline machines)")
-    f.add_argument("--workers", type=positive_int, default=8)
-    f.add_argument("--timeout", type=positive_float, default=15.0, help="seconds per connect/read")
-    f.add_argument("--total_timeout", type=positive_float, default=60.0, help="seconds per whole download")
-    f.add_argument("--retries", type=nonneg_int, default=2, help="extra tries for timeouts, 429 and 5xx")
-    f.add_argument("--backoff", type=nonneg_float, default=1.0, help="seconds before the first retry (doubles)")
-    f.add_argument("--max_mb", type=positive_float, default=30.0, help="largest accepted download")
-    f.add_argument("--min_side", type=positive_int, default=MIN_SIDE, help="smaller images are placeholders")
+    f.add_argument("--workers", type=bounded_int(1, 256), default=8)
+    f.add_argument("--timeout", type=seconds, default=15.0, help="seconds per connect/read (at most one day)")
+    f.add_argument("--total_timeout", type=seconds, default=60.0,
+                   help="seconds per URL, all its retries, redirects and reads included (at most one day)")
+    f.add_argument("--retries", type=bounded_int(0, 100), default=2, help="extra tries for timeouts, 429 and 5xx")
+    f.add_argument("--backoff", type=nonneg_seconds, default=1.0, help="seconds before the first retry (doubles)")
+    f.add_argument("--max_mb", type=bounded_float(0, 100_000, low_open=True), default=30.0,
+                   help="largest accepted image (MB), downloaded or local")
+    f.add_argument("--min_side", type=bounded_int(1, 100_000), default=MIN_SIDE,
+                   help="smaller images are placeholders")
     f.add_argument("--offline_after", type=nonneg_int, default=24,
                    help="stop when this many first downloads all fail to connect (0: never)")
     s = sub.add_parser("score", help="SSCD (or pixel cosine) to training images, and CLIP score")
@@ -55,7 +58,7 @@ def parse_args(argv=None):
                         "download is recorded beside the file and checked on every later use)")
     s.add_argument("--sscd_url", default=SSCD_URL, help="where to fetch the SSCD weights from")
     s.add_argument("--sscd_preprocess", default="center224", choices=sorted(S.SSCD_PRESETS))
-    s.add_argument("--pixel_size", type=positive_int, default=32, help="common side for --similarity pixel")
+    s.add_argument("--pixel_size", type=bounded_int(1, 1024), default=32, help="common side for --similarity pixel")
     s.add_argument("--clip_model", default="ViT-H-14",
                    help="open_clip architecture, 'demo' (the demo's own CLIP model) or 'none' to skip CLIP")
     s.add_argument("--clip_pretrained", default=None,
@@ -68,9 +71,11 @@ def parse_args(argv=None):
                    help="caption: each prompt's own training image(s); all: the most similar of all training images "
                         "(e.g. for non-memorized prompts)")
     s.add_argument("--thresholds", type=finite_float, nargs="+", default=[0.5, 0.7])
-    s.add_argument("--device", default=None)
-    s.add_argument("--batch_size", type=positive_int, default=32)
-    s.add_argument("--out", default=None, help="results JSON (default: <images>/eval_<similarity>.json)")
+    s.add_argument("--device", default=None, type=device_name)
+    s.add_argument("--batch_size", type=bounded_int(1, 100_000), default=32)
+    s.add_argument("--out", default=None,
+                   help="results JSON, a name ending in .json (default: <images>/eval_<similarity>.json); the "
+                        "per-prompt CSV goes beside it")
     s.add_argument("--compare", default=None, help="another results JSON to print side by side (e.g. baseline)")
     g = sub.add_parser("plot", help="Figure 6: copy similarity vs CLIP score, one point per method and setting")
     g.add_argument("results", nargs="+", help="score result JSONs, or folders searched for them (eval_*.json)")
@@ -94,10 +99,11 @@ def index_list(text):
 
 
 def run_fetch(a):
+    check_outputs({"--out": a.out}, {"--jsonl": a.jsonl})  # the jsonl (and its local images) never inside --out
     records = read_jsonl(a.jsonl, a.prompt_mirror)
     fetcher = F.Fetcher(timeout=a.timeout, retries=a.retries, backoff=a.backoff,
                         max_bytes=int(a.max_mb * (1 << 20)), total_timeout=a.total_timeout)
-    with flag_hint("--offline_after 0 tries every URL"):
+    with flag_hint("--offline_after 0 tries every URL", only=F.Offline):
         rows = F.fetch_all(records, os.path.dirname(os.path.abspath(a.jsonl)), a.out, fetcher, workers=a.workers,
                            min_side=a.min_side, offline_after=a.offline_after)
     counts = {}
@@ -119,8 +125,10 @@ def run_fetch(a):
 def run_score(a):
     manifest = a.manifest or os.path.join(a.images, "manifest.jsonl")
     if not os.path.isfile(manifest):
-        raise UserError(f"generation manifest {manifest} not found (pass --manifest, or --images pointing at the "
-                        "output folder of mitigate_mem.py)")
+        raise UserError(f"generation manifest {manifest} " + ("is not a regular file" if os.path.exists(manifest) else
+                        "not found (pass --manifest, or --images pointing at the output folder of mitigate_mem.py)"))
+    out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
+    check_score_outputs(a, manifest, out)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
     device = resolve_device(a.device)
     if a.similarity == "sscd":
@@ -148,7 +156,6 @@ def run_score(a):
     if (header.get("model") == "sd2" or str(header.get("sd_ver")) == "2") and not keywords:
         warn("for SD v2.0 the paper takes the max over all training images sharing the keywords design, "
              "designart, mills, anderson: add --shared_gt_keywords paper to follow it")
-    out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
     write_sidecar(out, vars(a), **result)
     atomic_write_text(os.path.splitext(out)[0] + ".csv", E.rows_csv(result["per_prompt"]))
     E.warn_problems(result)
@@ -200,7 +207,19 @@ def run_plot(a):
         print(f"image grid: {a.out}_grid.png")
 
 
-@guarded
+def check_score_outputs(a, manifest, out):
+    """Refuse results that would replace an input: --out must be a .json name (never a generated image or the
+    manifest) and, like the CSV beside it, no input file nor anything inside the training-image folder."""
+    if not out.lower().endswith(".json"):
+        raise UserError(f"--out {out} must be a file name ending in .json (the CSV is written beside it)")
+    inputs = {"--manifest": manifest, "--gt": a.gt, "--compare": a.compare,
+              "--sscd": a.sscd if a.similarity == "sscd" else None,
+              "--clip_pretrained": a.clip_pretrained if a.clip_pretrained and os.path.isfile(a.clip_pretrained)
+              else None}
+    check_outputs({"--out": out, "--out's CSV": os.path.splitext(out)[0] + ".csv"}, inputs)
+
+
+@guarded(memory_hint="use a smaller --batch_size")
 def main(argv=None):
     a = parse_args(argv)
     if a.cmd == "fetch":

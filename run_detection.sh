@@ -1,37 +1,59 @@
 #!/usr/bin/env bash
-# Memorization detection grid of the paper (Table 1), then its evaluation.
-#   bash run_detection.sh          SD v1.4 and v2.0 x memorized / non-memorized prompts x n = 1, 4 (GPU)
-#   bash run_detection.sh demo     the bundled demo model on its own prompt sets (CPU, offline, minutes)
-# Results: $OUT_DIR/<prompt file stem>_gen<n>.pt/.json, and <mem>_vs_<nmem>.eval.json/.roc.png per pair.
+# The paper's Table 1: every detector on memorized and non-memorized prompts, then one table per model.
+#   bash run_detection.sh          SD v1.4 and v2.0, the Table 1 grid (GPU)
+#   bash run_detection.sh demo     the bundled demo model on its own prompt sets, n = 1 and 4 (CPU, offline, minutes)
+#   bash run_detection.sh demo16   the demo with n = 16 added (longer)
+# Results: $OUT_DIR/<prompt file stem>[_<metric>]_gen<n>.pt/.json, generated images of tiled_l2 runs, and
+# <mem>_vs_<nmem>.table.md/.json/.roc.png per model (detect_eval.py --table).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 # ---- hyperparameters: edit here ----
-GEN_NUMS="1 4"          # n: generations averaged per prompt (Table 1 reports n = 1 and n = 4)
-HVP_SAMPLING_NUM=1      # number of first sampling steps measured (Table 1's "steps")
+GEN_NUMS="1 4 16"       # n: generations per prompt (Table 1 reports n = 1, 4, 16)
+METRICS_N1="sharpness,wen,anisotropy,le,ae,be"            # metrics run at n = 1 (tiled_l2 needs two generations)
+METRICS_N4="sharpness,wen,anisotropy,tiled_l2,le,ae,be"   # at n = 4
+METRICS_N16="wen,anisotropy,tiled_l2,le,ae,be"            # at n = 16 (the paper has no sharpness row for n = 16)
+HVP_SAMPLING_NUM=1      # sharpness: first sampling steps measured (Table 1: 1)
+WEN_STEPS=50            # wen: first steps measured; the table averages the first 1, 5 and 50 (Table 1)
+TILE_PX=128             # tiled_l2: tile side in pixels (the sharpness paper's 128)
 GEN_SEED=42             # torch seed of the shared initial noise
 SD_VERS="1 2"           # Stable Diffusion versions: 1 = v1.4 (epsilon), 2 = v2.0 (v-prediction)
 BATCH_SIZE=1            # prompts per UNet call (same results; raise it on a large GPU)
 OUT_DIR=det_outputs
 EXTRA_ARGS=""           # e.g. "--dtype float32" or "--prompt_mirror /path/to/prompt/copies"
+SIDE_BY_SIDE=0          # 1: run the memorized and non-memorized sets at once (the demo: one CPU thread each)
 PYTHON=${PYTHON:-python3}
 
-if [ "${1:-}" = "demo" ]; then
-  SD_VERS="demo"
-  BATCH_SIZE=8
-fi
+case "${1:-}" in
+  demo|demo16)
+    SD_VERS=demo; TILE_PX=8; BATCH_SIZE=8; SIDE_BY_SIDE=1   # 32x32 images: a 4x4 grid of 8-pixel tiles
+    GEN_NUMS="1 4"; [ "$1" = demo16 ] && GEN_NUMS="1 4 16"
+    # tiny UNet ops: one thread per process is as fast and two processes share the cores without contention
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
+  "") ;;
+  *) echo "error: unknown mode '$1' (use demo, demo16, or nothing for Stable Diffusion)" >&2; exit 2 ;;
+esac
+
+run() {  # run() SET N METRICS: one detect_mem.py call
+  $PYTHON detect_mem.py --sd_ver "$ver" --data_path "$1" --gen_num "$2" --metrics "$3" \
+    --hvp_sampling_num "$HVP_SAMPLING_NUM" --wen_steps "$WEN_STEPS" --tile_px "$TILE_PX" \
+    --gen_seed "$GEN_SEED" --batch_size "$BATCH_SIZE" --out_dir "$OUT_DIR" $EXTRA_ARGS
+}
 
 for ver in $SD_VERS; do
   if [ "$ver" = "demo" ]; then mem=prompts/demo_mem.txt; nmem=prompts/demo_nmem.txt
   else mem=prompts/sd${ver}_mem.txt; nmem=prompts/sd${ver}_nmem.txt; fi
   for n in $GEN_NUMS; do
-    for data in "$mem" "$nmem"; do
-      $PYTHON detect_mem.py --sd_ver "$ver" --data_path "$data" --gen_num "$n" \
-        --hvp_sampling_num "$HVP_SAMPLING_NUM" --gen_seed "$GEN_SEED" --batch_size "$BATCH_SIZE" \
-        --out_dir "$OUT_DIR" $EXTRA_ARGS
-    done
-    echo "== sd_ver $ver, n = $n, steps = $HVP_SAMPLING_NUM"
-    $PYTHON detect_eval.py --mem "$OUT_DIR/$(basename "${mem%.*}")_gen$n.pt" \
-      --nmem "$OUT_DIR/$(basename "${nmem%.*}")_gen$n.pt"
+    case "$n" in 1) metrics=$METRICS_N1 ;; 4) metrics=$METRICS_N4 ;; *) metrics=$METRICS_N16 ;; esac
+    if [ "$SIDE_BY_SIDE" = 1 ]; then
+      run "$mem" "$n" "$metrics" & pid=$!
+      TQDM_DISABLE=1 run "$nmem" "$n" "$metrics"   # one progress bar on the screen
+      wait "$pid"
+    else
+      run "$mem" "$n" "$metrics"
+      run "$nmem" "$n" "$metrics"
+    fi
   done
+  echo "== sd_ver $ver"
+  $PYTHON detect_eval.py --table "$OUT_DIR" --sets "$(basename "${mem%.*}")" "$(basename "${nmem%.*}")"
 done

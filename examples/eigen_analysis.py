@@ -21,17 +21,18 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.cli import (ArgumentParser, UserError, add_model_arguments, finite_float, guarded,  # noqa: E402
-                       parse_int_list, positive_int, quiet_library_warnings, seed_int)
+from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_float, bounded_int,  # noqa: E402
+                       guarded, parse_int_list, positive_int, quiet_library_warnings, seed_int)
 from utils.detection import initial_latents  # noqa: E402
 from utils.eigen import leading_error, spectrum_summary  # noqa: E402
-from utils.io import ProgressLog, atomic_write_bytes, figure_png, write_sidecar  # noqa: E402
+from utils.io import ProgressLog, atomic_write_bytes, figure_png, prepare_dir, write_sidecar  # noqa: E402
 from utils.models import encode_prompts, load_pipeline, resolve_device, resolve_dtype, resolve_model_id  # noqa: E402
 from utils.operators import BRANCHES, sampling_spectra  # noqa: E402
 from utils.prompts import read_prompts  # noqa: E402
 from utils.scores import ScoreModel  # noqa: E402
 
 GROUPS = ("memorized", "non-memorized")
+MAX_INFERENCE_STEPS = 1000  # DDIM cannot take more steps than the training timesteps (1000 for SD)
 COLOURS = {"memorized": "tab:red", "non-memorized": "tab:blue"}
 
 
@@ -43,24 +44,27 @@ def parse_args(argv=None):
     p.add_argument("--mem_path", default=None, help="memorized prompts (default prompts/sd<ver>_mem.txt)")
     p.add_argument("--nmem_path", default=None, help="non-memorized prompts (default prompts/sd<ver>_nmem.txt)")
     p.add_argument("--max_prompts", type=positive_int, default=None, help="first N prompts of each file")
-    p.add_argument("--k", type=positive_int, default=10, help="number of leading (largest-magnitude) eigenvalues")
-    p.add_argument("--krylov_dim", type=positive_int, default=None,
+    p.add_argument("--k", type=bounded_int(1, 10_000), default=10,
+                   help="number of leading (largest-magnitude) eigenvalues")
+    p.add_argument("--krylov_dim", type=bounded_int(1, 100_000), default=None,
                    help="Krylov steps = JVPs per eigen-solve (default max(4k, k+60)); more = more accurate")
     p.add_argument("--steps", default="0", help="comma-separated DDIM step indices to analyse (0 = x_T)")
-    p.add_argument("--num_inference_steps", type=positive_int, default=50,
+    p.add_argument("--num_inference_steps", type=bounded_int(1, MAX_INFERENCE_STEPS), default=50,
                    help="DDIM sampling steps (at most the model's training timesteps, 1000 for SD)")
-    p.add_argument("--guidance_scale", type=finite_float, default=7.5, help="CFG scale of the DDIM steps between steps")
+    p.add_argument("--guidance_scale", type=bounded_float(-1000, 1000), default=7.5,
+                   help="CFG scale of the DDIM steps between steps")
     p.add_argument("--which", default="cond", choices=BRANCHES,
                    help="cond: H(x_t, c); uncond: H(x_t, empty prompt); delta: their difference H_delta")
     p.add_argument("--solver", default="arnoldi", choices=["arnoldi", "lanczos"],
                    help="arnoldi on J as it is (default), lanczos on the symmetrized (J + J^T)/2")
     p.add_argument("--dense", default="auto", choices=["auto", "on", "off"],
                    help="full spectrum from the dense Jacobian too (auto: when n <= --dense_max)")
-    p.add_argument("--dense_max", type=positive_int, default=1024)
+    p.add_argument("--dense_max", type=bounded_int(1, 16384), default=1024,
+                   help="largest latent size n for the dense n x n Jacobian (16384: 1 GiB in float32)")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="torch seed of the (shared) initial noise")
     p.add_argument("--start_seed", type=seed_int, default=0, help="seed of the Krylov start vector")
     p.add_argument("--out_dir", default="eigen_outputs")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=bounded_int(1, 1024), default=None,
                    help="torch CPU threads (default: torch's choice; 1 avoids slow-downs on a shared CPU)")
     return p.parse_args(argv)
 
@@ -105,7 +109,7 @@ def plot(records, steps, path):
     atomic_write_bytes(path, figure_png(fig, dpi=90))
 
 
-@guarded
+@guarded(memory_hint="use a smaller --krylov_dim, or --dense off")
 def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
@@ -121,6 +125,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model_id = resolve_model_id(args.sd_ver, args.model_id)
+    prepare_dir(args.out_dir)  # an unwritable --out_dir stops now, not after loading the model
     pipe = load_pipeline(model_id, device, dtype)
     if args.num_inference_steps > pipe.scheduler.config.num_train_timesteps:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} exceeds the model's "

@@ -38,9 +38,9 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.cli import (ArgumentParser, UserError, finite_float, guarded, parse_int_list, positive_float,  # noqa: E402
-                       positive_int, quiet_library_warnings, seed_int)
-from utils.io import atomic_write_bytes, figure_png, write_sidecar  # noqa: E402
+from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, guarded, parse_int_list,  # noqa: E402
+                       quiet_library_warnings, seed_int)
+from utils.io import atomic_write_bytes, figure_png, prepare_dir, write_sidecar  # noqa: E402
 
 T = 1000                                   # DDPM training steps, linear betas as Ho et al. (2020)
 BETAS = (1e-4, 0.02)
@@ -50,34 +50,30 @@ MU_MEM = (1.5, 1.2)                                                # the memoriz
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_data", type=positive_int, default=3000)
-    p.add_argument("--mem_ratio", type=positive_float, default=0.05, help="weight of the memorized component")
-    p.add_argument("--mem_std", type=positive_float, default=0.01, help="std of the memorized component")
-    p.add_argument("--train_steps", type=positive_int, default=5000)
-    p.add_argument("--batch_size", type=positive_int, default=512)
-    p.add_argument("--lr", type=positive_float, default=2e-3)
-    p.add_argument("--second_order_weight", type=finite_float, default=0.5, help="lambda of the second-order term")
-    p.add_argument("--low_noise_fraction", type=finite_float, default=0.5,
+    p.add_argument("--num_data", type=bounded_int(2, 10_000_000), default=3000)
+    p.add_argument("--mem_ratio", type=bounded_float(0, 1, low_open=True, high_open=True), default=0.05,
+                   help="weight of the memorized component, in (0, 1)")
+    p.add_argument("--mem_std", type=bounded_float(0, 10, low_open=True), default=0.01,
+                   help="std of the memorized component")
+    p.add_argument("--train_steps", type=bounded_int(1, 10_000_000), default=5000)
+    p.add_argument("--batch_size", type=bounded_int(1, 1_000_000), default=512)
+    p.add_argument("--lr", type=bounded_float(0, 10, low_open=True), default=2e-3)
+    p.add_argument("--second_order_weight", type=bounded_float(0, 1e6), default=0.5,
+                   help="lambda of the second-order term, >= 0")
+    p.add_argument("--low_noise_fraction", type=bounded_float(0, 1), default=0.5,
                    help="fraction of each batch with t drawn log-uniformly in [0, T/5) instead of uniformly")
-    p.add_argument("--hidden", type=positive_int, default=128)
-    p.add_argument("--ddim_steps", type=positive_int, default=500)
-    p.add_argument("--num_samples", type=positive_int, default=1000, help="DDIM samples drawn")
-    p.add_argument("--num_paths", type=positive_int, default=3, help="paths per group in the eigenvalue plot")
+    p.add_argument("--hidden", type=bounded_int(1, 65536), default=128)
+    p.add_argument("--ddim_steps", type=bounded_int(1, T), default=500, help=f"at most {T}")
+    p.add_argument("--num_samples", type=bounded_int(1, 10_000_000), default=1000, help="DDIM samples drawn")
+    p.add_argument("--num_paths", type=bounded_int(1, 1000), default=3, help="paths per group in the eigenvalue plot")
     p.add_argument("--trace_steps", default="5,20,100", help="DDPM timesteps t of the trace-identity checks")
-    p.add_argument("--mc_samples", type=positive_int, default=20000, help="Monte-Carlo samples per check")
+    p.add_argument("--mc_samples", type=bounded_int(1, 100_000_000), default=20000,
+                   help="Monte-Carlo samples per check")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (tiny MLP: 1 is fastest)")
+    p.add_argument("--threads", type=bounded_int(1, 1024), default=1, help="torch CPU threads (tiny MLP: 1 is fastest)")
     p.add_argument("--out_dir", default="toy_outputs")
     args = p.parse_args(argv)
-    if not 0 <= args.low_noise_fraction <= 1:
-        raise UserError(f"--low_noise_fraction must lie in [0, 1], got {args.low_noise_fraction}")
-    if args.second_order_weight < 0:
-        raise UserError(f"--second_order_weight must be >= 0, got {args.second_order_weight}")
-    if not 0 < args.mem_ratio < 1:
-        raise UserError(f"--mem_ratio must lie in (0, 1), got {args.mem_ratio}")
     args.trace_steps = parse_int_list(args.trace_steps, 0, T - 1, "--trace_steps")
-    if args.ddim_steps > T:
-        raise UserError(f"--ddim_steps must be at most {T}")
     return args
 
 
@@ -338,9 +334,10 @@ def _save(fig, path):
     atomic_write_bytes(path, small.getvalue())
 
 
-@guarded
+@guarded(memory_hint="use a smaller --num_data, --batch_size, --num_samples or --mc_samples")
 def main(argv=None):
     args = parse_args(argv)
+    prepare_dir(args.out_dir)
     quiet_library_warnings()
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -382,7 +379,6 @@ def main(argv=None):
                           analytic_min_mean=float(analytic[:, -1, 0].mean()),
                           learned_max_mean=float(learned[:, -1, 1].mean()), max_abs_imag_along_path=max_imag)
     rows = check_trace_identities(model, w, mu, cov, alphas, sigmas, args.trace_steps, args.mc_samples, gen)
-    os.makedirs(args.out_dir, exist_ok=True)
     plots(args.out_dir, data, labels, samples, model, w, mu, cov, alphas, sigmas, paths)
 
     frac = float(memorized.double().mean())

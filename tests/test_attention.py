@@ -10,14 +10,14 @@ import torch
 from utils.attention import (CrossAttentionInstrument, QueryMapRequest, RenEdit, TokenRequest, ae_score, be_mask,
                              be_step_score, cross_attention_layers, entropy, le_score, prompt_lengths, select_layers,
                              summary_entropy)
-from utils.scores import forward_ad_attention
+from utils.models import forward_ad
 
 K = 77
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    from utils.tiny import tiny_pipeline
+    from utils.demo_model import tiny_pipeline
     return tiny_pipeline()
 
 
@@ -96,7 +96,7 @@ def test_jvp_runs_through_a_paused_instrument(unet):
     x, t, emb = _inputs(unet, n=1)
     v = torch.randn_like(x[:1])
     f = lambda z: unet(torch.cat([z, z]), t, encoder_hidden_states=emb, return_dict=False)[0]  # noqa: E731
-    with forward_ad_attention():
+    with forward_ad(x):
         ref = torch.func.jvp(f, (x[:1],), (v,))[1]
         with CrossAttentionInstrument(unet, tokens=TokenRequest()) as inst, inst.paused():
             got = torch.func.jvp(f, (x[:1],), (v,))[1]

@@ -96,7 +96,7 @@ def test_batching_equals_batch_size_one_and_v_prediction(tiny_v_dir, prompt_file
 def test_interrupted_run_resumes_to_identical_result(tiny_eps_dir, prompt_file, tmp_path, monkeypatch):
     base = ["--model_id", tiny_eps_dir, "--data_path", prompt_file, "--gen_num", "1", "--device", "cpu"]
     assert _run(["mem", *base, "--out_dir", str(tmp_path / "full")]) == 0
-    real = detect_mem.sharpness_scores
+    real = detect_mem.run_detectors
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -105,11 +105,11 @@ def test_interrupted_run_resumes_to_identical_result(tiny_eps_dir, prompt_file, 
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(detect_mem, "sharpness_scores", flaky)
+    monkeypatch.setattr(detect_mem, "run_detectors", flaky)
     assert _run(["mem", *base, "--out_dir", str(tmp_path / "resumed")]) == 130
     log = (tmp_path / "resumed" / "tiny_mem_gen1.progress.jsonl").read_text().splitlines()
     assert len(log) == 1 + 2 and not (tmp_path / "resumed" / "tiny_mem_gen1.pt").exists()
-    monkeypatch.setattr(detect_mem, "sharpness_scores", real)
+    monkeypatch.setattr(detect_mem, "run_detectors", real)
     assert _run(["mem", *base, "--out_dir", str(tmp_path / "resumed")]) == 0
     assert torch.equal(torch.load(tmp_path / "full" / "tiny_mem_gen1.pt", weights_only=True),
                        torch.load(tmp_path / "resumed" / "tiny_mem_gen1.pt", weights_only=True))

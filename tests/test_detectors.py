@@ -228,3 +228,66 @@ def test_bad_harness_input_exits_2(argv, msg, tiny_eps_dir, tmp_path, capsys):
     assert _script_run(tiny_eps_dir, tmp_path / "p.txt", tmp_path / "o", *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0]
+
+
+def test_attention_metrics_equal_diffusers_attention_scores(setup):
+    """le, ae and be against probabilities from diffusers' own attn.get_attention_scores, recorded by a plain
+    processor in call order on a plain DDIM loop, and the formulas written out with numpy."""
+    from diffusers.models.attention_processor import AttnProcessor
+    pipe, cond, uncond, lat = setup
+    n, steps = lat.shape[0], 50
+    vals, extras, _, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["le", "ae", "be"],
+                                       DetectSettings(le_layer=1), prompt_lengths=[
+                                           len(pipe.tokenizer(p).input_ids) for p in PROMPTS])
+    calls = []
+
+    class Recorder:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+            out = AttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            if encoder_hidden_states is not None:
+                q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+                k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+                p = attn.get_attention_scores(q, k, None)  # (B*heads, N, 77)
+                calls.append((self.path, p.view(hidden_states.shape[0], attn.heads, *p.shape[1:]).double()))
+            return out
+
+    procs = {}
+    for name in pipe.unet.attn_processors:
+        procs[name] = Recorder()
+        procs[name].path = name
+    saved = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor(procs)
+    try:
+        for k, prompt in enumerate(PROMPTS):
+            calls.clear()
+            diffs = [(e_c - e_u).double() for _, _, e_u, e_c in _plain_trajectory(pipe, prompt, lat, steps)]
+            per_step = len(calls) // steps
+            order = [path for path, _ in calls[:per_step]]  # the order the UNet calls them: forward order
+            assert order.index("mid_block.attentions.0.transformer_blocks.0.attn2.processor") < \
+                order.index("up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor")
+            dist = lambda s, l: calls[s * per_step + l][1][n:].mean(dim=(1, 2)).numpy()  # cond rows: (n, 77)
+            ent = lambda p: -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
+            L = len(pipe.tokenizer(prompt).input_ids)
+            np.testing.assert_allclose(vals["le"][k, :, 0].numpy(), ent(dist(0, 1)), rtol=1e-4)
+            mean_p = lambda s: np.mean([dist(s, l) for l in range(per_step)], axis=0)
+            summ = lambda p: -(p[:, L - 1:] * np.log(p[:, L - 1:])).sum(-1)
+            window = range(steps - steps // 5, steps)
+            ae = np.mean([ent(mean_p(s)) for s in window], 0) + np.mean([summ(mean_p(s)) for s in window], 0) \
+                - summ(mean_p(0))
+            np.testing.assert_allclose(vals["ae"][k, :, 0].numpy(), ae, rtol=1e-4)
+            first = [i for i, p in enumerate(order) if p.startswith("down_blocks.0.")]
+            m = np.mean([calls[(steps - 1) * per_step + i][1][n:, :, :, L - 1].mean(1).numpy() for i in first], 0)
+            h = w = lat.shape[-1]
+            be = np.mean([np.linalg.norm((m.reshape(n, 1, h, w) * d.numpy()).reshape(n, -1), axis=1) / m.mean(1)
+                          for d in diffs], 0)
+            np.testing.assert_allclose(vals["be"][k, :, 0].numpy(), be, rtol=1e-4)
+    finally:
+        pipe.unet.set_attn_processor(saved)
+
+
+def test_attention_layers_that_do_not_exist_exit_2(tiny_eps_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a prompt")
+    for argv in (["--metrics", "le", "--le_layer", "99"], ["--metrics", "be", "--be_layers", "1,42"]):
+        assert _script_run(tiny_eps_dir, tmp_path / "p.txt", tmp_path / "o", "--gen_num", "1", *argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no cross-attention layer" in err[0], err

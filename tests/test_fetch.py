@@ -195,8 +195,9 @@ def test_items_from_records_sources(tmp_path):
             {"caption": "d", "index": 8, "url": 5}]
     items, bad = F.items_from_records(recs, str(tmp_path))
     assert [(i.index, i.k, i.url) for i in items[:2]] == [(5, 0, "http://h/1.jpg"), (5, 1, "http://h/2.jpg")]
-    assert items[2].file == os.path.join(str(tmp_path), "x", "y.png")
+    assert (items[2].file, items[2].base) == ("x/y.png", str(tmp_path))  # resolved under the rule when read
     assert [b["status"] for b in bad] == ["bad_record"] * 3
+    assert [b["index"] for b in bad] == [7, None, 8]  # an invalid index is no index, never the line position
 
 
 def test_demo_style_jsonl_via_cli(tmp_path, capsys):

@@ -91,7 +91,7 @@ def test_generation_manifest_and_image_check(tmp_path, capsys):
         (tmp_path / name).write_bytes(b"x")
     present, missing, extra = M.check_images(recs, str(tmp_path))
     assert [len(p) for p in present] == [1, 1]
-    assert missing == [(0, "0_b.png")]
+    assert missing == [(0, "0_b.png", "missing")]
     assert extra == ["stray.png", os.path.join("sub", "stray2.jpg")]
 
 

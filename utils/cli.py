@@ -1,8 +1,10 @@
 """Command-line plumbing shared by the top-level scripts: one clear message and exit code 2 for bad input."""
 import argparse
 import contextlib
+import errno
 import functools
 import math
+import re
 import sys
 import warnings
 
@@ -21,8 +23,34 @@ def one_line(e):
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def guarded(main):
-    """Wrap a script's main(): UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130 with a resume hint."""
+# What a script says when memory runs out; scripts with other knobs pass their own (guarded(memory_hint=...)).
+MEMORY_HINT = "use fewer generations or a smaller batch"
+# Allocation failures that libraries report as plain RuntimeError/OSError; matched on the message, so that every
+# other RuntimeError (a bug) keeps its traceback.
+_MEMORY_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory",
+                    "failed to allocate")
+
+
+def is_memory_error(e):
+    """True for an allocation failure: MemoryError, torch.OutOfMemoryError, or a RuntimeError/OSError whose
+    message says that memory could not be allocated (torch's CPU allocator, CUDA, ENOMEM)."""
+    if isinstance(e, MemoryError):
+        return True
+    if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _MEMORY_MESSAGES)
+
+
+def guarded(main=None, *, memory_hint=MEMORY_HINT):
+    """Wrap a script's main() so that every expected failure is one line on stderr, never a traceback:
+
+    UserError (bad input, unwritable output, corrupted log) -> 'error: ...', exit 2;
+    an allocation failure (is_memory_error) -> 'error: out of memory ...; <memory_hint>', exit 2;
+    Ctrl-C -> exit 130 with a resume hint.
+    Anything else is a bug and keeps its traceback. Use as @guarded or @guarded(memory_hint="lower --gen_num").
+    """
+    if main is None:
+        return lambda f: guarded(f, memory_hint=memory_hint)
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -35,16 +63,24 @@ def guarded(main):
             print("\ninterrupted: results so far are saved; run the same command again to resume.",
                   file=sys.stderr, flush=True)
             sys.exit(130)
+        except (MemoryError, RuntimeError, OSError) as e:
+            if not is_memory_error(e):
+                raise
+            print(f"error: out of memory ({one_line(e)[:200]}); {memory_hint}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     return wrapper
 
 
 @contextlib.contextmanager
-def flag_hint(hint):
-    """Append a script's advice (its flags) to a UserError raised inside: utils name concepts, scripts name flags."""
+def flag_hint(hint, only=None):
+    """Append a script's advice (its flags) to a UserError raised inside: utils name concepts, scripts name flags.
+    only: a UserError subclass the hint is about (other errors pass unchanged)."""
     try:
         yield
     except UserError as e:
+        if only is not None and not isinstance(e, only):
+            raise
         raise UserError(f"{e} ({hint})") from None
 
 
@@ -72,35 +108,72 @@ def quiet_library_warnings():
         pass
 
 
-def _int_at_least(text, low, name):
-    """An integer >= low parsed from text, or an argparse error naming the kind (name)."""
+# argparse types. Each returns the parsed value or raises argparse.ArgumentTypeError, which ArgumentParser prints
+# as one line naming the flag. Factories (bounded_int, bounded_float) build a type for given bounds, e.g.
+#     p.add_argument("--gen_num", type=bounded_int(1, 10_000))
+#     p.add_argument("--stop_frac", type=bounded_float(0, 1, low_open=True))     # (0, 1]
+#     p.add_argument("--timeout", type=seconds)                                  # (0, 1 day]
+
+MAX_SECONDS = 86400.0  # one day: a longer wait is a typo, and 1e300 s overflows the socket and thread layers
+SEED_MAX = 2 ** 63 - 1  # torch generators take 64-bit seeds; above this torch.manual_seed fails
+
+
+def _show(text):
+    """A user's text for a message: repr, cut to 40 characters (a 5,000-digit number stays readable)."""
+    r = repr(text)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _parse_int(text, low, high):
+    """An integer in [low, high] (None: unbounded) parsed from text, or an argparse error naming the kind."""
+    kind = ("a positive integer" if low == 1 else "a non-negative integer" if low == 0 else
+            "an integer" if low is None else f"an integer >= {low}")
     try:
         v = int(text)
-    except ValueError:
-        raise_arg(f"expected a {name} integer, got {text!r}")
-    if v < low:
-        raise_arg(f"expected a {name} integer, got {v}")
+    except ValueError:  # also int('9' * 5000): Python refuses over 4,300 digits
+        raise_arg(f"expected {kind}, got {_show(text)}")
+    if low is not None and v < low:
+        raise_arg(f"expected {kind}, got {v}")
+    if high is not None and v > high:
+        raise_arg(f"expected at most {high}, got {_show(text)}")
     return v
 
 
 def positive_int(text):
     """argparse type: an integer > 0."""
-    return _int_at_least(text, 1, "positive")
+    return _parse_int(text, 1, None)
 
 
 def nonneg_int(text):
     """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0, "non-negative")
-
-
-SEED_MAX = 2 ** 63 - 1  # torch generators take 64-bit seeds; above this torch.manual_seed fails
+    return _parse_int(text, 0, None)
 
 
 def seed_int(text):
     """argparse type: a random seed, an integer in [0, 2^63 - 1]."""
-    v = _int_at_least(text, 0, "non-negative")
+    v = _parse_int(text, 0, None)
     if v > SEED_MAX:
-        raise_arg(f"a seed must be at most 2^63 - 1, got {v}")
+        raise_arg(f"a seed must be at most 2^63 - 1, got {_show(text)}")
+    return v
+
+
+def bounded_int(low, high=None):
+    """argparse type factory: an integer in [low, high] (high None: no upper bound)."""
+    def parse(text):
+        return _parse_int(text, low, high)
+
+    parse.__name__ = f"integer in [{low}, {high if high is not None else 'inf'}]"
+    return parse
+
+
+def finite_float(text):
+    """argparse type: a finite float (no nan or inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise_arg(f"expected a number, got {_show(text)}")
+    if not math.isfinite(v):
+        raise_arg(f"expected a finite number, got {_show(text)}")
     return v
 
 
@@ -112,18 +185,6 @@ def nonneg_float(text):
     return v
 
 
-def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on CUDA (as the reference), float32 on CPU"):
-    """The model, device and precision options every script shares (values checked when resolved)."""
-    from .models import DTYPES, SD_MODELS
-    p.add_argument("--sd_ver", default="1", choices=list(SD_MODELS),
-                   help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
-    p.add_argument("--model_id", default=None,
-                   help="Hub id, local folder, 'demo' or 'tiny' (random CPU model); overrides --sd_ver")
-    p.add_argument("--dtype", default=dtype_default, choices=list(DTYPES), help=dtype_help)
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
-
-
 def positive_float(text):
     """argparse type: a finite float > 0."""
     v = finite_float(text)
@@ -132,15 +193,58 @@ def positive_float(text):
     return v
 
 
-def finite_float(text):
-    """argparse type: a finite float (no nan or inf)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise_arg(f"expected a number, got {text!r}")
-    if not math.isfinite(v):
-        raise_arg(f"expected a finite number, got {text!r}")
+def bounded_float(low, high, low_open=False, high_open=False):
+    """argparse type factory: a finite float in the interval from low to high (None: unbounded on that side);
+    low_open/high_open exclude the end point, e.g. bounded_float(0, 1, low_open=True) is (0, 1]."""
+    interval = (f"{'(' if low_open else '['}{'-inf' if low is None else f'{low:g}'}, "
+                f"{'inf' if high is None else f'{high:g}'}{')' if high_open else ']'}")
+
+    def parse(text):
+        v = finite_float(text)
+        below = low is not None and (v <= low if low_open else v < low)
+        above = high is not None and (v >= high if high_open else v > high)
+        if below or above:
+            raise_arg(f"expected a number in {interval}, got {_show(text)}")
+        return v
+
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+def seconds(text):
+    """argparse type: a duration in seconds, > 0 and at most one day (MAX_SECONDS)."""
+    v = positive_float(text)
+    if v > MAX_SECONDS:
+        raise_arg(f"at most {MAX_SECONDS:g} s (one day), got {_show(text)}")
     return v
+
+
+def nonneg_seconds(text):
+    """argparse type: a duration in seconds, >= 0 and at most one day (e.g. a back-off before retrying)."""
+    v = nonneg_float(text)
+    if v > MAX_SECONDS:
+        raise_arg(f"at most {MAX_SECONDS:g} s (one day), got {_show(text)}")
+    return v
+
+
+def device_name(text):
+    """argparse type: 'cpu', 'cuda', 'cuda:N' or 'auto' (whether CUDA exists is checked later, by
+    utils.models.resolve_device)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", text):
+        raise_arg(f"expected cpu, cuda or cuda:N, got {_show(text)}")
+    return text
+
+
+def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on CUDA (as the reference), float32 on CPU"):
+    """The model, device and precision options every script shares (values checked when resolved)."""
+    from .models import DTYPES, SD_MODELS
+    p.add_argument("--sd_ver", default="1", choices=list(SD_MODELS),
+                   help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
+    p.add_argument("--model_id", default=None,
+                   help="Hub id, local folder, 'demo' or 'tiny' (random CPU model); overrides --sd_ver")
+    p.add_argument("--dtype", default=dtype_default, choices=list(DTYPES), help=dtype_help)
+    p.add_argument("--device", default=None, type=device_name, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
 
 
 def parse_int_list(text, low=None, high=None, what="values"):
@@ -151,12 +255,12 @@ def parse_int_list(text, low=None, high=None, what="values"):
     try:
         vals = sorted({int(s) for s in str(text).split(",") if s.strip()})
     except ValueError:
-        raise UserError(f"{what} must be comma-separated integers, got {text!r}")
+        raise UserError(f"{what} must be comma-separated integers, got {_show(text)}")
     if not vals:
         raise UserError(f"{what}: no value given")
     if (low is not None and vals[0] < low) or (high is not None and vals[-1] > high):
         raise UserError(f"{what} must lie in {low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
-                        f", got {text!r}")
+                        f", got {_show(text)}")
     return vals
 
 

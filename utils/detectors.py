@@ -15,7 +15,14 @@ Metrics (higher = memorized unless `DIRECTION` says lower):
              over pixels;
 - tiled_l2   pairwise distance between the n generated images (Carlini et al., 2023, as the sharpness paper uses
              it): the largest RMS pixel difference over co-located tile_px x tile_px tiles, aggregated over the
-             n(n-1)/2 pairs; lower = memorized (generations that all look alike).
+             n(n-1)/2 pairs; lower = memorized (generations that all look alike);
+- le, ae     Ren et al. (2024): entropy of the head- and query-averaged cross-attention over the 77 tokens; le at
+             the first step in one layer (forward index 3), ae averaged over all layers in the last T/5 steps plus
+             the change of the summary-token (first EOS onwards) entropy from the first step to those steps;
+- be         Chen et al. (2025), Bright Ending: ||m * (out_c - out_u)|| / mean(m) averaged over all steps, m the
+             end-token (first EOS) attention map of the first down block's cross-attention at the last step.
+The attention metrics read the UNet's cross-attention through utils.attention.CrossAttentionInstrument, which
+leaves the UNet's outputs bit-identical, so they share the trajectory with the others.
 """
 import contextlib
 import dataclasses
@@ -24,10 +31,12 @@ import time
 
 import torch
 
+from . import attention as A
 from .detection import cfg_embeddings
 from .scores import flat_norm, score_difference
 
-METRICS = ("sharpness", "wen", "anisotropy", "tiled_l2")
+METRICS = ("sharpness", "wen", "anisotropy", "tiled_l2", "le", "ae", "be")
+ATTENTION_METRICS = ("le", "ae", "be")
 DIRECTION = {"tiled_l2": "lower"}  # all others: higher = memorized
 ANISO_MODES = ("x,c|x", "x,x|c", "x|c,c|x")
 SPACES = ("output", "eps")
@@ -51,24 +60,31 @@ class DetectSettings:
     aniso_weights: tuple = (1.0, 2.0)  # (norm, cosine) weights
     tile_px: int = 128                # tile side of the tiled l2 distance, in pixels
     tiled_agg: str = "mean"           # aggregate over pairs: mean (default) or min
+    le_layer: int = 3                 # le: forward index of the cross-attention layer (Ren et al.'s, SD v1.4)
+    be_layers: tuple = ()             # be: forward indices of the mask layers; () = the first down block's
 
     def __post_init__(self):
-        n = self.num_inference_steps
-        problems = []
-        for k in ("num_inference_steps", "hvp_sampling_num", "wen_steps", "tile_px"):
-            if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0):
-                problems.append(f"{k} must be a positive integer")
-        for k in ("hvp_sampling_num", "wen_steps"):
-            if isinstance(getattr(self, k), int) and getattr(self, k) > n:
-                problems.append(f"{k} ({getattr(self, k)}) exceeds the {n} sampling steps")
-        if not -n <= self.aniso_low_index < n:
-            problems.append(f"the anisotropy low-noise index {self.aniso_low_index} is outside the {n}-step schedule")
+        problems = [f"{k} must be a positive integer" for k in ("num_inference_steps", "hvp_sampling_num",
+                                                               "wen_steps", "tile_px")
+                    if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0)]
         for k, allowed in (("wen_space", SPACES), ("aniso_mode", ANISO_MODES), ("aniso_space", ANISO_SPACES),
                            ("tiled_agg", TILED_AGGS)):
             if getattr(self, k) not in allowed:
                 problems.append(f"{k} must be one of {allowed}")
         if len(self.aniso_weights) != 2:
             problems.append("aniso_weights needs two numbers")
+        if not isinstance(self.le_layer, int) or self.le_layer < 0:
+            problems.append("le_layer must be a non-negative integer")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def check(self, metrics):
+        """ValueError if a requested metric needs more sampling steps than the schedule has."""
+        n = self.num_inference_steps
+        problems = [f"{m} needs {self.trajectory(m)} sampling steps; the schedule has {n}" for m in metrics
+                    if self.trajectory(m) > n]
+        if "anisotropy" in metrics and not -n <= self.aniso_low_index < n:
+            problems.append(f"the anisotropy low-noise index {self.aniso_low_index} is outside the {n}-step schedule")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -78,14 +94,15 @@ class DetectSettings:
 
     def trajectory(self, metric):
         """Sampling steps (UNet forwards along the trajectory) the metric needs."""
-        return {"sharpness": self.hvp_sampling_num, "wen": self.wen_steps, "anisotropy": 1,
-                "tiled_l2": self.num_inference_steps}[metric]
+        return {"sharpness": self.hvp_sampling_num, "wen": self.wen_steps, "anisotropy": 1, "le": 1}.get(
+            metric, self.num_inference_steps)
 
     def for_metric(self, metric):
         """The settings that change the metric's numbers (its identity for resuming)."""
         own = {"sharpness": ("hvp_sampling_num",), "wen": ("wen_steps", "wen_space"),
                "anisotropy": ("aniso_mode", "aniso_space", "aniso_low_index", "aniso_weights"),
-               "tiled_l2": ("tile_px", "tiled_agg")}[metric]
+               "tiled_l2": ("tile_px", "tiled_agg"), "le": ("le_layer",), "ae": (),
+               "be": ("be_layers", "wen_space")}[metric]
         common = ("num_inference_steps", "guidance_scale")
         out = {k: getattr(self, k) for k in common + own}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
@@ -140,20 +157,23 @@ class CostMeter:
         return res
 
 
-def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=None):
+def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=None, prompt_lengths=None):
     """Compute the requested metrics for K prompts x n generations in one pass.
 
     model: utils.scores.ScoreModel; cond (K, L, D), uncond (1, L, D); latents (n, C, H, W), the initial noise
     shared by every prompt; decode: latents (B, C, H, W) -> list of B PIL images (needed for tiled_l2, see
-    utils.models.decode_latents). Returns (values, extras, images, meter): values[m] a float32 tensor
+    utils.models.decode_latents); prompt_lengths: K token counts incl. BOS and the first EOS (needed for ae and
+    be, see utils.attention.prompt_lengths). Returns (values, extras, images, meter): values[m] a float32 tensor
     (K, n, settings.steps(m)) of per-generation values (tiled_l2: (K, 1, 1), the aggregate over pairs);
     extras[m] per-prompt details (anisotropy: per-generation norm and cosine terms; tiled_l2: the pairwise
-    distance matrix); images: K lists of n PIL images when the trajectory ran to the end, else None.
+    distance matrix; be: per-generation values at each step); images: K lists of n PIL images when the
+    trajectory ran to the end, else None.
     """
     st = settings
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {METRICS}")
+    st.check(metrics)
     k, n = cond.shape[0], latents.shape[0]
     if "tiled_l2" in metrics and (n < 2 or decode is None):
         raise ValueError("tiled_l2 compares generations: it needs n >= 2 and a decoder")
@@ -165,30 +185,41 @@ def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=Non
     vals = {m: torch.empty(k if m == "tiled_l2" else k * n, st.steps(m)) for m in metrics}
     extras = {m: [None] * k for m in metrics}
     meter = CostMeter(latents.device)
-    for i, t in enumerate(timesteps[:need]):
-        xin = model.scale_input(x, t)
-        xx = torch.cat([xin, xin])
-        users = [m for m in metrics if i < st.trajectory(m)]
-        with torch.no_grad(), meter.unit("unet_forwards", users, i):
-            out = model.output(xx, t, embeds)
-        if "sharpness" in metrics and i < st.hvp_sampling_num:
-            s_delta = model.score_delta(out, xx, t)
-            with meter.unit("jvps", ["sharpness"], i):
-                h = model.hvp_delta(xin, t, embeds, s_delta)
-            vals["sharpness"][:, i] = flat_norm(h).cpu()
-        if "wen" in metrics and i < st.wen_steps:
-            diff = out if st.wen_space == "output" else model.eps(out, xx, t)
-            vals["wen"][:, i] = flat_norm(score_difference(diff)).cpu()
-        if "anisotropy" in metrics and i == 0:
-            with torch.no_grad():
-                norm, cos = _anisotropy(model, out, xx, t, timesteps[st.aniso_low_index], x, embeds, st, meter)
-            vals["anisotropy"][:, 0] = (st.aniso_weights[0] * norm + st.aniso_weights[1] * cos).cpu()
-            for j in range(k):
-                extras["anisotropy"][j] = dict(norm=norm[j * n:(j + 1) * n].tolist(),
-                                               cosine=cos[j * n:(j + 1) * n].tolist())
-        if i + 1 < need or complete:
-            with torch.no_grad():
-                x = model.guided_step(out, t, x, st.guidance_scale)
+    inst = attention_instrument(model.unet, metrics, st, prompt_lengths, n)
+    be_diffs = []
+    with inst or contextlib.nullcontext():
+        pause = inst.paused if inst else contextlib.nullcontext
+        for i, t in enumerate(timesteps[:need]):
+            xin = model.scale_input(x, t)
+            xx = torch.cat([xin, xin])
+            users = [m for m in metrics if i < st.trajectory(m)]
+            if inst:
+                inst.step = i
+            with torch.no_grad(), meter.unit("unet_forwards", users, i):
+                out = model.output(xx, t, embeds)
+            if "sharpness" in metrics and i < st.hvp_sampling_num:
+                s_delta = model.score_delta(out, xx, t)
+                with meter.unit("jvps", ["sharpness"], i), pause():
+                    h = model.hvp_delta(xin, t, embeds, s_delta)
+                vals["sharpness"][:, i] = flat_norm(h).cpu()
+            if ("wen" in metrics and i < st.wen_steps) or "be" in metrics:
+                diff = score_difference(out if st.wen_space == "output" else model.eps(out, xx, t))
+                if "wen" in metrics and i < st.wen_steps:
+                    vals["wen"][:, i] = flat_norm(diff).cpu()
+                if "be" in metrics:
+                    be_diffs.append(diff.float().cpu())  # weighted by the mask known only at the last step
+            if "anisotropy" in metrics and i == 0:
+                with torch.no_grad(), pause():
+                    norm, cos = _anisotropy(model, out, xx, t, timesteps[st.aniso_low_index], x, embeds, st, meter)
+                vals["anisotropy"][:, 0] = (st.aniso_weights[0] * norm + st.aniso_weights[1] * cos).cpu()
+                for j in range(k):
+                    extras["anisotropy"][j] = dict(norm=norm[j * n:(j + 1) * n].tolist(),
+                                                   cosine=cos[j * n:(j + 1) * n].tolist())
+            if i + 1 < need or complete:
+                with torch.no_grad():
+                    x = model.guided_step(out, t, x, st.guidance_scale)
+    if inst:
+        _attention_scores(inst, metrics, st, prompt_lengths, n, be_diffs, vals, extras)
     images = None
     if complete:
         with torch.no_grad(), meter.unit("vae_decodes", ["tiled_l2"]):
@@ -200,6 +231,57 @@ def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=Non
             vals["tiled_l2"][j, 0] = float(pairs.mean() if st.tiled_agg == "mean" else pairs.min())
             extras["tiled_l2"][j] = dict(pairwise=d.tolist())
     return {m: v.view(k, -1, v.shape[1]) for m, v in vals.items()}, extras, images, meter
+
+
+def attention_layers(unet, st):
+    """(le layer, be layers) as forward indices for this UNet; ValueError if its attention layout lacks them."""
+    layers = A.cross_attention_layers(unet) if hasattr(unet, "named_modules") else []
+    if not layers:
+        raise ValueError("the attention metrics need a UNet with cross-attention layers (diffusers Attention)")
+    be = list(st.be_layers) or [l.index for l in layers if l.path.startswith("down_blocks.0.")]
+    if not be:
+        raise ValueError("be: the UNet's first down block has no cross-attention; choose the mask layers")
+    A.select_layers(layers, [st.le_layer] + be)  # raises for an index the UNet does not have
+    return st.le_layer, be
+
+
+def attention_instrument(unet, metrics, st, prompt_lengths, n):
+    """The CrossAttentionInstrument the requested attention metrics need (None if none is requested): token
+    distributions at the first step (le: its layer; ae: all layers) and in ae's window, and the end-token maps of
+    be's layers at the last step; the conditional rows only."""
+    want = [m for m in metrics if m in ATTENTION_METRICS]
+    if not want:
+        return None
+    le_layer, be_layers = attention_layers(unet, st)
+    if prompt_lengths is None and ("ae" in want or "be" in want):
+        raise ValueError("ae and be need the prompts' token counts (prompt_lengths)")
+    t_end = st.num_inference_steps
+    tokens = None
+    if "ae" in want:
+        tokens = A.TokenRequest(steps=[0] + list(range(t_end - max(1, t_end // 5), t_end)))
+    elif "le" in want:
+        tokens = A.TokenRequest(steps=[0], layers=[le_layer])
+    query = None
+    if "be" in want:
+        ends = torch.tensor(prompt_lengths).repeat_interleave(n) - 1  # first EOS, per cond row
+        query = A.QueryMapRequest(token_index=ends.tolist(), steps=[t_end - 1], layers=be_layers)
+    return A.CrossAttentionInstrument(unet, tokens=tokens, query_map=query, branch="cond")
+
+
+def _attention_scores(inst, metrics, st, prompt_lengths, n, be_diffs, vals, extras):
+    """le, ae and be per generation from the instrument's recordings (rows = the K*n conditional rows)."""
+    le_layer, be_layers = attention_layers(inst.unet, st)
+    if "le" in metrics:
+        vals["le"][:, 0] = A.le_score(inst.token_dists, layer=le_layer, step=0).float()
+    if "ae" in metrics:
+        start = torch.tensor(prompt_lengths).repeat_interleave(n) - 1
+        vals["ae"][:, 0] = A.ae_score(inst.token_dists, st.num_inference_steps, start).float()
+    if "be" in metrics:
+        mask = A.be_mask(inst.query_maps, st.num_inference_steps - 1, be_layers)
+        per_step = torch.stack([A.be_step_score(mask, d) for d in be_diffs], dim=1)  # (K*n, T)
+        vals["be"][:, 0] = per_step.mean(dim=1).float()
+        for j in range(len(extras["be"])):
+            extras["be"][j] = dict(per_step=per_step[j * n:(j + 1) * n].tolist())
 
 
 def _anisotropy(model, out, xx, t, t_low, x, embeds, st, meter):

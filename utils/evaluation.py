@@ -17,18 +17,26 @@ from . import matching as M
 from . import similarity as S
 from .cli import UserError, warn
 from .fetch_manifest import MANIFEST_NAME, read_manifest
+from .images import MAX_FILE_BYTES
+from .io import DataPathError, read_limited
 
 CSV_COLUMNS = ["index", "prompt", "status", "gt_indices", "n_gt_images", "n_images", "n_missing", "similarity_mean",
                "similarity_max", "similarity_per_image", "clip_mean", "clip_per_image", "n_blank"]
 
 
-def open_image(path):
-    """An RGB PIL image, or None (with a warning) if the file cannot be decoded."""
+def open_image(path, max_bytes=MAX_FILE_BYTES):
+    """An RGB PIL image, or None (with a warning) if the file cannot be read (utils.io.read_limited: a regular
+    file of at most max_bytes) or decoded."""
     from PIL import Image
 
     from .images import to_rgb
     try:
-        with Image.open(path) as im:
+        data = read_limited(path, max_bytes)
+    except DataPathError as e:
+        warn(f"cannot read image {path} ({e.detail}); skipped")
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             return to_rgb(im)
     except Exception as e:  # PIL raises many types for corrupt files
@@ -67,7 +75,9 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
     if match_all:
         matches, unmatched = [list(range(len(gt_recs)))] * len(records), ([] if gt_recs else list(range(len(records))))
     groups = M.keyword_groups([g["caption"] for g in gt_recs], keywords)
-    present, missing, extra = M.check_images(records, os.path.dirname(os.path.abspath(manifest)), images_dir)
+    training_files = {f for g in gt_recs for f in g["files"]}
+    present, missing, extra = M.check_images(records, os.path.dirname(os.path.abspath(manifest)), images_dir,
+                                             exclude=training_files)
     gt_cache, rows, img_sims, prompt_sims, prompt_clips = {}, [], [], [], []
     for rec, paths, match in tqdm(list(zip(records, present, matches)), desc="score", unit="prompt"):
         images = [im for im in map(open_image, paths) if im is not None]
@@ -87,13 +97,18 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
         with torch.no_grad():
             if row["status"] == "ok":
                 sims = S.max_similarity(embed(images).double(), torch.cat(gt).double()).tolist()
-                row.update(similarity_per_image=sims, similarity_mean=sum(sims) / len(sims), similarity_max=max(sims))
-                img_sims += sims
-                prompt_sims.append(row["similarity_mean"])
+                if _all_finite(sims, "similarity", rec["index"]):
+                    row.update(similarity_per_image=sims, similarity_mean=sum(sims) / len(sims),
+                               similarity_max=max(sims))
+                    img_sims += sims
+                    prompt_sims.append(row["similarity_mean"])
+                else:
+                    row["status"] = "non_finite"
             if clip and images:
                 c = S.clip_scores(*clip, images, [rec["prompt"]] * len(images), device, batch_size).tolist()
-                row.update(clip_per_image=c, clip_mean=sum(c) / len(c))
-                prompt_clips.append(row["clip_mean"])
+                if _all_finite(c, "CLIP score", rec["index"]):
+                    row.update(clip_per_image=c, clip_mean=sum(c) / len(c))
+                    prompt_clips.append(row["clip_mean"])
         rows.append(row)
     counts = {"n_prompts": len(records), "n_evaluated": len(prompt_sims),
               "n_skipped_no_gt": sum(r["status"] in ("unmatched", "no_ground_truth") for r in rows),
@@ -104,7 +119,7 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
     summary["frac_blank"] = blank_fraction(rows)
     return {"thresholds": list(thresholds), "summary": summary, "match": "all" if match_all else "caption",
             "counts": counts, "unmatched_prompts": [records[i]["prompt"] for i in unmatched],
-            "missing_images": [{"index": i, "file": n} for i, n in missing], "extra_files": extra,
+            "missing_images": [{"index": i, "file": n, "reason": why} for i, n, why in missing], "extra_files": extra,
             "shared_gt_keywords": list(keywords), "generation_header": header,
             "manifest": os.path.abspath(manifest), "gt": os.path.abspath(gt_dir), "per_prompt": rows}
 
@@ -115,14 +130,26 @@ def blank_fraction(rows):
     return sum(r.get("n_blank", 0) for r in rows) / n if n else None
 
 
+def _all_finite(values, what, index):
+    """True if every value is finite; else a warning (a NaN from a broken model must not enter the averages, and
+    would make the results JSON non-standard)."""
+    if all(math.isfinite(v) for v in values):
+        return True
+    warn(f"prompt {index}: a {what} is not finite (NaN or inf); left out of the results")
+    return False
+
+
 def warn_problems(result):
-    """Warnings for prompts without a training image, images listed but missing, and unlisted image files."""
+    """Warnings for prompts without a training image, images listed but missing or refused, and unlisted image
+    files."""
     for row in result["per_prompt"]:
         if row["status"] == "unmatched":
             warn(f"no training-image record has the caption of prompt {row['index']}: {row['prompt']!r}")
     missing, extra = result["missing_images"], result["extra_files"]
     if missing:
-        warn(f"{len(missing)} image(s) listed in {result['manifest']} are missing, e.g. {missing[0]['file']}")
+        m = missing[0]
+        warn(f"{len(missing)} image(s) listed in {result['manifest']} are missing or not usable (not scored), e.g. "
+             f"{m['file']!r:.80} ({m.get('reason', 'missing')})")
     if extra:
         warn(f"{len(extra)} image file(s) in the images folder are not in the manifest (not scored), e.g. {extra[0]}")
 

@@ -7,6 +7,7 @@ from .cli import one_line
 MIN_SIDE = 32            # smaller images are thumbnails or tracking pixels, not the training image
 PLACEHOLDER_STD = 1.0    # every RGB channel with std below this (0-255 scale) = a single-colour placeholder
 MAX_PIXELS = 50_000_000  # refuse to decode larger images (memory), reported as too_large
+MAX_FILE_BYTES = 100 << 20  # the largest image file read from disk (generated or training image)
 _EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
         "TIFF": ".tif", "ICO": ".ico", "AVIF": ".avif"}
 # File suffixes taken for images wherever the project lists a folder (training images, generated images).

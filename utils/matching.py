@@ -8,8 +8,9 @@ import re
 import unicodedata
 
 from .cli import UserError, warn
+from .fetch_manifest import REJECTED_STATUSES
 from .images import IMAGE_SUFFIXES
-from .io import read_run_log
+from .io import DataPathError, read_run_log, safe_data_path
 
 # Keywords whose prompts are judged against several training images (the reference README, for SD v2.0): all
 # training images whose captions share the keyword, max over them (template-style memorization).
@@ -57,28 +58,43 @@ def keyword_groups(captions, keywords):
 def ground_truth_records(rows, gt_dir):
     """Training-image records of a fetch manifest: list of dict(index, caption, files=[absolute paths]).
 
-    rows: utils.fetch.read_manifest() output. A record's images are its "ok" rows' files that still exist, plus
-    any other <index>_<k>.<ext> file in gt_dir (extra training images added by hand for the same record).
-    Records whose images all failed keep files=[] so that their prompts count as "no ground truth", not unmatched.
+    rows: utils.fetch.read_manifest() output. A record's images are its "ok" rows' files, plus any other
+    <index>_<k>.<ext> file in gt_dir (extra training images added by hand for the same record); every one must
+    pass utils.io.safe_data_path (a regular file inside gt_dir, also after following links), else it is skipped
+    with a warning. Rows of rejected jsonl records (REJECTED_STATUSES) are no record: they never lend their
+    caption to an index. Records whose images all failed keep files=[] so that their prompts count as "no ground
+    truth", not unmatched.
     """
     by_index = {}
     for r in rows:
+        if r["status"] in REJECTED_STATUSES or r["index"] is None:
+            continue
         rec = by_index.setdefault(r["index"], {"index": r["index"], "caption": r["caption"], "files": []})
         if r["status"] == "ok" and r["file"]:
-            path = os.path.join(gt_dir, r["file"])
-            if os.path.isfile(path):
+            path = _training_image(gt_dir, r["file"])
+            if path is not None:
                 rec["files"].append(path)
-            else:
-                warn(f"{path} is listed as fetched but is missing; rerun fetch to restore it")
     pat = re.compile(r"^(\d+)_(\d+)(\.[A-Za-z0-9]+)$")
     for name in sorted(os.listdir(gt_dir)):
         m = pat.match(name)
         if m and m.group(3).lower() in IMAGE_SUFFIXES and int(m.group(1)) in by_index:
-            path = os.path.join(gt_dir, name)
             rec = by_index[int(m.group(1))]
-            if path not in rec["files"]:
+            path = _training_image(gt_dir, name, listed=False)
+            if path is not None and path not in rec["files"]:
                 rec["files"].append(path)
     return list(by_index.values())
+
+
+def _training_image(gt_dir, name, listed=True):
+    """safe_data_path(gt_dir, name), or None with a warning."""
+    try:
+        return safe_data_path(gt_dir, name)
+    except DataPathError as e:
+        if listed and e.status == "missing_file":
+            warn(f"{os.path.join(gt_dir, name)} is listed as fetched but is missing; rerun fetch to restore it")
+        else:
+            warn(f"training image {name!r:.80} skipped: {e.detail}")
+        return None
 
 
 def read_generation_manifest(path):
@@ -87,42 +103,49 @@ def read_generation_manifest(path):
     The run-log format of utils.io.read_run_log (its rules for torn last lines, bad lines and repeated indices);
     each record also needs "prompt" (str) and "images" (list of file names relative to the manifest's folder).
     """
-    try:
-        header, records, _ = read_run_log(path, "generation manifest")
-    except UserError as e:
-        if not os.path.exists(path):
-            raise UserError(f"generation manifest {path} not found: expected the output folder of "
-                            "mitigate_mem.py") from None
-        raise e
+    if not os.path.lexists(path):
+        raise UserError(f"generation manifest {path} not found: expected the output folder of mitigate_mem.py")
+    header, records, _ = read_run_log(path, "generation manifest", fields={"prompt": str, "images": list})
     for index, obj in records.items():
-        if not (isinstance(obj.get("prompt"), str) and isinstance(obj.get("images"), list)
-                and all(isinstance(x, str) for x in obj["images"])):
-            raise UserError(f"{path}: record {index} needs text 'prompt' and a list 'images'")
+        if not all(isinstance(x, str) for x in obj["images"]):
+            raise UserError(f"{path}: record {index} needs text 'prompt' and a list 'images' of file names")
     if not records:
         raise UserError(f"{path} holds no image records")
     return header, [records[k] for k in sorted(records)]
 
 
-def check_images(records, manifest_dir, images_dir=None):
-    """Which listed images exist, and which image files in images_dir no record lists.
+def check_images(records, manifest_dir, images_dir=None, exclude=()):
+    """Which listed images can be scored, which cannot, and which image files in images_dir no record lists.
 
-    Returns (present: list of lists of absolute paths per record, missing: list of (index, name),
+    Every listed name passes utils.io.safe_data_path(manifest_dir, name): a regular file inside the manifest's
+    folder (after following links); anything else, and any file in exclude (resolved paths, e.g. the training
+    images: a generated image is never one of them), is a problem with its reason, never scored.
+    Returns (present: list of lists of resolved paths per record, problems: list of (index, name, reason),
     extra: sorted list of paths relative to images_dir).
     """
-    present, missing, listed = [], [], set()
+    present, problems, listed = [], [], set()
+    exclude = set(exclude)
     for rec in records:
         found = []
         for name in rec["images"]:
-            path = os.path.normpath(os.path.join(manifest_dir, name))
-            listed.add(os.path.abspath(path))
-            (found.append(path) if os.path.isfile(path) else missing.append((rec["index"], name)))
+            try:
+                path = safe_data_path(manifest_dir, name)
+            except DataPathError as e:
+                problems.append((rec["index"], name, "missing" if e.status == "missing_file" else e.detail))
+                continue
+            listed.add(path)
+            if path in exclude:
+                problems.append((rec["index"], name, "is a training image, not a generated one"))
+            else:
+                found.append(path)
         present.append(found)
     extra = []
     images_dir = images_dir or manifest_dir
     for root, dirs, files in os.walk(images_dir):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
-            path = os.path.abspath(os.path.join(root, name))
-            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".") and path not in listed:
+            path = os.path.join(root, name)
+            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".") and \
+                    os.path.realpath(path) not in listed:
                 extra.append(os.path.relpath(path, images_dir))
-    return present, missing, sorted(extra)
+    return present, problems, sorted(extra)

@@ -4,7 +4,7 @@ import os
 import urllib.request
 
 from .cli import UserError, warn
-from .io import atomic_write_bytes, sha256_file
+from .io import atomic_write_bytes, read_text_file, sha256_file
 
 # The paper's benchmark prompt sets (third-party data), fetched on first use from the paper's code release.
 UPSTREAM = "https://raw.githubusercontent.com/Dongjae0324/sharpness_memorization_diffusion/main/prompts/"
@@ -38,6 +38,8 @@ def ensure_prompt_file(path, mirror=None, timeout=30):
         return path
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a prompt file")
+    if os.path.exists(path):  # a FIFO, device or socket: reading it could block or never end
+        raise UserError(f"{path} is not a regular file")
     if name not in KNOWN_FILES:
         raise UserError(f"prompt file {path} not found")
     mirror = mirror or os.environ.get(MIRROR_ENV)
@@ -69,51 +71,65 @@ def _project_prompt_dir():
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")
 
 
+def split_lines(text):
+    """Lines of text split on newlines only (\n and \r\n): list of str without their line ends.
+
+    Never str.splitlines(), which also splits on U+2028, U+2029, \x0b, \x0c, \x1c-\x1e and \x85: characters
+    that may sit inside one prompt (a caption scraped from the web) and must not cut it in two.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline ending the last line does not start another one
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def read_text(path, mirror=None):
+    """The UTF-8 text of a prompt file (a BOM dropped), fetched first if it is a known benchmark file; a missing,
+    unreadable or non-UTF-8 file is one UserError (utils.io.read_text_file)."""
+    return read_text_file(ensure_prompt_file(path, mirror), "prompt file")
+
+
+def read_prompt_lines(path, mirror=None):
+    """Prompts of a text file with their line numbers: list of (line number, prompt), for messages that name
+    both ("prompt 3 (line 5)"). Rules of read_prompts."""
+    text = read_text(path, mirror)
+    lines = split_lines(text)
+    out, blank = [], []
+    for i, line in enumerate(lines, start=1):
+        p = line.strip()
+        (out.append((i, p)) if p else blank.append(i))
+    if blank and out:
+        warn(f"{path}: skipped {len(blank)} blank line(s) (line {', '.join(map(str, blank[:5]))}"
+             f"{', ...' if len(blank) > 5 else ''})")
+    if not out:
+        raise UserError(f"{path} holds no prompts")
+    return out
+
+
 def read_prompts(path, mirror=None):
     """Prompts of a text file, one per line: list of str.
 
-    Accepts CRLF and a UTF-8 BOM; strips surrounding whitespace (as the reference's line.strip()); skips blank
-    lines with a warning; keeps the text otherwise verbatim (doubled quotes and HTML tags are part of the
-    benchmark). Missing, empty or undecodable files raise UserError.
+    Lines end at \n or \r\n only (split_lines: a U+2028 inside a prompt stays in it). Accepts a UTF-8 BOM;
+    strips surrounding whitespace (as the reference's line.strip()); skips blank lines with a warning that names
+    their line numbers; keeps the text otherwise verbatim (doubled quotes and HTML tags are part of the
+    benchmark). Missing, empty or undecodable files raise UserError. Messages about a prompt name its position,
+    "prompt i" (1-based), which differs from its line number when blank lines were skipped (read_prompt_lines).
     """
-    path = ensure_prompt_file(path, mirror)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}, line {line})")
-    prompts, blank = [], []
-    for i, line in enumerate(text.splitlines(), start=1):
-        p = line.strip()
-        if p:
-            prompts.append(p)
-        else:
-            blank.append(i)
-    if blank and len(blank) < len(text.splitlines()):
-        warn(f"{path}: skipped {len(blank)} blank line(s) (line {', '.join(map(str, blank[:5]))}"
-             f"{', ...' if len(blank) > 5 else ''})")
-    if not prompts:
-        raise UserError(f"{path} holds no prompts")
-    return prompts
+    return [p for _, p in read_prompt_lines(path, mirror)]
 
 
 def read_jsonl(path, mirror=None):
-    """Records of a JSON-lines file (list of dict); a malformed line raises UserError naming it."""
-    path = ensure_prompt_file(path, mirror)
+    """Records of a JSON-lines file (list of parsed values, normally dicts; blank lines skipped). Not UTF-8, a
+    line that is not JSON, or no record at all: a UserError naming the file (and line)."""
+    text = read_text(path, mirror)
     out = []
-    with open(path, "r", encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {i} is not valid JSON ({e.msg})")
+    for i, line in enumerate(split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except (ValueError, RecursionError) as e:  # ValueError: also over-long integers; RecursionError: nesting
+            raise UserError(f"{path} line {i} is not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
     if not out:
         raise UserError(f"{path} holds no records")
     return out
@@ -125,4 +141,5 @@ def truncated_prompts(tokenizer, prompts, max_tokens=CLIP_MAX_TOKENS):
     return [i for i, t in enumerate(ids) if len(t) > max_tokens]
 
 
-__all__ = ["KNOWN_FILES", "MIRROR_ENV", "ensure_prompt_file", "read_prompts", "read_jsonl", "truncated_prompts"]
+__all__ = ["KNOWN_FILES", "MIRROR_ENV", "ensure_prompt_file", "read_jsonl", "read_prompt_lines", "read_prompts",
+           "split_lines", "truncated_prompts"]

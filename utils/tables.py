@@ -57,11 +57,27 @@ def load_paper(path=PAPER_TABLE):
     return {(r["metric"], r["sd"], r["n"], r["steps"]): r for r in rows}
 
 
+def load_result(path):
+    """The [prompts, steps] tensor of a detect_mem.py result, read safely (a regular file of at most 1 GiB,
+    weights_only); anything else is a UserError."""
+    import io
+
+    from .io import DataPathError, read_limited
+    try:
+        data = read_limited(path, 1 << 30)
+    except DataPathError as e:
+        raise UserError(f"{path}: {e.detail}; run detect_mem.py first") from None
+    try:
+        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a detect_mem.py result ({type(e).__name__})") from None
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dim() != 2 or t.shape[0] == 0:
+        raise UserError(f"{path} does not hold a [prompts, steps] tensor")
+    return t
+
+
 def _scores(pt, steps, direction):
-    t = torch.load(pt, map_location="cpu", weights_only=True)
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.layout != torch.strided:
-        raise UserError(f"{pt} does not hold a [prompts, steps] tensor")
-    s = t[:, :steps].double().mean(dim=1).numpy()
+    s = load_result(pt)[:, :steps].double().mean(dim=1).numpy()
     return -s if direction == "lower" else s
 
 
@@ -102,7 +118,7 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None):
                 continue
             res = detection_metrics(mem_s[keep_m], nmem_s[keep_n], (0.01, 0.03), "closest")
             strict = detection_metrics(mem_s[keep_m], nmem_s[keep_n], (0.01,), "strict")
-            used = k or {"tiled_l2": settings.get("num_inference_steps", 50)}.get(metric, 1)
+            used = k or (1 if metric in ("anisotropy", "le") else settings.get("num_inference_steps", 50))
             row = dict(metric=metric, n=n, steps=used, direction=direction, auc=res["auc"],
                        tpr_1_closest=res["tpr_at_fpr"][0.01], tpr_1_strict=strict["tpr_at_fpr"][0.01],
                        tpr_3_closest=res["tpr_at_fpr"][0.03], n_mem=int(keep_m.sum()), n_nmem=int(keep_n.sum()),

@@ -1,0 +1,818 @@
+"""Hostile inputs and faults (issue #16): every bad value is one `error:` line with exit code 2, nothing outside the
+named output folder changes, no input is replaced, paths from data files never leave their folder, downloads are
+bounded in time and Ctrl-C ends them.
+
+Layout, for adding scripts (detect_mem.py, detect_eval.py, mitigate_mem.py):
+- run_script(module, argv) runs a script's main(argv) in-process and returns (exit code, stderr);
+- check_row(...) runs one row and checks its exit code, its single `error:` line and that nothing changed under
+  the test's folder (tree snapshots before and after) nor in the repository;
+- one table per script of (argv, exit code, message fragment); argv items are formatted with w (the shared
+  hostile world folder, see `world`) and repo (the repository root), e.g. "{w}/afile/out" lies under a file.
+Only loopback addresses (127.0.0.1) and files made here are used.
+"""
+import contextlib
+import errno
+import functools
+import importlib
+import importlib.util
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG = str(2 ** 63)  # one past the largest seed
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+
+@functools.lru_cache(maxsize=None)
+def load_module(module):
+    """A script as a module: a top-level name ("mitigate_eval") or a path relative to the repository
+    ("examples/toy_2d.py")."""
+    if not module.endswith(".py"):
+        return importlib.import_module(module)
+    spec = importlib.util.spec_from_file_location(os.path.basename(module)[:-3], os.path.join(ROOT, module))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_script(module, argv):
+    """Run module.main(argv) in-process: (exit code, stderr text). A normal return is 0; an uncaught exception
+    is code 1 with its traceback as the text (what a user would see)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            load_module(module).main(list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # a traceback: what the issue forbids for bad input
+            code = 1
+            err.write(traceback.format_exc())
+    return code, err.getvalue()
+
+
+def tree(root):
+    """Snapshot of everything under root: {relative path: (kind, size, mtime_ns)}; links are not followed."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            kind = "dir" if os.path.isdir(path) and not os.path.islink(path) else "other"
+            out[os.path.relpath(path, root)] = (kind, st.st_size if kind != "dir" else 0, st.st_mtime_ns
+                                                if kind != "dir" else 0)
+    return out
+
+
+def changes(before, after, allowed=()):
+    """Paths added, removed or modified between two tree() snapshots, except those under an allowed prefix."""
+    keys = set(before) | set(after)
+    diff = sorted(k for k in keys if before.get(k) != after.get(k))
+    return [k for k in diff if not any(k == a or k.startswith(a + os.sep) for a in allowed)]
+
+
+def committed_state():
+    """What no failing run may touch in the repository: its top-level names and the committed model and prompts."""
+    return (sorted(os.listdir(ROOT)), tree(os.path.join(ROOT, "demo_model")), tree(os.path.join(ROOT, "prompts")))
+
+
+def check_row(module, argv, code, fragment, w, allowed=()):
+    """Run one table row and check it: exit code; for code 2 exactly one `error:` line, containing fragment, and
+    no traceback; nothing changed under w (except the allowed relative paths) nor in the repository.
+    Returns stderr."""
+    argv = [a.format(w=w, repo=ROOT) for a in argv]
+    before, repo = tree(w), committed_state()
+    got, err = run_script(module, argv)
+    assert got == code, f"{module} {argv}: exit {got}, expected {code}\n{err}"
+    if code == 2:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err, (argv, err)
+    assert changes(before, tree(w), allowed) == [], f"{module} {argv} changed files outside its output"
+    assert committed_state() == repo, f"{module} {argv} changed the repository"
+    return err
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Fail (TimeoutError in the main thread) instead of hanging, e.g. on a FIFO opened for reading."""
+    def alarm(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _png(path, seed):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(48, 48, 3)).astype(np.uint8)).save(path)
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+# --------------------------------------------------------------------------------------------- the shared world
+
+SECRET = b"SECRET-OUTSIDE-THE-FOLDER"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A folder of hostile and ordinary inputs, shared by the tables (no row may change it):
+    afile (a regular file: outputs under it cannot be written), fifo (a named pipe), nonutf8.txt/.jsonl,
+    deep.jsonl (nesting beyond the parser), data/ (a jsonl with local training images) -> gt/ (fetched),
+    gen/ (a generation folder scoring 1.0 against gt), bad_manifests/*.jsonl (damaged generation manifests),
+    gt_fifo/ (a training folder whose manifest is a FIFO), secret.txt (beside data/: never to be read)."""
+    w = tmp_path_factory.mktemp("hostile_world")
+    (w / "afile").write_text("x")
+    os.mkfifo(w / "fifo")
+    (w / "nonutf8.txt").write_bytes(b"a prompt\n\xff\xfe not utf-8\n")
+    (w / "nonutf8.jsonl").write_bytes(b'{"caption": "\xff"}\n')
+    (w / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    (w / "empty.jsonl").write_text("\n\n")
+    (w / "notjson.jsonl").write_text('{"caption": "a", "index": 1, "url": "http://127.0.0.1:9/x"}\nnot json\n')
+    (w / "secret.txt").write_bytes(SECRET)
+    data = w / "data"
+    (data / "train").mkdir(parents=True)
+    _png(data / "train" / "a.png", 0)
+    _png(data / "train" / "b.png", 1)
+    _jsonl(data / "good.jsonl", [{"caption": "Red Rug", "index": 100, "file": "train/a.png"},
+                                 {"caption": "Blue Rug", "index": 101, "file": "train/b.png"}])
+    assert run_script("mitigate_eval", ["fetch", "--jsonl", str(data / "good.jsonl"), "--out", str(w / "gt")])[0] == 0
+    gen = w / "gen"
+    gen.mkdir()
+    _png(gen / "0_0.png", 0)
+    _png(gen / "1_0.png", 2)
+    _jsonl(gen / "manifest.jsonl", [{"header": {"sd_ver": "demo"}},
+                                    {"index": 0, "prompt": "Red Rug", "images": ["0_0.png"]},
+                                    {"index": 1, "prompt": "Blue Rug", "images": ["1_0.png"]}])
+    bad = w / "bad_manifests"
+    bad.mkdir()
+    (bad / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    (bad / "nul.jsonl").write_bytes(b'{"header": {}}\n\x00\x01\x02garbage\n{"index": 0, "prompt": "p", "images": []}\n')
+    _jsonl(bad / "missing_keys.jsonl", [{"header": {}}, {"index": 0, "prompt": "Red Rug"}, {"index": 1}])
+    _jsonl(bad / "wrong_types.jsonl", [{"header": {}}, {"index": "0", "prompt": "Red Rug", "images": []},
+                                       {"index": 1, "prompt": 5, "images": []}])
+    _jsonl(bad / "no_header.jsonl", [{"index": 0, "prompt": "Red Rug", "images": []}])
+    (w / "gt_fifo").mkdir()
+    os.mkfifo(w / "gt_fifo" / "fetch_manifest.csv")
+    (w / "model_like").mkdir()
+    (w / "model_like" / "notes.txt").write_text("not a model")
+    (w / "results.json").write_text("{}")
+    return w
+
+
+# -------------------------------------------------------------------------------------- mitigate_eval.py fetch
+
+FETCH = ["fetch", "--jsonl", "{w}/data/good.jsonl"]
+FETCH_ROWS = [  # (argv, exit code, message fragment)
+    (FETCH + ["--out", "{w}/o", "--backoff", "inf"], 2, "--backoff"),
+    (FETCH + ["--out", "{w}/o", "--backoff", "1e300"], 2, "one day"),
+    (FETCH + ["--out", "{w}/o", "--timeout", "1e300"], 2, "one day"),
+    (FETCH + ["--out", "{w}/o", "--total_timeout", "nan"], 2, "finite"),
+    (FETCH + ["--out", "{w}/o", "--timeout", "0"], 2, "positive"),
+    (FETCH + ["--out", "{w}/o", "--workers", "0"], 2, "--workers"),
+    (FETCH + ["--out", "{w}/o", "--workers", "100000"], 2, "at most 256"),
+    (FETCH + ["--out", "{w}/o", "--retries", "1" + "0" * 5000], 2, "--retries"),
+    (FETCH + ["--out", "{w}/o", "--max_mb", "0"], 2, "--max_mb"),
+    (FETCH + ["--out", "{w}/o", "--min_side", "-1"], 2, "--min_side"),
+    (["fetch", "--jsonl", "{w}/nonutf8.jsonl", "--out", "{w}/o"], 2, "not UTF-8"),
+    (["fetch", "--jsonl", "{w}/fifo", "--out", "{w}/o"], 2, "not a regular file"),
+    (["fetch", "--jsonl", "{w}/deep.jsonl", "--out", "{w}/o"], 2, "not valid JSON"),
+    (["fetch", "--jsonl", "{w}/notjson.jsonl", "--out", "{w}/o"], 2, "line 2 is not valid JSON"),
+    (["fetch", "--jsonl", "{w}/empty.jsonl", "--out", "{w}/o"], 2, "holds no records"),
+    (["fetch", "--jsonl", "{w}/data", "--out", "{w}/o"], 2, "is a folder"),
+    (["fetch", "--jsonl", "{w}/absent.jsonl", "--out", "{w}/o"], 2, "not found"),
+    (FETCH + ["--out", "{w}/afile"], 2, "cannot write"),
+    (FETCH + ["--out", "{w}/afile/sub"], 2, "cannot write"),
+    (FETCH + ["--out", "{w}/data"], 2, "lies inside --out"),
+    (FETCH + ["--out", "{w}"], 2, "lies inside --out"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", FETCH_ROWS, ids=lambda v: None)
+def test_fetch_bad_inputs(world, argv, code, fragment):
+    check_row("mitigate_eval", argv, code, fragment, world)
+
+
+def test_fetch_paths_from_records_stay_in_their_folder(world, tmp_path):
+    """Local `file` records: '..', absolute paths, links out, a FIFO, a folder, an oversized file and a device
+    are bad records with their reason (no hang, nothing read from outside); indices come from the records."""
+    d = tmp_path / "d"
+    (d / "train").mkdir(parents=True)
+    _png(d / "train" / "ok.png", 3)
+    (tmp_path / "outside.png").write_bytes(SECRET)
+    os.mkfifo(d / "train" / "pipe.png")
+    (d / "train" / "folder.png").mkdir()
+    (d / "train" / "big.png").write_bytes(b"\x89PNG" + b"0" * 20000)
+    os.symlink(tmp_path / "outside.png", d / "train" / "link_out.png")
+    os.symlink("/dev/zero", d / "train" / "zero.png")
+    os.symlink("ok.png", d / "train" / "link_in.png")
+    recs = [{"caption": "malformed, no index"},                      # old rule: index 0, taking record 0's
+            {"caption": "real zero", "index": 0, "file": "train/ok.png"},
+            {"caption": "dotdot", "index": 1, "file": "../outside.png"},
+            {"caption": "absolute", "index": 2, "file": str(tmp_path / "outside.png")},
+            {"caption": "link out", "index": 3, "file": "train/link_out.png"},
+            {"caption": "fifo", "index": 4, "file": "train/pipe.png"},
+            {"caption": "folder", "index": 5, "file": "train/folder.png"},
+            {"caption": "big", "index": 6, "file": "train/big.png"},
+            {"caption": "device", "index": 7, "file": "train/zero.png"},
+            {"caption": "link in", "index": 8, "file": "train/link_in.png"},
+            {"caption": "bool index", "index": True, "url": "http://127.0.0.1:9/x"},
+            {"caption": "huge index", "index": 2 ** 70, "file": "train/ok.png"},
+            {"caption": "steals 0", "index": 0, "file": "train/ok.png"}]
+    _jsonl(d / "h.jsonl", recs)
+    out = tmp_path / "out"
+    before = tree(tmp_path)
+    with time_limit(30):
+        code, err = run_script("mitigate_eval", ["fetch", "--jsonl", str(d / "h.jsonl"), "--out", str(out),
+                                                 "--max_mb", "0.012"])
+    assert code == 0, err
+    assert changes(before, tree(tmp_path), allowed=["out"]) == []
+    from utils.fetch_manifest import read_manifest
+    from utils.matching import ground_truth_records
+    rows = read_manifest(str(out / "fetch_manifest.csv"))
+    status = {r["caption"]: (r["index"], r["status"]) for r in rows}
+    assert status == {"malformed, no index": (None, "bad_record"), "real zero": (0, "ok"),
+                      "dotdot": (1, "bad_path"), "absolute": (2, "bad_path"), "link out": (3, "bad_path"),
+                      "fifo": (4, "not_file"), "folder": (5, "not_file"), "big": (6, "too_large"),
+                      "device": (7, "bad_path"), "link in": (8, "ok"), "bool index": (None, "bad_record"),
+                      "huge index": (None, "bad_record"), "steals 0": (0, "duplicate_index")}
+    for r in rows:  # nothing from outside the folder reached the outputs
+        assert "SECRET" not in r["detail"]
+    assert all(SECRET not in p.read_bytes() for p in out.iterdir() if p.is_file())
+    # The rejected records lend no caption: index 0 is the real record's (the issue's dropped ground truth).
+    recs0 = {g["index"]: g for g in ground_truth_records(rows, str(out))}
+    assert recs0[0]["caption"] == "real zero" and len(recs0[0]["files"]) == 1
+
+
+# -------------------------------------------------------------------------------------- mitigate_eval.py score
+
+SCORE = ["score", "--images", "{w}/gen", "--gt", "{w}/gt", "--similarity", "pixel", "--clip_model", "none"]
+SCORE_ROWS = [
+    (SCORE + ["--out", "{w}/gen/manifest.jsonl"], 2, "ending in .json"),
+    (SCORE + ["--manifest", "{w}/results.json", "--out", "{w}/results.json"], 2, "is --manifest"),
+    (SCORE + ["--compare", "{w}/results.json", "--out", "{w}/results.json"], 2, "is --compare"),
+    (SCORE + ["--out", "{w}/gt/eval.json"], 2, "lies inside --gt"),
+    (SCORE + ["--out", "{w}/gen/0_0.png"], 2, "ending in .json"),
+    (SCORE + ["--out", "{w}/afile/x.json"], 2, "cannot write"),
+    (SCORE + ["--out", "{w}/data"], 2, "ending in .json"),
+    (SCORE + ["--device", "foo"], 2, "expected cpu, cuda"),
+    (SCORE + ["--device", "meta"], 2, "expected cpu, cuda"),
+    (SCORE + ["--pixel_size", "0"], 2, "--pixel_size"),
+    (SCORE + ["--pixel_size", "100000"], 2, "at most 1024"),
+    (SCORE + ["--batch_size", "0"], 2, "--batch_size"),
+    (SCORE + ["--thresholds", "nan"], 2, "finite"),
+    (SCORE + ["--manifest", "{w}/bad_manifests/binary.jsonl"], 2, "not UTF-8"),
+    (SCORE + ["--manifest", "{w}/bad_manifests/nul.jsonl"], 2, "line 2 is not valid JSON"),
+    (SCORE + ["--manifest", "{w}/bad_manifests/missing_keys.jsonl"], 2, "'images' missing"),
+    (SCORE + ["--manifest", "{w}/bad_manifests/wrong_types.jsonl"], 2, "integer 'index'"),
+    (SCORE + ["--manifest", "{w}/bad_manifests/no_header.jsonl"], 2, "no header line"),
+    (SCORE + ["--manifest", "{w}/fifo"], 2, "not a regular file"),
+    (["score", "--images", "{w}/gen", "--gt", "{w}/gt_fifo", "--similarity", "pixel", "--clip_model", "none",
+      "--out", "{w}/x.json"], 2, "not a regular file"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", SCORE_ROWS, ids=lambda v: None)
+def test_score_bad_inputs(world, argv, code, fragment):
+    check_row("mitigate_eval", argv, code, fragment, world)
+
+
+def test_score_reads_generated_images_only_inside_their_folder(world, tmp_path):
+    """A manifest naming training images, files outside its folder, a FIFO or a device: none is scored (the
+    issue's training image scored as a generated one, similarity 1.0), each is reported with its reason."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    _png(gen / "mine.png", 7)
+    os.mkfifo(gen / "pipe.png")
+    os.symlink(world / "gt" / "100_0.png", gen / "link_to_gt.png")
+    os.symlink("/dev/zero", gen / "zero.png")
+    images = ["mine.png", str(world / "gt" / "100_0.png"), "../../" + os.path.relpath(world / "gt" / "100_0.png",
+                                                                                       tmp_path.parent),
+              "link_to_gt.png", "pipe.png", "zero.png", "none.png"]
+    _jsonl(gen / "manifest.jsonl", [{"header": {}}, {"index": 0, "prompt": "Red Rug", "images": images}])
+    with time_limit(30):
+        code, err = run_script("mitigate_eval", SCORE[:1] + ["--images", str(gen), "--gt", str(world / "gt")]
+                               + SCORE[5:] + ["--out", str(tmp_path / "r.json")])
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    row = res["per_prompt"][0]
+    assert row["n_images"] == 1 and row["similarity_max"] < 0.5  # only mine.png, not the training image
+    reasons = {m["file"]: m["reason"] for m in res["missing_images"]}
+    assert set(reasons) == set(images[1:])
+    assert "absolute" in reasons[images[1]] and "outside" in reasons[images[2]]
+    assert "outside" in reasons["link_to_gt.png"] and "FIFO" in reasons["pipe.png"]
+    assert "outside" in reasons["zero.png"] and reasons["none.png"] == "missing"
+
+
+def test_score_never_scores_a_training_image_inside_the_images_folder(tmp_path):
+    """Training folder inside the generation folder: a generated-image name that resolves to a training image is
+    refused by the exclusion, not by the folder rule."""
+    gen = tmp_path / "gen"
+    (gen / "train").mkdir(parents=True)
+    _png(gen / "train" / "a.png", 0)
+    _jsonl(gen / "train" / "d.jsonl", [{"caption": "Red Rug", "index": 5, "file": "a.png"}])
+    assert run_script("mitigate_eval", ["fetch", "--jsonl", str(gen / "train" / "d.jsonl"), "--out",
+                                        str(gen / "gt")])[0] == 0
+    _jsonl(gen / "manifest.jsonl", [{"header": {}}, {"index": 0, "prompt": "Red Rug", "images": ["gt/5_0.png"]}])
+    code, err = run_script("mitigate_eval", SCORE[:1] + ["--images", str(gen), "--gt", str(gen / "gt")] + SCORE[5:]
+                           + ["--out", str(tmp_path / "r.json")])
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["per_prompt"][0]["n_images"] == 0
+    assert res["missing_images"][0]["reason"] == "is a training image, not a generated one"
+
+
+def test_score_leaves_non_finite_similarities_out(world):
+    import torch
+
+    from utils import evaluation as E
+
+    def broken_model(images):
+        return torch.full((len(images), 4), float("nan"))
+    res = E.evaluate(str(world / "gen" / "manifest.jsonl"), str(world / "gen"), str(world / "gt"), broken_model)
+    assert [r["status"] for r in res["per_prompt"]] == ["non_finite", "non_finite"]
+    assert res["summary"]["mean_similarity"] is None or not math.isnan(res["summary"]["mean_similarity"])
+    json.dumps(res, allow_nan=False)  # standard JSON: no NaN reached the results
+
+
+# ---------------------------------------------------------------------------------------------- train_demo.py
+
+TRAIN_ROWS = [
+    (["--smoke"], 2, "pass --out_dir"),
+    (["--smoke", "--out_dir", "{repo}/demo_model"], 2, "--overwrite_committed"),
+    (["--smoke", "--out_dir", "{repo}/demo_model/../demo_model"], 2, "--overwrite_committed"),
+    (["--smoke", "--overwrite_committed"], 2, "--smoke never writes"),
+    (["--smoke", "--out_dir", "{w}/m", "--prompts_dir", "{repo}/prompts"], 2, "--overwrite_committed"),
+    (["--smoke", "--out_dir", "{w}/afile"], 2, "not a folder"),
+    (["--smoke", "--out_dir", "{w}/model_like"], 2, "not replaced"),
+    (["--smoke", "--out_dir", "{w}"], 2, "not replaced"),
+    (["--smoke", "--out_dir", "{w}/m", "--prompts_dir", "{w}/m"], 2, "is --prompts_dir"),
+    (["--smoke", "--out_dir", "{w}/m", "--prompts_dir", "{w}/m/p"], 2, "lies inside --out_dir"),
+    (["--smoke", "--out_dir", ""], 2, "must not be empty"),
+    (["--out_dir", "{w}/m", "--seed", BIG], 2, "2^63"),
+    (["--out_dir", "{w}/m", "--seed", "-1"], 2, "--seed"),
+    (["--out_dir", "{w}/m", "--lr", "1e308"], 2, "--lr"),
+    (["--out_dir", "{w}/m", "--lr", "nan"], 2, "finite"),
+    (["--out_dir", "{w}/m", "--stop_frac", "1.5"], 2, "(0, 1]"),
+    (["--out_dir", "{w}/m", "--stop_frac", "0"], 2, "(0, 1]"),
+    (["--out_dir", "{w}/m", "--p_uncond", "1"], 2, "[0, 1)"),
+    (["--out_dir", "{w}/m", "--batch_size", "1000000"], 2, "at most"),
+    (["--out_dir", "{w}/m", "--dup", "1000000000"], 2, "at most"),
+    (["--out_dir", "{w}/m", "--threads", "0"], 2, "--threads"),
+    (["--out_dir", "{w}/m", "--steps", "1e3"], 2, "--steps"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", TRAIN_ROWS, ids=lambda v: None)
+def test_train_demo_bad_inputs(world, argv, code, fragment):
+    check_row("train_demo", argv, code, fragment, world)
+
+
+def test_diverged_weights_are_never_saved(tmp_path):
+    import torch
+
+    import train_demo
+    from utils.cli import UserError
+    from utils.demo_model import tiny_pipeline
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match="diverged"):
+        train_demo.save_model(pipe, {}, str(tmp_path / "m"), 3)
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------- folders replaced when complete
+
+def _model_folder(path, tag):
+    """A stand-in model folder: model_index.json, unet/w and a file only this version has."""
+    path = pathlib.Path(path)
+    (path / "unet").mkdir(parents=True)
+    (path / "model_index.json").write_text(tag)
+    (path / "unet" / "w").write_text(tag)
+    (path / f"only_in_{tag}").write_text(tag)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+def test_staged_dir_replaces_a_folder_only_when_complete(tmp_path, monkeypatch, exchange):
+    from utils import io as uio
+    if not exchange:
+        monkeypatch.setattr(uio, "_exchange", lambda a, b: False)
+    target = tmp_path / "model"
+    _model_folder(target, "old")
+    with pytest.raises(RuntimeError):
+        with uio.staged_dir(target, marker="model_index.json") as tmp:
+            _model_folder(tmp, "new")
+            raise RuntimeError("killed during the save")
+    assert (target / "unet" / "w").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["model"]
+    with uio.staged_dir(target, marker="model_index.json") as tmp:
+        _model_folder(tmp, "new")
+    assert (target / "unet" / "w").read_text() == "new" and not (target / "only_in_old").exists()
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary or old folder left
+
+
+def test_staged_dir_survives_sigkill_mid_save(tmp_path):
+    target = tmp_path / "model"
+    _model_folder(target, "old")
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2]); from utils.io import staged_dir\n"
+            "with staged_dir(sys.argv[1], marker='model_index.json') as tmp:\n"
+            "    os.makedirs(os.path.join(tmp, 'vae')); open(os.path.join(tmp, 'vae', 'w'), 'w').write('new')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(target), ROOT], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(target)) == ["model_index.json", "only_in_old", "unet"]  # old model, whole
+    from utils.io import staged_dir
+    with staged_dir(target, marker="model_index.json") as tmp:  # the next save clears the debris
+        _model_folder(tmp, "new")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+# ----------------------------------------------------------------------------------- examples/eigen_analysis.py
+
+EIGEN = "examples/eigen_analysis.py"
+EIGEN_BASE = ["--model_id", "tiny", "--mem_path", "{w}/p.txt", "--nmem_path", "{w}/p.txt", "--k", "2",
+              "--max_prompts", "1"]
+EIGEN_ROWS = [
+    (EIGEN_BASE + ["--guidance_scale", "nan"], 2, "finite"),
+    (EIGEN_BASE + ["--guidance_scale", "1e9"], 2, "--guidance_scale"),
+    (EIGEN_BASE + ["--num_inference_steps", "5000"], 2, "at most 1000"),
+    (EIGEN_BASE + ["--num_inference_steps", "0"], 2, "--num_inference_steps"),
+    (EIGEN_BASE + ["--k", "0"], 2, "--k"),
+    (EIGEN_BASE + ["--krylov_dim", "10000000"], 2, "at most"),
+    (EIGEN_BASE + ["--dense_max", "1000000000"], 2, "at most"),
+    (EIGEN_BASE + ["--device", "foo"], 2, "expected cpu, cuda"),
+    (EIGEN_BASE + ["--device", "meta"], 2, "expected cpu, cuda"),
+    (EIGEN_BASE + ["--gen_seed", BIG], 2, "2^63"),
+    (EIGEN_BASE + ["--start_seed", "-3"], 2, "--start_seed"),
+    (EIGEN_BASE + ["--steps", "0,x"], 2, "--steps"),
+    (EIGEN_BASE + ["--steps", "0,50"], 2, "--steps"),
+    (EIGEN_BASE + ["--threads", "0"], 2, "--threads"),
+    (EIGEN_BASE[:2] + ["--mem_path", "{w}/fifo", "--nmem_path", "{w}/p.txt"], 2, "not a regular file"),
+    (EIGEN_BASE[:2] + ["--mem_path", "{w}/nonutf8.txt", "--nmem_path", "{w}/p.txt"], 2, "not UTF-8"),
+    (EIGEN_BASE + ["--out_dir", "{w}/afile"], 2, "cannot write"),
+    (EIGEN_BASE + ["--out_dir", "{w}/afile/sub"], 2, "cannot write"),
+    (EIGEN_BASE + ["--out_dir", "{w}/eig_binary"], 2, "progress log"),
+    (EIGEN_BASE + ["--out_dir", "{w}/eig_wrong"], 2, "integer 'index'"),
+]
+
+
+@pytest.fixture(scope="module")
+def eigen_world(world):
+    (world / "p.txt").write_text("a red rug\n")
+    (world / "eig_binary").mkdir()
+    (world / "eig_binary" / "eigenvalues.progress.jsonl").write_bytes(b"\x00\xff" * 100)
+    (world / "eig_wrong").mkdir()
+    (world / "eig_wrong" / "eigenvalues.progress.jsonl").write_text('{"header": {}}\n{"index": [1]}\n{"index": 2}\n')
+    return world
+
+
+@pytest.mark.parametrize("argv,code,fragment", EIGEN_ROWS, ids=lambda v: None)
+def test_eigen_analysis_bad_inputs(eigen_world, argv, code, fragment):
+    check_row(EIGEN, argv, code, fragment, eigen_world)
+
+
+# ------------------------------------------------------------------------------------------- examples/toy_2d.py
+
+TOY = "examples/toy_2d.py"
+TOY_ROWS = [
+    (["--mem_ratio", "1"], 2, "--mem_ratio"),
+    (["--mem_ratio", "nan"], 2, "finite"),
+    (["--mem_std", "0"], 2, "--mem_std"),
+    (["--num_data", "1"], 2, "--num_data"),
+    (["--num_data", "1" + "0" * 30], 2, "at most"),
+    (["--ddim_steps", "5000"], 2, "at most 1000"),
+    (["--lr", "inf"], 2, "finite"),
+    (["--low_noise_fraction", "2"], 2, "[0, 1]"),
+    (["--second_order_weight", "-1"], 2, "--second_order_weight"),
+    (["--seed", BIG], 2, "2^63"),
+    (["--trace_steps", "5,x"], 2, "--trace_steps"),
+    (["--trace_steps", "5,1000"], 2, "--trace_steps"),
+    (["--threads", "100000"], 2, "at most"),
+    (["--out_dir", "{w}/afile"], 2, "cannot write"),
+    (["--out_dir", "{w}/afile/sub"], 2, "cannot write"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", TOY_ROWS, ids=lambda v: None)
+def test_toy_2d_bad_inputs(world, argv, code, fragment):
+    check_row(TOY, argv, code, fragment, world)
+
+
+# ------------------------------------------------------------------------------ detect_mem.py and detect_eval.py
+
+DETECT = "detect_mem"
+DETECT_BASE = ["--model_id", "tiny", "--data_path", "{w}/det/p.txt", "--device", "cpu", "--gen_num", "1"]
+DETECT_ROWS = [
+    (DETECT_BASE + ["--hvp_sampling_num", "51"], 2, "exceeds the 50 sampling steps"),
+    (DETECT_BASE + ["--wen_steps", "51", "--metrics", "wen"], 2, "exceeds the 50 sampling steps"),
+    (DETECT_BASE + ["--gen_seed", BIG], 2, "2^63"),
+    (DETECT_BASE + ["--gen_seed", "-1"], 2, "--gen_seed"),
+    (DETECT_BASE + ["--device", "foo"], 2, "expected cpu, cuda"),
+    (DETECT_BASE + ["--device", "meta"], 2, "expected cpu, cuda"),
+    (DETECT_BASE + ["--gen_num", "0"], 2, "--gen_num"),
+    (DETECT_BASE + ["--gen_num", "10000000"], 2, "at most"),
+    (DETECT_BASE + ["--batch_size", "0"], 2, "--batch_size"),
+    (DETECT_BASE + ["--metrics", "sharpness,nope"], 2, "--metrics"),
+    (DETECT_BASE + ["--metrics", "tiled_l2"], 2, "at least 2"),
+    (DETECT_BASE + ["--metrics", "anisotropy", "--aniso_weights", "1,nan"], 2, "two finite numbers"),
+    (DETECT_BASE + ["--sd_ver", "3"], 2, "--sd_ver"),
+    (DETECT_BASE[:2] + ["--data_path", "{w}/fifo", "--device", "cpu"], 2, "not a regular file"),
+    (DETECT_BASE[:2] + ["--data_path", "{w}/nonutf8.txt", "--device", "cpu"], 2, "not UTF-8"),
+    (DETECT_BASE + ["--out_dir", "{w}/afile"], 2, "cannot write"),
+    (DETECT_BASE + ["--out_dir", "{w}/afile/sub"], 2, "cannot write"),
+    (DETECT_BASE + ["--out_dir", "{w}/det/binary_log"], 2, "progress log"),
+    (DETECT_BASE + ["--out_dir", "{w}/det/o", "--metrics", "le", "--le_layer", "99"], 2, "no cross-attention layer"),
+]
+
+
+@pytest.fixture(scope="module")
+def detect_world(world):
+    import torch
+    det = world / "det"
+    (det / "binary_log").mkdir(parents=True)
+    (det / "p.txt").write_text("a red rug\n")
+    (det / "binary_log" / "p_gen1.progress.jsonl").write_bytes(b"\x00\xff" * 100)
+    torch.save(torch.tensor([[1.0], [2.0]]), det / "a_mem_gen1.pt")
+    torch.save(torch.tensor([[0.5, 1.0, 2.0], [1.0, 1.0, 1.0]]), det / "a_nmem_gen1.pt")
+    torch.save(torch.tensor([[1.0], [2.0]]).to_sparse(), det / "sparse.pt")
+    torch.save({"not": "a tensor"}, det / "dict.pt")
+    (det / "nopairs").mkdir()
+    return world
+
+
+@pytest.mark.parametrize("argv,code,fragment", DETECT_ROWS, ids=lambda v: None)
+def test_detect_mem_bad_inputs(detect_world, argv, code, fragment):
+    check_row(DETECT, argv, code, fragment, detect_world, allowed=("det/o",))
+
+
+DETECT_EVAL = "detect_eval"
+D = "{w}/det/"
+DETECT_EVAL_ROWS = [
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_nmem_gen1.pt"], 2, "not comparable"),
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_nmem_gen1.pt", "--steps", "2"], 2, "--steps asks for step 2"),
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_nmem_gen1.pt", "--steps", "0"], 2, "--steps"),
+    (["--mem", D + "a_mem_gen1.pt", "--nmem", D + "a_mem_gen1.pt", "--out", D + "a_mem_gen1.pt"], 2,
+     "never replaces an input"),
+    (["--mem", D + "sparse.pt", "--nmem", D + "a_mem_gen1.pt"], 2, "[prompts, steps] tensor"),
+    (["--mem", D + "dict.pt", "--nmem", D + "a_mem_gen1.pt"], 2, "[prompts, steps] tensor"),
+    (["--mem", "{w}/fifo", "--nmem", D + "a_mem_gen1.pt"], 2, "regular file"),
+    (["--mem", D + "missing.pt", "--nmem", D + "a_mem_gen1.pt"], 2, "run detect_mem.py first"),
+    (["--mem", "{w}/afile", "--nmem", D + "a_mem_gen1.pt"], 2, "not a detect_mem.py result"),
+    (["--table", "{w}/afile"], 2, "not a folder"),
+    (["--table", D + "nopairs"], 2, "no pair"),
+    (["--table", D, "--table_steps", "x"], 2, "--table_steps"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", DETECT_EVAL_ROWS, ids=lambda v: None)
+def test_detect_eval_bad_inputs(detect_world, argv, code, fragment):
+    check_row(DETECT_EVAL, argv, code, fragment, detect_world)
+
+
+# -------------------------------------------------------------------------------- the shared guard and writers
+
+def test_guard_turns_allocation_failures_into_one_line_and_keeps_bugs(capsys):
+    from utils.cli import guarded
+
+    def failing(exc):
+        @guarded(memory_hint="use a smaller --batch_size")
+        def main():
+            raise exc
+        return main
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:114] DefaultCPUAllocator: not enough memory: you tried to "
+                       "allocate 80000000000 bytes.")
+    for exc in (cpu, MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                OSError(errno.ENOMEM, "Cannot allocate memory")):
+        with pytest.raises(SystemExit) as e:
+            failing(exc)()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: out of memory") and "--batch_size" in err
+    for bug in (RuntimeError("shape mismatch"), KeyError("x"), OSError(errno.EBADF, "Bad file descriptor")):
+        with pytest.raises(type(bug)):
+            failing(bug)()
+
+
+def test_a_full_disk_is_one_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from utils.cli import UserError
+    from utils.io import atomic_write_json
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
+    """ProgressLog holds a lock for the run's lifetime: a second process is refused at once; once the first
+    ends (even by SIGKILL, which leaves the lock file) the folder is usable again."""
+    from utils.cli import UserError
+    from utils.io import ProgressLog
+    log = tmp_path / "run.progress.jsonl"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from utils.io import ProgressLog\n"
+            "log = ProgressLog(sys.argv[1], {'seed': 1}); print('ready', flush=True); time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(log), ROOT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        with pytest.raises(UserError, match=f"another run \\(pid {p.pid}\\)"):
+            ProgressLog(log, {"seed": 1})
+    finally:
+        p.kill()
+        p.wait()
+    with ProgressLog(log, {"seed": 1}) as again:
+        again.add({"index": 0})
+    assert not os.path.exists(str(log) + ".lock")  # released and removed
+
+
+@pytest.mark.parametrize("name", ["", " ", ".", "..", "../x", "a/b", "/abs", "a\\b", "x\n", "t\x00", "\x7f",
+                                  "y" * 256])
+def test_names_that_become_paths_are_plain_components(name, tmp_path):
+    from utils.cli import UserError
+    from utils.io import safe_component, safe_join
+    with pytest.raises(UserError, match="--prompt_type"):
+        safe_join(str(tmp_path), "sd1", name, what="--prompt_type")
+    with pytest.raises(UserError):
+        safe_component(name)
+
+
+def test_plain_names_pass_and_stay_under_the_folder(tmp_path):
+    from utils.io import safe_join
+    for name in ("mem", "mem_nomiti", "sd1", "a.b-c", "ünï cödé", "..x", "x.."):
+        path = safe_join(str(tmp_path), "sd1", name)
+        assert os.path.dirname(os.path.dirname(path)) == str(tmp_path)
+
+
+def test_check_outputs_sees_links_and_folders(tmp_path):
+    from utils.cli import UserError
+    from utils.io import check_outputs
+    (tmp_path / "in.pt").write_text("scores")
+    os.link(tmp_path / "in.pt", tmp_path / "hard.pt")
+    os.symlink(tmp_path / "in.pt", tmp_path / "soft.pt")
+    (tmp_path / "gt").mkdir()
+    for out in ("in.pt", "hard.pt", "soft.pt", "./x/../in.pt", "gt/r.json"):
+        with pytest.raises(UserError, match="--out"):
+            check_outputs({"--out": str(tmp_path / out)}, {"--mem": str(tmp_path / "in.pt"), "--gt": tmp_path / "gt",
+                                                            "--nmem": None})
+    with pytest.raises(UserError, match="lies inside --out_dir"):
+        check_outputs({"--out_dir": str(tmp_path)}, [("--mem", str(tmp_path / "in.pt"))])
+    check_outputs({"--out": str(tmp_path / "r.json")}, {"--mem": str(tmp_path / "in.pt"), "--gt": tmp_path / "gt"})
+
+
+def test_prompt_lines_split_on_newlines_only(tmp_path, capsys):
+    from utils.prompts import read_prompt_lines, read_prompts
+    f = tmp_path / "p.txt"
+    f.write_text("one\u2028still one\r\n\ntwo\u2029x\x0bx\x85y\n", encoding="utf-8")
+    assert read_prompts(f) == ["one\u2028still one", "two\u2029x\x0bx\x85y"]
+    assert read_prompt_lines(f) == [(1, "one\u2028still one"), (3, "two\u2029x\x0bx\x85y")]
+    assert "(line 2)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- downloads bounded in time
+
+def _trickle_server():
+    """A loopback server whose answers never end: /body sends one body byte every 0.5 s, /headers one header
+    byte every 0.5 s. Returns (base URL, server)."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            try:
+                if self.path.startswith("/headers"):
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                for _ in range(240):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_address[1]}", srv
+
+
+@pytest.fixture()
+def trickle():
+    base, srv = _trickle_server()
+    yield base
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("path", ["/body", "/headers"])
+def test_total_timeout_bounds_a_trickling_server(trickle, path):
+    from utils.fetch import Fetcher, FetchError
+    f = Fetcher(timeout=15, retries=3, backoff=0.1, total_timeout=2)
+    t = time.monotonic()
+    with pytest.raises(FetchError) as e:
+        f.get(trickle + path)
+    took = time.monotonic() - t
+    assert e.value.status == "timeout" and 1.9 < took < 3.5, took
+
+
+@pytest.fixture()
+def tls_trickle():
+    """A loopback TCP server that answers a TLS client with one handshake byte every 0.5 s; yields its https URL."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(b"\x16\x03\x03\x40\x00")  # a TLS record header announcing 16 KiB
+                    while not stop.wait(0.5):
+                        conn.send(b"\x02")
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"https://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    srv.close()
+
+
+def test_total_timeout_bounds_a_trickled_tls_handshake_and_cancel_is_immediate(tls_trickle):
+    from utils.fetch import Fetcher, FetchError
+    f = Fetcher(timeout=15, retries=3, backoff=0.1, total_timeout=2)
+    t = time.monotonic()
+    with pytest.raises(FetchError) as e:
+        f.get(tls_trickle + "/x")
+    assert e.value.status == "timeout" and time.monotonic() - t < 3.5
+    f = Fetcher(timeout=15, total_timeout=100)
+    threading.Timer(0.5, f.cancel).start()
+    t = time.monotonic()
+    with pytest.raises(FetchError) as e:
+        f.get(tls_trickle + "/x")
+    assert e.value.status == "pending" and time.monotonic() - t < 2
+
+
+def test_ctrl_c_ends_fetch_at_once_with_the_manifest_saved(trickle, tmp_path):
+    recs = [{"caption": f"c{i}", "index": i, "url": f"{trickle}/body/{i}"} for i in range(6)]
+    _jsonl(tmp_path / "r.jsonl", recs)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mitigate_eval.py"), "fetch", "--jsonl",
+                          str(tmp_path / "r.jsonl"), "--out", str(out), "--workers", "2", "--timeout", "60",
+                          "--total_timeout", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "fetch_manifest.csv").exists():  # the run has started its downloads
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() else "slow start"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        t = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=20)
+        took = time.monotonic() - t
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = p.stderr.read()
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert took < 3, took
+    from utils.fetch_manifest import read_manifest
+    rows = read_manifest(str(out / "fetch_manifest.csv"))
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"pending", "timeout"}
+
+
+def test_loopback_only():
+    """The corpus never leaves the machine: every URL above is 127.0.0.1."""
+    src = open(__file__, encoding="utf-8").read()
+    hosts = {h for h in re.findall(r"https?://([^/:\"'{ ]+)", src)}
+    assert hosts == {"127.0.0.1"}, hosts
+    assert socket.gethostbyname("127.0.0.1") == "127.0.0.1"
