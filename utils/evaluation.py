@@ -262,7 +262,7 @@ def figure6_rows(results, paths):
         rows.append(dict(method=method, setting=setting, gated=gated, mean_similarity=s["mean_similarity"],
                          mean_clip=s["mean_clip"], frac_above={t: s[f"frac_above_{t:g}"] for t in res["thresholds"]},
                          frac_blank=s.get("frac_blank"), n_prompts=c["n_evaluated"], n_images=c["n_images"],
-                         result=os.path.abspath(path), **run_cost(res.get("manifest", "")),
+                         result=path, **run_cost(res.get("manifest", "")),
                          _key=(list(METHODS).index(method) if method in METHODS else len(METHODS), gated,
                                setting_sort_key(method, settings))))
     rows.sort(key=lambda r: r["_key"])
