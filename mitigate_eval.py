@@ -179,6 +179,9 @@ def run_plot(a):
             paths.append(r)
         else:
             raise UserError(f"{r} is neither a score result nor a folder")
+    outs = {"--out (figure)": a.out + ".png", "--out (numbers)": a.out + ".csv",
+            "--out (image grid)": a.out + "_grid.png" if a.grid_prompts else None}
+    check_outputs(outs, [("a result", p) for p in paths])  # never replace a result read here
     results = [E.load_result(p) for p in paths]
     names = {r["similarity"]["name"] for r in results}
     if len(names) > 1:

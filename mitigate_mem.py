@@ -15,12 +15,11 @@ record per finished prompt, flushed at once, so a re-run resumes) and run.json (
 import os
 import time
 
-import torch
 from tqdm import tqdm
 
 from utils import mitigation as MI
-from utils.cli import ArgumentParser, UserError, add_model_arguments, finite_float, guarded, nonneg_float, \
-    nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn
+from utils.cli import ArgumentParser, UserError, add_model_arguments, finite_float, guarded, \
+    nonneg_float, nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn
 from utils.detection import initial_latents
 from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, safe_filename, sha256_file, write_sidecar
 from utils.models import decode_latents, encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, \
@@ -123,25 +122,8 @@ def gate(a, prompts, model_id):
     """(flags per prompt, scores, manifest description) of --flagged_by, or (None, None, None) without gating."""
     if not a.flagged_by:
         return None, None, None
-    scores, det_prompts, meta = MI.read_detection(a.flagged_by)
-    MI.check_same_prompts(det_prompts, prompts, a.flagged_by)
-    if meta.get("model_id") not in (None, model_id):
-        warn(f"{a.flagged_by} was computed with {meta.get('model_id')}, this run uses {model_id}")
-    info = dict(detection=os.path.abspath(a.flagged_by), detection_sha256=sha256_file(a.flagged_by),
-                metric=(meta.get("metric") or {}).get("name", "sharpness"), threshold=a.flag_threshold)
-    if a.flag_fpr is not None:
-        nmem, _, nmeta = MI.read_detection(a.flag_nmem)
-        for key in ("model_id",):
-            if nmeta.get(key) != meta.get(key):
-                raise UserError(f"--flag_nmem {a.flag_nmem} comes from another {key} ({nmeta.get(key)!r}) than "
-                                f"--flagged_by ({meta.get(key)!r})")
-        if (nmeta.get("metric") or {}).get("name", "sharpness") != info["metric"]:
-            raise UserError(f"--flag_nmem {a.flag_nmem} holds another detection metric than --flagged_by")
-        info.update(threshold=MI.calibrated_threshold(nmem, a.flag_fpr), fpr=a.flag_fpr,
-                    nmem=os.path.abspath(a.flag_nmem), nmem_sha256=sha256_file(a.flag_nmem))
-    flags = MI.flag_prompts(scores, info["threshold"])
-    info["flagged"] = [i for i, f in enumerate(flags) if f]
-    return flags, scores, info
+    return MI.gate_prompts(prompts, a.flagged_by, model_id, threshold=a.flag_threshold, fpr=a.flag_fpr,
+                           nmem=a.flag_nmem)
 
 
 def folder_name(prompt_type, method, label, gridded, gated):

@@ -224,18 +224,20 @@ def test_score_fetches_sscd_into_the_torch_hub_cache(setup, sscd_server, monkeyp
 
 
 def test_clip_model_demo(setup, capsys):
-    """--clip_model demo: the project's demo CLIP model when this checkout has it, else one clear error line."""
+    """--clip_model demo scores with the project's demo CLIP model (utils/demo_clip.py), offline."""
+    from utils.demo_clip import load_demo_clip
+    from utils.similarity import clip_scores
     tmp, gt, gen = setup
     argv = ["score", "--images", str(gen), "--gt", str(gt), "--similarity", "pixel", "--clip_model", "demo",
             "--out", str(tmp / "democlip.json")]
-    try:
-        import utils.demo_clip  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit) as e:
-            mitigate_eval.main(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "demo CLIP" in err and "Traceback" not in err
-        return
     mitigate_eval.main(argv)
     res = json.loads((tmp / "democlip.json").read_text())
-    assert res["clip"]["model"] == "demo" and -1 <= res["summary"]["mean_clip"] <= 1
+    row = next(r for r in res["per_prompt"] if r["index"] == 0)
+    want = clip_scores(*load_demo_clip(), [Image.open(gen / "0_0.png"), Image.open(gen / "0_1.png")],
+                       [row["prompt"]] * 2).tolist()
+    assert res["clip"]["model"] == "demo" and row["clip_per_image"] == pytest.approx(want, abs=1e-9)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mitigate_eval.main(argv + ["--clip_pretrained", str(tmp / "no_such_folder")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "demo CLIP" in err and "Traceback" not in err

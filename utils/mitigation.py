@@ -501,9 +501,13 @@ def read_detection(path):
             and t.shape[0] == len(prompts) and len(prompts) > 0):
         raise UserError(f"{path} does not hold a [prompts, steps] tensor matching its sidecar's prompt list")
     scores = t.double().mean(dim=1).numpy()
-    direction = (meta.get("metric") or {}).get("direction", "higher") if isinstance(meta.get("metric"), dict) \
-        else "higher"
-    return (-scores if direction == "lower" else scores), prompts, meta
+    return (-scores if _metric(meta).get("direction") == "lower" else scores), prompts, meta
+
+
+def _metric(meta):
+    """The sidecar's metric description (name, direction); sharpness results of older versions have none."""
+    m = meta.get("metric")
+    return m if isinstance(m, dict) else {"name": "sharpness", "direction": "higher"}
 
 
 def check_same_prompts(det_prompts, prompts, what):
@@ -528,6 +532,32 @@ def calibrated_threshold(nmem_scores, fpr):
     if not (0 <= fpr < 1):
         raise UserError(f"a target false-positive rate lies in [0, 1), got {fpr}")
     return float(s[min(int(math.floor(fpr * len(s) + 1e-9)), len(s) - 1)])
+
+
+def gate_prompts(prompts, detection, model_id=None, *, threshold=None, fpr=None, nmem=None):
+    """Detect-then-mitigate: which prompts to mitigate. detection: a detect_mem.py result on exactly these
+    prompts (in order); threshold: flag scores above it, or else the threshold at false-positive rate fpr on the
+    non-memorized result nmem (same detector and model). Returns (flags, scores, info for the manifest header)."""
+    from .cli import warn
+    from .io import sha256_file
+    scores, det_prompts, meta = read_detection(detection)
+    check_same_prompts(det_prompts, prompts, detection)
+    if meta.get("model_id") not in (None, model_id):
+        warn(f"{detection} was computed with {meta.get('model_id')}, this run uses {model_id}")
+    info = dict(detection=os.path.abspath(detection), detection_sha256=sha256_file(detection),
+                metric=_metric(meta).get("name"), threshold=threshold)
+    if threshold is None:
+        nm_scores, _, nm_meta = read_detection(nmem)
+        if (_metric(nm_meta).get("name"), nm_meta.get("model_id")) != (info["metric"], meta.get("model_id")):
+            raise UserError(f"{nmem} comes from another detector or model than {detection}; calibrate on the "
+                            "same one")
+        if nm_meta.get("identity", {}).get("gen_num") != meta.get("identity", {}).get("gen_num"):
+            warn(f"{nmem} and {detection} average different numbers of generations")
+        info.update(threshold=calibrated_threshold(nm_scores, fpr), fpr=fpr, nmem=os.path.abspath(nmem),
+                    nmem_sha256=sha256_file(nmem))
+    flags = flag_prompts(scores, info["threshold"])
+    info["flagged"] = [i for i, f in enumerate(flags) if f]
+    return flags, scores, info
 
 
 def flag_prompts(scores, threshold):
