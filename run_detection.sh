@@ -22,6 +22,7 @@ BATCH_SIZE=1            # prompts per UNet call (same results; raise it on a lar
 OUT_DIR=det_outputs
 EXTRA_ARGS=""           # e.g. "--dtype float32" or "--prompt_mirror /path/to/prompt/copies"
 SIDE_BY_SIDE=0          # 1: run the memorized and non-memorized sets at once (the demo: one CPU thread each)
+NUM_PROCESSES=1         # >1: shard the prompts over this many processes, one GPU each (accelerate launch)
 PYTHON=${PYTHON:-python3}
 
 case "${1:-}" in
@@ -34,8 +35,14 @@ case "${1:-}" in
   *) echo "error: unknown mode '$1' (use demo, demo16, or nothing for Stable Diffusion)" >&2; exit 2 ;;
 esac
 
+LAUNCH=("$PYTHON")
+if [ "$NUM_PROCESSES" -gt 1 ]; then
+  LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision no
+          --dynamo_backend no)
+fi
+
 run() {  # run() SET N METRICS: one detect_mem.py call
-  $PYTHON detect_mem.py --sd_ver "$ver" --data_path "$1" --gen_num "$2" --metrics "$3" \
+  "${LAUNCH[@]}" detect_mem.py --sd_ver "$ver" --data_path "$1" --gen_num "$2" --metrics "$3" \
     --hvp_sampling_num "$HVP_SAMPLING_NUM" --wen_steps "$WEN_STEPS" --tile_px "$TILE_PX" \
     --gen_seed "$GEN_SEED" --batch_size "$BATCH_SIZE" --out_dir "$OUT_DIR" $EXTRA_ARGS
 }
