@@ -80,6 +80,14 @@ def parse_args(argv=None):
     g.add_argument("--cfg_w_pre", type=finite_float, default=None,
                    help="guidance before the transition (default: 0 static, 1 dynamic; negative: opposite guidance)")
     g.add_argument("--cfg_w_post", type=finite_float, default=GUIDANCE_SCALE)
+    g = p.add_argument_group("ren (Ren et al., ECCV 2024: their inference-time attention mitigation)")
+    g.add_argument("--ren_factor", type=finite_float, default=1.25,
+                   help="C: multiplies the start token's attention logit on the conditional branch (their 1.25; "
+                        "the paper's grid 1.1, 1.2, 1.25, 1.3, 1.5)")
+    g.add_argument("--ren_no_mask", action="store_true",
+                   help="do not mask the summary tokens (their code masks them: --cross_attn_mask)")
+    g.add_argument("--ren_drop_first_eos", action="store_true",
+                   help="also mask the first end-of-text token (their --mask_length_minis1; off in their README)")
     g = p.add_argument_group("gating: mitigate only the prompts a detector flags; the rest are sampled normally")
     g.add_argument("--flagged_by", default=None, metavar="DET.pt", help="detect_mem.py result on --data_path")
     g.add_argument("--flag_threshold", type=finite_float, default=None, help="flag prompts scoring above this")
@@ -115,7 +123,9 @@ def method_settings(a):
             "rna": lambda: MI.AugmentSettings(count=a.aug_count, per_image=a.aug_per_image, vocab=a.rta_vocab),
             "rta": lambda: MI.AugmentSettings(count=a.aug_count, per_image=a.aug_per_image, vocab=a.rta_vocab),
             "cfg_delay": lambda: MI.CfgDelaySettings(rule=a.cfg_rule, transition=a.cfg_transition,
-                                                     w_pre=a.cfg_w_pre, w_post=a.cfg_w_post)}[a.method]()
+                                                     w_pre=a.cfg_w_pre, w_post=a.cfg_w_post),
+            "ren": lambda: MI.RenSettings(factor=a.ren_factor, mask=not a.ren_no_mask,
+                                          drop_first_eos=a.ren_drop_first_eos)}[a.method]()
 
 
 def gate(a, prompts, model_id):

@@ -48,9 +48,11 @@ def runs(tiny_eps_dir, tmp_path_factory):
     off = {"mem_nomiti": ["--no_mitigation"], "mem": ["--miti_thres", "100"],
            "mem_wen": ["--method", "wen", "--wen_target_loss", "1e9"],
            "mem_rna": ["--method", "rna", "--aug_count", "0"], "mem_rta": ["--method", "rta", "--aug_count", "0"],
-           "mem_cfg_delay_t1000_w0": ["--method", "cfg_delay", "--grid", "1000"]}
+           "mem_cfg_delay_t1000_w0": ["--method", "cfg_delay", "--grid", "1000"],
+           "mem_ren": ["--method", "ren", "--ren_factor", "1", "--ren_no_mask"]}
     on = {"mem_rta_n4": ["--method", "rta", "--grid", "4"], "mem_cfg_delay_dynamic": ["--method", "cfg_delay",
-                                                                                         "--grid", "dynamic"]}
+                                                                                         "--grid", "dynamic"],
+          "mem_ren_C1.5": ["--method", "ren", "--grid", "1.5"]}
     for folder, extra in {**off, **on}.items():
         assert _run(mitigate_mem.main, [*base, *extra]) == 0, folder
     return tmp, base, tmp / "out" / os.path.basename(tiny_eps_dir), list(off), list(on)
@@ -268,7 +270,8 @@ def test_bad_inputs_exit_2_and_lose_nothing(runs, capsys):
     torch.save(torch.tensor([[1.0], [2.0]]), det / "other.pt")  # a result for two other prompts
     (det / "other.json").write_text(json.dumps(dict(side, prompts=["another prompt", PROMPTS[1]])))
     cases = [
-        (["--method", "ren"], "invalid choice"),
+        (["--method", "nope"], "invalid choice"),
+        (["--method", "ren", "--grid", "x"], "not a valid factor"),
         (["--method", "rna", "--grid", "1.5"], "not a valid count"),
         (["--method", "sail", "--grid", "0.5,high"], "not a valid thres"),
         (["--method", "rna", "--flagged_by", str(det / "shuffled_gen1.pt"), "--flag_threshold", "0"],
@@ -293,3 +296,26 @@ def test_bad_inputs_exit_2_and_lose_nothing(runs, capsys):
                                     "--flag_nmem", str(det / "nan.pt")]) == 2
     assert "NaN" in capsys.readouterr().err
     assert {f: (out / "mem_nomiti" / f).read_bytes() for f in os.listdir(out / "mem_nomiti")} == before
+
+
+def test_ren_edits_only_while_sampling_and_changes_the_images(tiny_eps):
+    """Ren et al.'s method: the attention edit is installed for sampling and removed afterwards (also when
+    sampling fails), and it changes the images; its record names the kept tokens."""
+    pipe = tiny_eps
+    model = ScoreModel(pipe.unet, pipe.scheduler)
+    from utils.detection import initial_latents
+    from utils.models import encode_prompts
+    ctx = MI.Context(model=model, encode=lambda ps: encode_prompts(pipe, ps, "cpu"), uncond=encode_prompts(pipe, ""),
+                     noise=initial_latents(pipe, 2, 42), seed=42, tokenizer=pipe.tokenizer, num_inference_steps=5)
+    before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+    plain = MI.run_plan(ctx, MI.plan_none(ctx, 0, PROMPTS[0]))
+    plan = MI.plan_ren(ctx, 0, PROMPTS[0], MI.RenSettings(factor=1.5))
+    edited = MI.run_plan(ctx, plan)
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before
+    assert not torch.allclose(plain, edited)
+    assert plan.record["kept_tokens"] == len(pipe.tokenizer(PROMPTS[0]).input_ids)
+    bad = MI.plan_ren(ctx, 0, PROMPTS[0], MI.RenSettings(factor=1.5))
+    bad.guidance = lambda i, t, out: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError):
+        MI.run_plan(ctx, bad)
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before

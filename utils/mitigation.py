@@ -10,6 +10,8 @@ it, so results are paired image by image. Methods:
   wen        Wen et al. (ICLR 2024): the prompt embedding optimized at the first step down to a target loss
   rna, rta   Somepalli et al. (2023), as in Wen et al.'s code: random numbers / random tokens inserted in the prompt
   cfg_delay  Jain et al. (CVPR 2025): no guidance until a transition point (static timestep or dynamic rule)
+  ren        Ren et al. (ECCV 2024): cross-attention edit while sampling (summary tokens masked, the start
+             token's logit scaled by C on the conditional branch), through utils.attention
 
 Adding a method = one plan function (ctx, index, prompt, settings) -> Plan and one METHODS entry. Every random
 draw depends only on (seed, prompt index), never on the order in which prompts are processed.
@@ -130,6 +132,26 @@ class CfgDelaySettings:
     @property
     def pre_scale(self):
         return self.w_pre if self.w_pre is not None else (0.0 if self.rule == "static" else 1.0)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenSettings:
+    """Ren et al.'s inference-time mitigation (renjie3/MemAttn: local_cmd_inference_time_mitigation.sh, the
+    attention processor): in every cross-attention layer at every step, the logits of the summary tokens (after
+    the prompt's first end-of-text token) are masked in both branches and the start token's logit is multiplied
+    by C on the conditional branch. Their README's setting: C = 1.25 with the mask; the sharpness paper's grid:
+    C in {1.1, 1.2, 1.25, 1.3, 1.5}."""
+    factor: float = 1.25           # C, their --c1
+    mask: bool = True              # their --cross_attn_mask: mask positions >= L (L = BOS + prompt + first EOS)
+    drop_first_eos: bool = False   # their --mask_length_minis1: also mask the first end-of-text token
+
+    def __post_init__(self):
+        _problems([(_finite(self.factor), "factor must be a finite number"),
+                   (isinstance(self.mask, bool), "mask must be true or false"),
+                   (isinstance(self.drop_first_eos, bool), "drop_first_eos must be true or false")])
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -366,6 +388,24 @@ def plan_cfg_delay(ctx, index, prompt, settings):
     return Plan(ctx.noise, ctx.encode([prompt]), rule, [prompt] * n)
 
 
+# ---------------------------------------------------------------------------------------------- Ren et al.
+
+def plan_ren(ctx, index, prompt, settings):
+    """Sampling with Ren et al.'s attention edit installed on the UNet (utils.attention.RenEdit; removed after
+    sampling, also after an error). Their code scales "odd batch rows", the conditional row only when n = 1; the
+    edit here scales every conditional row. With C = 1 and no mask nothing is installed: plain sampling, bit for bit."""
+    from .attention import CrossAttentionInstrument, RenEdit, prompt_lengths
+    n = ctx.noise.shape[0]
+    length = prompt_lengths(ctx.tokenizer, [prompt])[0]
+    edit = RenEdit(keep_len=length if settings.mask else None, factor=settings.factor, tokens=(0,),
+                   drop_first_eos=settings.drop_first_eos)
+    active = settings.mask or settings.factor != 1
+    context = (lambda: CrossAttentionInstrument(ctx.model.unet, edit=edit)) if active else None
+    return Plan(ctx.noise, ctx.encode([prompt]), ctx.guidance_scale, [prompt] * n,
+                dict(prompt_length=length, kept_tokens=length - int(settings.drop_first_eos) if settings.mask
+                     else None), context)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 def _grid_float(text):
@@ -426,6 +466,10 @@ METHODS = {
                         {"sd1": _CFG_GRID, "sd2": _CFG_GRID, "sddemo": _CFG_GRID},
                         lambda s: "dynamic" if s["rule"] == "dynamic" else
                         f"t={s['transition']:g}, w={0.0 if s['w_pre'] is None else s['w_pre']:g}"),
+    # the sharpness paper's Appendix D: the same five C values for SD v1.4 and v2.0 (the demo uses them too)
+    "ren": Method(RenSettings, plan_ren, "factor", lambda x: {"factor": _grid_float(x)},
+                  {k: [{"factor": v} for v in (1.1, 1.2, 1.25, 1.3, 1.5)] for k in ("sd1", "sd2", "sddemo")},
+                  lambda s: f"C={s['factor']:g}" + ("" if s.get("mask", True) else ", no mask")),
 }
 
 
