@@ -14,6 +14,7 @@ with --grid_prompts a per-prompt image grid PREFIX_grid.png.
 import os
 import sys
 
+from utils import distributed as D
 from utils import evaluation as E
 from utils import fetch as F
 from utils import fetch_manifest as FM
@@ -130,10 +131,17 @@ def run_score(a):
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
     check_score_outputs(a, manifest, out)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
-    device = resolve_device(a.device)
+    shard = D.current_shard()  # several processes under accelerate launch / torchrun: prompts are sharded
+    device = D.shard_device(shard, resolve_device(a.device))
+    D.start(shard, device)
+    D.agree(shard, "the arguments", vars(a))
     if a.similarity == "sscd":
         with flag_hint("pass --sscd PATH, or --similarity pixel for the offline demo"):
+            if not shard.main:
+                D.barrier(shard)  # the main process fetches the weights once, the others then read them
             path = sscd_weights(a.sscd, a.sscd_sha256, a.sscd_url)
+            if shard.main:
+                D.barrier(shard)
             sscd = load_sscd(path, device)
         embed = E.sscd_embedder(sscd, S.sscd_transform(a.sscd_preprocess), device, a.batch_size)
         sim = {"name": "SSCD", "kind": "sscd", "model": os.path.abspath(path), "preprocess": a.sscd_preprocess,
@@ -149,7 +157,10 @@ def run_score(a):
             clip = load_clip(a.clip_model, pretrained, device)
     keywords = E.expand_keywords(a.shared_gt_keywords)
     result = E.evaluate(manifest, a.images, a.gt, embed, clip, keywords=keywords, thresholds=a.thresholds,
-                        device=device, batch_size=a.batch_size, match_all=a.gt_match == "all")
+                        device=device, batch_size=a.batch_size, match_all=a.gt_match == "all", shard=shard)
+    D.finish(shard)
+    if not shard.main:  # the main process writes and reports what all of them scored
+        return
     result = {"similarity": sim, "clip": None if clip is None else {"model": a.clip_model,
                                                                       "pretrained": pretrained}, **result}
     header = result["generation_header"]

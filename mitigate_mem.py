@@ -12,6 +12,7 @@ sampling unless it changes the noise (SAIL). Images go to OUT_DIR/<model>/<folde
 end in _gated. Each folder holds <index>_<cleaned prompt>_<k>.png, manifest.jsonl (header: the run's settings; one
 record per finished prompt, flushed at once, so a re-run resumes) and run.json (arguments, versions).
 """
+import json
 import os
 import time
 
@@ -21,7 +22,9 @@ from utils import mitigation as MI
 from utils.cli import ArgumentParser, UserError, add_model_arguments, finite_float, guarded, \
     nonneg_float, nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn
 from utils.detection import initial_latents
-from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, safe_filename, sha256_file, write_sidecar
+from utils import distributed as D
+from utils.io import atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir, \
+    safe_filename, safe_join, sha256_file, write_sidecar
 from utils.models import decode_latents, encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, \
     resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
@@ -144,11 +147,14 @@ def folder_name(prompt_type, method, label, gridded, gated):
     return name + ("_gated" if gated else "")
 
 
-@guarded
+@guarded(memory_hint="use a smaller --gen_num or --miti_budget")
 def main(argv=None):
     a = parse_args(argv)
     quiet_library_warnings()
-    device = resolve_device(a.device)
+    shard = D.current_shard()  # several processes under accelerate launch / torchrun: prompts are sharded
+    device = D.shard_device(shard, resolve_device(a.device))
+    D.start(shard, device)
+    D.agree(shard, "the arguments", vars(a))
     dtype = resolve_dtype(a.dtype, device)
     model_id = resolve_model_id(a.sd_ver, a.model_id)
     label = model_label(a.sd_ver, a.model_id)
@@ -172,10 +178,15 @@ def main(argv=None):
     jobs = []
     for st in runs:
         setting = MI.setting_label(a.method, st.to_dict())
-        folder = os.path.join(a.out_dir, label, folder_name(a.prompt_type, a.method, setting, a.grid is not None,
-                                                            gate_info is not None))
+        # every write stays under --out_dir: the model label and --prompt_type must be plain folder names
+        folder = safe_join(a.out_dir, label, folder_name(a.prompt_type, a.method, setting, a.grid is not None,
+                                                         gate_info is not None), what="--prompt_type / model name")
+        prepare_dir(folder)
+        check_outputs({"the output folder": folder}, {"--data_path": a.data_path, "--flagged_by": a.flagged_by,
+                                                     "--flag_nmem": a.flag_nmem})
         identity = dict(common, settings=st.to_dict(), setting=setting, **({"gate": gate_info} if gate_info else {}))
-        jobs.append((st, setting, folder, identity, ProgressLog(os.path.join(folder, "manifest.jsonl"), identity)))
+        log = D.ShardLog(os.path.join(folder, "manifest"), identity, shard, fields={"prompt": str, "images": list})
+        jobs.append((st, setting, folder, identity, log))
     long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
     if long_ones:
         warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated")
@@ -184,18 +195,27 @@ def main(argv=None):
                      seed=a.gen_seed, tokenizer=pipe.tokenizer, num_inference_steps=a.num_inference_steps,
                      guidance_scale=GUIDANCE_SCALE)
     for st, setting, folder, identity, log in jobs:
-        write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
-                      prediction_type=model.prediction_type, identity=identity)
-        run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores)
+        if shard.main:
+            write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
+                          prediction_type=model.prediction_type, identity=identity)
+        run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, shard)
+        records = D.merged_records(log, len(prompts), shard)
+        if shard.main and len(log.paths()) > 1:  # several processes' logs: one manifest, as one process writes
+            atomic_write_text(os.path.join(folder, "manifest.jsonl"), "".join(
+                json.dumps(r, ensure_ascii=False, allow_nan=True) + "\n" for r in [{"header": identity}, *records]))
+        log.close()
+    D.finish(shard)
 
 
-def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores):
-    """Generate every prompt of one setting not yet in its manifest; each record is flushed when done."""
+def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, shard):
+    """Generate every prompt of one setting not yet in its manifest (this process's share of them); each record
+    is flushed when done."""
     todo = [i for i in range(len(prompts)) if i not in log.done]
-    if log.done:
+    if log.done and shard.main:
         print(f"{folder}: resuming, {len(log.done)} of {len(prompts)} prompts already done")
     unreached = 0
-    for i in tqdm(todo, desc=f"{a.method} {setting}".strip(), unit="prompt", disable=not todo):
+    mine = [i for batch in D.my_batches(todo, 1, shard) for i in batch]
+    for i in tqdm(mine, desc=f"{a.method} {setting}".strip(), unit="prompt", disable=not mine):
         mitigate = flags is None or flags[i]
         t0 = time.time()
         plan = (MI.METHODS[a.method].plan if mitigate else MI.plan_none)(ctx, i, prompts[i], st)
@@ -215,8 +235,9 @@ def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores):
         if rec.get("reached_threshold") is False or rec.get("reached_target") is False:
             unreached += 1
         log.add(rec)
-    print(f"{len(prompts)} prompt(s) done in {folder}"
-          + (f"; {unreached} did not reach the method's threshold / target (see manifest.jsonl)" if unreached else ""))
+    if shard.main:
+        print(f"{len(prompts)} prompt(s) done in {folder}" + (
+            f"; {unreached} did not reach the method's threshold / target (see manifest.jsonl)" if unreached else ""))
 
 
 if __name__ == "__main__":

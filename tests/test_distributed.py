@@ -1,15 +1,20 @@
 """Several processes (the environment accelerate launch / torchrun set: WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*),
 gloo on CPU: merged outputs bit-identical to one process, a killed process, resuming with another count."""
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import detect_mem
+import mitigate_eval
+import mitigate_mem
 from utils.distributed import Shard, my_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,12 +40,16 @@ def launch(script_argv, world):
     return [_start(script_argv, world, rank, port) for rank in range(world)]
 
 
-def _run_in_process(argv):
+def _call(main, argv):
     try:
-        detect_mem.main(argv)
+        main(argv)
     except SystemExit as e:
         return e.code
     return 0
+
+
+def _run_in_process(argv):
+    return _call(detect_mem.main, argv)
 
 
 def test_batches_are_the_single_process_chunks_dealt_round_robin():
@@ -102,3 +111,49 @@ def test_processes_with_different_arguments_are_refused(tiny_eps_dir, prompts, t
     assert all(p.returncode == 2 for p in procs), errs
     assert all("disagree on the arguments" in e for e in errs)
     assert not os.path.exists(tmp_path / "o" / "p_gen2.pt")
+
+
+def _manifest(folder):
+    """Header and records of a manifest without the timing fields (they differ between any two runs)."""
+    lines = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+    drop = ("search_seconds", "generate_seconds")
+    return lines[0], [{k: v for k, v in r.items() if k not in drop} for r in lines[1:]]
+
+
+def test_sail_and_scoring_with_two_processes_equal_one_process(tiny_eps_dir, prompts, tmp_path):
+    sail = ["mitigate_mem.py", "--model_id", tiny_eps_dir, "--data_path", str(prompts), "--gen_num", "2",
+            "--device", "cpu", "--num_inference_steps", "10", "--miti_thres", "0.8", "--miti_lr", "0.2",
+            "--miti_budget", "4", "--miti_max_steps", "3", "--miti_max_rounds", "3", "--save_latents"]
+    procs = launch([*sail, "--out_dir", str(tmp_path / "two")], 2)
+    assert _call(mitigate_mem.main, [*sail[1:], "--out_dir", str(tmp_path / "one")]) == 0
+    for p in procs:
+        assert p.communicate(timeout=300)[0] is not None and p.returncode == 0, p.stderr
+    name = os.path.basename(tiny_eps_dir)
+    a, b = tmp_path / "one" / name / "mem", tmp_path / "two" / name / "mem"
+    assert _manifest(a) == _manifest(b)
+    files = sorted(f for f in os.listdir(a) if f.endswith(".png"))
+    assert files and files == sorted(f for f in os.listdir(b) if f.endswith(".png"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert all(torch.equal(torch.load(a / "latents" / f, weights_only=True),
+                           torch.load(b / "latents" / f, weights_only=True)) for f in os.listdir(a / "latents"))
+    # scoring the same folder with two processes writes what one process writes (apart from the run's echo)
+    gt = tmp_path / "gt"
+    (tmp_path / "train").mkdir()
+    recs = []
+    for i, line in enumerate(prompts.read_text().splitlines()):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3)).astype(np.uint8)).save(
+            tmp_path / "train" / f"{i}.png")
+        recs.append(json.dumps({"caption": line, "index": i, "file": f"train/{i}.png"}))
+    (tmp_path / "t.jsonl").write_text("\n".join(recs) + "\n")
+    assert _call(mitigate_eval.main, ["fetch", "--jsonl", str(tmp_path / "t.jsonl"), "--out", str(gt)]) == 0
+    score = ["mitigate_eval.py", "score", "--images", str(a), "--gt", str(gt), "--similarity", "pixel",
+             "--clip_model", "demo"]
+    procs = launch([*score, "--out", str(tmp_path / "s2.json")], 2)
+    assert _call(mitigate_eval.main, [*score[1:], "--out", str(tmp_path / "s1.json")]) == 0
+    for p in procs:
+        p.communicate(timeout=300)
+        assert p.returncode == 0
+    s1, s2 = (json.loads((tmp_path / f).read_text()) for f in ("s1.json", "s2.json"))
+    for key in ("per_prompt", "summary", "counts"):
+        assert s1[key] == s2[key], key
+    assert (tmp_path / "s1.csv").read_bytes() == (tmp_path / "s2.csv").read_bytes()

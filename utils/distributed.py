@@ -90,6 +90,15 @@ def agree(shard, what, value):
                         "launch every process with the same command")
 
 
+def gather(shard, value):
+    """The list of every process's value (JSON-able), in rank order; [value] for one process."""
+    if shard.world == 1:
+        return [value]
+    got = [None] * shard.world
+    _collective(torch.distributed.all_gather_object, got, value)
+    return got
+
+
 def barrier(shard):
     """Wait for every process; a peer that died or failed is an error here, never a silent partial merge."""
     if shard.world > 1:

@@ -60,10 +60,12 @@ def expand_keywords(words):
 
 
 def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thresholds=(0.5, 0.7), device="cpu",
-             batch_size=32, match_all=False):
+             batch_size=32, match_all=False, shard=None):
     """Score every prompt of a generation manifest. embed: images -> (N, D) unit vectors (pixel_embedder or
     sscd_embedder); clip: (model, preprocess, tokenizer) or None. match_all: judge every prompt against every
     training image (max over all, as a retrieval over the training set) instead of its caption's images.
+    shard: a utils.distributed.Shard when several processes share the prompts (each scores its share; every
+    process gets all rows back, in manifest order, so the summary is the one a single process computes).
 
     Returns a dict: summary, counts, per_prompt rows, unmatched_prompts, missing_images, extra_files,
     shared_gt_keywords, generation_header, manifest, gt (the caller adds what describes the measures).
@@ -78,8 +80,12 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
     training_files = {f for g in gt_recs for f in g["files"]}
     present, missing, extra = M.check_images(records, os.path.dirname(os.path.abspath(manifest)), images_dir,
                                              exclude=training_files)
-    gt_cache, rows, img_sims, prompt_sims, prompt_clips = {}, [], [], [], []
-    for rec, paths, match in tqdm(list(zip(records, present, matches)), desc="score", unit="prompt"):
+    from . import distributed as D
+    shard = shard or D.Shard()
+    mine = [p for batch in D.my_batches(list(range(len(records))), 1, shard) for p in batch]
+    gt_cache, rows = {}, []
+    for pos in tqdm(mine, desc="score", unit="prompt"):
+        rec, paths, match = records[pos], present[pos], matches[pos]
         images = [im for im in map(open_image, paths) if im is not None]
         gt_files = sorted({f for j in match for g in groups[j] for f in gt_recs[g]["files"]})
         for f in gt_files:
@@ -100,16 +106,17 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
                 if _all_finite(sims, "similarity", rec["index"]):
                     row.update(similarity_per_image=sims, similarity_mean=sum(sims) / len(sims),
                                similarity_max=max(sims))
-                    img_sims += sims
-                    prompt_sims.append(row["similarity_mean"])
                 else:
                     row["status"] = "non_finite"
             if clip and images:
                 c = S.clip_scores(*clip, images, [rec["prompt"]] * len(images), device, batch_size).tolist()
                 if _all_finite(c, "CLIP score", rec["index"]):
                     row.update(clip_per_image=c, clip_mean=sum(c) / len(c))
-                    prompt_clips.append(row["clip_mean"])
-        rows.append(row)
+        rows.append((pos, row))
+    rows = [row for _, row in sorted((r for part in D.gather(shard, rows) for r in part), key=lambda r: r[0])]
+    img_sims = [x for r in rows if r["similarity_mean"] is not None for x in r["similarity_per_image"]]
+    prompt_sims = [r["similarity_mean"] for r in rows if r["similarity_mean"] is not None]
+    prompt_clips = [r["clip_mean"] for r in rows if r["clip_mean"] is not None]
     counts = {"n_prompts": len(records), "n_evaluated": len(prompt_sims),
               "n_skipped_no_gt": sum(r["status"] in ("unmatched", "no_ground_truth") for r in rows),
               "n_unmatched": len(unmatched), "n_no_images": sum(r["status"] == "no_images" for r in rows),
