@@ -592,6 +592,35 @@ def test_detect_eval_bad_inputs(detect_world, argv, code, fragment):
     check_row(DETECT_EVAL, argv, code, fragment, detect_world)
 
 
+# ------------------------------------------------------------------------------------------ mitigate_mem.py
+
+MITI = "mitigate_mem"
+MITI_BASE = ["--model_id", "tiny", "--data_path", "{w}/det/p.txt", "--device", "cpu", "--gen_num", "1",
+             "--out_dir", "{w}/miti_out"]
+MITI_ROWS = [
+    (MITI_BASE + ["--prompt_type", "../../escape"], 2, "plain"),
+    (MITI_BASE + ["--prompt_type", "/abs"], 2, "plain"),
+    (MITI_BASE + ["--prompt_type", ""], 2, "--prompt_type"),
+    (MITI_BASE + ["--method", "nope"], 2, "--method"),
+    (MITI_BASE + ["--gen_seed", BIG], 2, "2^63"),
+    (MITI_BASE + ["--miti_thres", "nan"], 2, "finite"),
+    (MITI_BASE + ["--miti_lr", "0"], 2, "--miti_lr"),
+    (MITI_BASE + ["--miti_alpha", "-1"], 2, "--miti_alpha"),
+    (MITI_BASE + ["--device", "meta"], 2, "expected cpu, cuda"),
+    (MITI_BASE + ["--method", "rna", "--grid", "1.5"], 2, "not a valid count"),
+    (MITI_BASE + ["--method", "ren", "--grid", "inf"], 2, "not a valid factor"),
+    (MITI_BASE + ["--method", "sail", "--flag_threshold", "1"], 2, "--flagged_by"),
+    (MITI_BASE[:2] + ["--data_path", "{w}/fifo", "--device", "cpu"], 2, "not a regular file"),
+    (MITI_BASE[:-1] + ["{w}/afile"], 2, "cannot write"),
+    (MITI_BASE[:-1] + ["{w}/afile/sub"], 2, "cannot write"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", MITI_ROWS, ids=lambda v: None)
+def test_mitigate_mem_bad_inputs(detect_world, argv, code, fragment):
+    check_row(MITI, argv, code, fragment, detect_world, allowed=("miti_out",))
+
+
 # -------------------------------------------------------------------------------- the shared guard and writers
 
 def test_guard_turns_allocation_failures_into_one_line_and_keeps_bugs(capsys):
