@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 # ---- hyperparameters: edit here (paper, Appendix D; the grids themselves: METHODS in utils/mitigation.py) ----
 SD_VER=${SD_VER:-1}      # 1 = SD v1.4, 2 = SD v2.0
-METHODS="sail wen rna rta cfg_delay"   # each run with --grid: the paper's five settings for the model
+METHODS="sail wen rna rta cfg_delay ren"   # each run with --grid: the paper's five settings for the model
 GEN_NUM=5                # images per prompt (the paper: 5; the reference's script: 4)
 GEN_SEED=42
 PROMPT_TYPE=mem
@@ -25,6 +25,7 @@ SIMILARITY=sscd
 FIGURE=""                # prefix of the figure (default: $OUT_DIR/sd<ver>_fig6)
 GRID_PROMPTS="0,1,2,3"   # prompts shown under each method (the paper's Figures 7-8)
 EXTRA_ARGS=""            # e.g. "--dtype float32" or "--prompt_mirror /path/to/prompt/copies"
+NUM_PROCESSES=1          # >1: shard the prompts over this many processes, one GPU each (accelerate launch)
 PYTHON=${PYTHON:-python3}
 
 case "${1:-}" in
@@ -44,21 +45,26 @@ case "$SD_VER" in
   *) echo "error: SD_VER must be 1, 2 or demo" >&2; exit 2 ;;
 esac
 FIGURE=${FIGURE:-$OUT_DIR/sd${SD_VER}_fig6}
+LAUNCH=("$PYTHON")
+if [ "$NUM_PROCESSES" -gt 1 ]; then
+  LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision no
+          --dynamo_backend no)
+fi
 alpha_arg=()
 [ -n "$MITI_ALPHA" ] && alpha_arg=(--miti_alpha "$MITI_ALPHA")
 common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --gen_num "$GEN_NUM"
         --gen_seed "$GEN_SEED" --out_dir "$OUT_DIR")
 
 # 1. generation: no mitigation, then each method's grid (SAIL, the slowest, beside the others on the demo)
-$PYTHON mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
-others() { for m in $METHODS; do [ "$m" = sail ] || $PYTHON mitigate_mem.py "${common[@]}" --method "$m" --grid $EXTRA_ARGS; done; }
+"${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
+others() { for m in $METHODS; do [ "$m" = sail ] || "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid $EXTRA_ARGS; done; }
 if [[ " $METHODS " == *" sail "* ]]; then
   if [ "$SD_VER" = demo ]; then
     TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${alpha_arg[@]}" $EXTRA_ARGS & pid=$!
     others
     wait "$pid"
   else
-    $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${alpha_arg[@]}" $EXTRA_ARGS
+    "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method sail --grid "${alpha_arg[@]}" $EXTRA_ARGS
     others
   fi
 else
@@ -79,7 +85,7 @@ for dir in "$OUT_DIR/sd$SD_VER/${PROMPT_TYPE}"_*/; do
   dir=${dir%/}
   [[ "$dir" == *_gated ]] || dirs+=("$dir")   # gated runs are compared separately (README, "Comparing mitigations")
   [ "$dir/eval_$SIMILARITY.json" -nt "$dir/manifest.jsonl" ] && continue   # scored since its last image
-  $PYTHON mitigate_eval.py score --images "$dir" --gt "$TRAIN_DIR/sd$SD_VER" --similarity "$SIMILARITY" \
+  "${LAUNCH[@]}" mitigate_eval.py score --images "$dir" --gt "$TRAIN_DIR/sd$SD_VER" --similarity "$SIMILARITY" \
     "${sscd_arg[@]}" "${clip_arg[@]}" $KEYWORDS
 done
 y=clip
