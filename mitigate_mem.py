@@ -19,7 +19,7 @@ from utils.cli import ArgumentParser, add_model_arguments, finite_float, guarded
 from utils.io import ProgressLog, atomic_save_image, atomic_torch_save, safe_filename, sha256_file, write_sidecar
 from utils.models import encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
-from utils.sail import FORMS, SailSettings, sail_latents
+from utils.sail import FORMS, PromptBatches, SailSettings, sail_latents
 from utils.scores import ScoreModel
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for the search's timestep and for generation (as the reference)
@@ -43,6 +43,9 @@ def parse_args(argv=None):
                    help="weight of ||x_T|| in the loss (default 0.05 for epsilon, 0.01 for v-prediction models)")
     p.add_argument("--miti_form", default="reference", choices=FORMS,
                    help="reference: the paper's code (default); clean: Algorithm 2 as written (see README)")
+    p.add_argument("--miti_prompt_batch", type=positive_int, default=1,
+                   help="prompts whose SAIL searches share each UNet call (same search per prompt; results equal "
+                        "within float tolerance; 1 = one prompt at a time)")
     p.add_argument("--no_mitigation", action="store_true", help="plain sampling from the seeded noise")
     p.add_argument("--save_latents", action="store_true",
                    help="also save each prompt's searched initial latents as latents/<index>.pt (float32)")
@@ -89,6 +92,9 @@ def main(argv=None):
         warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated")
     latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     uncond = encode_prompts(pipe, "", device)
+    batched = settings and args.miti_prompt_batch > 1 and PromptBatches(
+        model, lambda idx: encode_prompts(pipe, [prompts[j] for j in idx], device), uncond, latent_shape, settings,
+        todo, args.miti_prompt_batch, dtype=dtype, device=device)
 
     failed = 0
     for i in tqdm(todo, desc="SAIL" if settings else "sample", unit="prompt", disable=not todo):
@@ -97,8 +103,8 @@ def main(argv=None):
                    accepted_losses=[], reached_threshold=None, search_seconds=0.0)
         latents = None
         if settings is not None:
-            latents, info = sail_latents(model, encode_prompts(pipe, prompt, device), uncond, latent_shape, settings,
-                                         dtype=dtype, device=device)
+            latents, info = batched(i) if batched else sail_latents(
+                model, encode_prompts(pipe, prompt, device), uncond, latent_shape, settings, dtype=dtype, device=device)
             rec.update(seeds=info["seeds"], final_threshold=info["final_threshold"], rounds=info["rounds"],
                        opt_steps=info["opt_steps"], unet_calls=info["unet_calls"],
                        accepted_losses=[a["loss"] for a in info["accepted"]], accepted=info["accepted"],
