@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.detection import cfg_embeddings  # noqa: E402
+from utils.jvp_memory import JvpMemory  # noqa: E402
 from utils.metrics import detection_metrics  # noqa: E402
 from utils.scores import FD_SCHEMES, ScoreModel, flat_norm  # noqa: E402
 
@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="generations per UNet call")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default on the CPU: 1)")
+    p.add_argument("--out", default=None, help="JSON: a list of runs; an existing file's runs are kept")
+    p.add_argument("--md", default=None, help="Markdown table (appended)")
     return p.parse_args(argv)
 
 
@@ -107,7 +109,7 @@ def run(args):
         copies["bfloat16"] = copy.deepcopy(unet).to(torch.bfloat16)
     if "tf32" in precisions:
         copies["tf32"] = unet  # float32 weights, TF32 math
-    base = ScoreModel(unet, sched)
+    base = ScoreModel(unet, sched, jvp_memory=JvpMemory())  # the exact JVP within the free memory
     models = {p: ScoreModel(unet, sched, fd_unet=copies.get(p), fd_precision="tf32" if p == "tf32" else "model")
               for p in precisions}
     timesteps = base.timesteps(50, device=device)
@@ -190,12 +192,20 @@ def markdown(res):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device == "cpu" or args.threads:
+        torch.set_num_threads(args.threads or 1)
     res = run(args)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    print(markdown(res))
+        runs = json.load(open(args.out)) if os.path.exists(args.out) else []
+        with open(args.out + ".tmp", "w") as f:
+            json.dump((runs if isinstance(runs, list) else [runs]) + [res], f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+    md = markdown(res)
+    print(md)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write(md + "\n\n")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def test_half_precision_tangent_is_computed_in_float32_and_returned_in_its_dtype
     got = attention_tangent(*half, o, *(t.to(torch.bfloat16) for t in (dq, dk, dv)), chunk=8)
     assert got.dtype == torch.bfloat16
     assert ((got.double() - want).norm() / want.norm()) < 2e-2  # bfloat16 inputs, float32 math
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a half-precision JVP on CUDA: still float32 math
+        under = attention_tangent(*half, o, *(t.to(torch.bfloat16) for t in (dq, dk, dv)), chunk=8)
+    assert torch.equal(under, got)
 
 
 @pytest.fixture(scope="module")

@@ -228,6 +228,11 @@ def attention_tangent(q, k, v, o, dq, dk, dv, bias=None, chunk=None):
     """Tangent of O = SDPA(q, k, v, bias) along (dq, dk, dv), in query chunks of `chunk` rows (None: all at once).
     Shapes as ChunkedAttention; dq/dk/dv may be None (zero). Computed in float32 for half types (else in q's
     dtype). Returns (B, heads, Nq, d) in q's dtype."""
+    with torch.autocast(q.device.type, enabled=False):  # the JVP of a half model runs under autocast (CUDA)
+        return _attention_tangent(q, k, v, o, dq, dk, dv, bias, chunk)
+
+
+def _attention_tangent(q, k, v, o, dq, dk, dv, bias, chunk):
     f32 = torch.float32 if _elem(q.dtype) < 4 else q.dtype  # half types: float32 math; float32/64: their own
     b, h, nq, d = q.shape
     scale = d ** -0.5

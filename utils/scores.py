@@ -143,7 +143,9 @@ class ScoreModel:
     def hvp_delta(self, x, t, embeds, v):
         """H_delta v = J_cond v - J_uncond v at x (B, ...) with ONE forward-mode JVP through the pair call.
 
-        Runs through jvp_unet (inputs cast to its dtype) when one was given. Returns (B, ...)."""
+        Runs through jvp_unet (inputs cast to its dtype) when one was given. With a jvp_memory cap whose plan is
+        not the plain JVP, the JVP runs per group of generations and/or with the chunked attention
+        (utils.jvp_memory; equal within float tolerance). Returns (B, ...)."""
         unet = self.jvp_unet
         if unet is not None:
             hi = next(unet.parameters()).dtype
@@ -154,7 +156,8 @@ class ScoreModel:
             with torch.no_grad(), forward_ad(x):
                 _, tangent = jvp(fn, (x,), (v.to(x.dtype),))
             return score_difference(tangent)
-        return torch.cat([self._hvp_rows(x, t, embeds, v, rows, unet, plan.query_chunk) for rows in plan.row_slices()])
+        return torch.cat([self._hvp_rows(x, t, embeds, v, rows, unet, plan.query_chunk)
+                          for rows in plan.row_slices()])
 
     def jvp_plan(self, x, embeds):
         """The utils.jvp_memory.JvpPlan of a JVP at x (B, C, H, W) with embeds (2B, L, D), or None without a cap."""
