@@ -118,6 +118,10 @@ def run(args):
     hs = {p: (args.bf16_hs if p == "bfloat16" and args.bf16_hs else args.hs) for p in precisions}
     exact = {i: [] for i in steps}
     fd = {(i, p, s, h): [] for i in steps for p in precisions for s in schemes for h in hs[p]}
+    if "bfloat16" in precisions:  # context: the exact JVP itself in bfloat16 (the reference's default on CUDA)
+        bf16 = ScoreModel(copies["bfloat16"], sched, jvp_memory=JvpMemory())
+        hs["bfloat16 jvp"] = [0.0]
+        fd.update({(i, "bfloat16 jvp", "jvp", 0.0): [] for i in steps})
     rows = [(j, g) for j in range(k) for g in range(n)]
     t0 = time.time()
     for start in range(0, len(rows), args.batch):
@@ -144,6 +148,11 @@ def run(args):
                             v = models[p].hvp_delta_fd(xin, t, emb, hh, s_delta=s_delta if p == "float32" else None,
                                                        scheme=sch)
                             fd[(i, p, sch, h)].append(flat_norm(v).cpu())
+                if "bfloat16" in precisions:
+                    xb, eb = xin.to(torch.bfloat16), emb.to(torch.bfloat16)
+                    with torch.no_grad():
+                        sb = bf16.score_delta(bf16.output(torch.cat([xb, xb]), t, eb), torch.cat([xb, xb]), t)
+                    fd[(i, "bfloat16 jvp", "jvp", 0.0)].append(flat_norm(bf16.hvp_delta(xb, t, eb, sb)).cpu())
             if args.model == "demo" and i < max(steps):
                 with torch.no_grad():
                     x = base.guided_step(out, t, x, 7.5)
@@ -158,21 +167,22 @@ def summarize(args, steps, precisions, schemes, hs, exact, fd, labels, k, n, tim
         ex = torch.cat(exact[i]).double()
         ex_prompt = ex.view(k, n).mean(1)
         auc_ex = auc(labels, ex_prompt) if labels is not None else None
-        for p in precisions:
-            for sch in schemes:
-                for h in hs[p]:
-                    v = torch.cat(fd[(i, p, sch, h)]).double()
-                    rel = ((v - ex).abs() / ex).numpy()
-                    vp = v.view(k, n).mean(1)
-                    row = dict(step=i, t=int(timesteps[i]), precision=p, scheme=sch, h=h,
-                               rms_step=(h if args.h_unit == "rms" else h / math.sqrt(d)),
-                               spearman_gen=spearman(v.tolist(), ex.tolist()),
-                               spearman_prompt=spearman(vp.tolist(), ex_prompt.tolist()),
-                               rel_err_median=float(sorted(rel)[len(rel) // 2]), rel_err_max=float(rel.max()),
-                               finite=bool(torch.isfinite(v).all()))
-                    if labels is not None:
-                        row.update(auc=auc(labels, vp), auc_exact=auc_ex)
-                    res["rows"].append(row)
+        settings = [(p, sch, h) for p in precisions for sch in schemes for h in hs[p]]
+        if "bfloat16" in precisions:
+            settings.append(("bfloat16 jvp", "jvp", 0.0))
+        for p, sch, h in settings:
+            v = torch.cat(fd[(i, p, sch, h)]).double()
+            rel = ((v - ex).abs() / ex).numpy()
+            vp = v.view(k, n).mean(1)
+            row = dict(step=i, t=int(timesteps[i]), precision=p, scheme=sch, h=h,
+                       rms_step=(h if args.h_unit == "rms" else h / math.sqrt(d)),
+                       spearman_gen=spearman(v.tolist(), ex.tolist()),
+                       spearman_prompt=spearman(vp.tolist(), ex_prompt.tolist()),
+                       rel_err_median=float(sorted(rel)[len(rel) // 2]), rel_err_max=float(rel.max()),
+                       finite=bool(torch.isfinite(v).all()))
+            if labels is not None:
+                row.update(auc=auc(labels, vp), auc_exact=auc_ex)
+            res["rows"].append(row)
     return res
 
 
