@@ -17,18 +17,19 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, add_model_arguments, bounded_int, guarded, nonneg_int, positive_int, \
-    quiet_library_warnings, raise_arg, seed_int, warn
+from utils.cli import ArgumentParser, UserError, add_model_arguments, bounded_int, guarded, nonneg_int, \
+    positive_float, positive_int, quiet_library_warnings, raise_arg, seed_int, warn
 from utils.detection import initial_latents
 from utils.attention import prompt_lengths
-from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, METRICS, SPACES,
-                             TILED_AGGS, DetectSettings, attention_layers, run_detectors)
+from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, FD_STEP,
+                             HVP_METHODS, METRICS, SPACES, TILED_AGGS, DetectSettings, attention_layers, run_detectors)
 from utils import distributed as D
 from utils.io import atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, sha256_file, write_sidecar
+from utils.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.models import JVP_DTYPES, decode_latents, encode_prompts, jvp_unet_copy, load_pipeline, model_label, \
     resolve_device, resolve_dtype, resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
-from utils.scores import V_SCORE_FORMS, ScoreModel
+from utils.scores import FD_PRECISIONS, FD_SCHEMES, V_SCORE_FORMS, ScoreModel
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps of the sampling schedule whose first steps are measured (as the paper)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance for the DDIM steps between measured steps
@@ -82,6 +83,25 @@ def parse_args(argv=None):
     p.add_argument("--jvp_dtype", default="model", choices=JVP_DTYPES,
                    help="model: the JVP in the model's dtype, what the reference effectively does (its float32 "
                         "CUDA autocast is disabled by torch); float32: a float32 copy of the UNet for the JVP")
+    p.add_argument("--hvp", default="jvp", choices=HVP_METHODS,
+                   help="sharpness: jvp = H_delta s_delta by one exact forward-mode JVP (default); fd = finite "
+                        "differences of s_delta along itself: 1 extra forward that can use the fused attention "
+                        "kernels (README 'Cost': agreement and cost)")
+    p.add_argument("--fd_step", type=positive_float, default=FD_STEP,
+                   help="fd: per-entry RMS of the displacement along s_delta/||s_delta||")
+    p.add_argument("--fd_precision", default="float32", choices=FD_PRECISIONS,
+                   help="fd: float32 = the difference forwards in float32 (a float32 UNet copy when the model runs "
+                        "in bfloat16: 2 float32 forwards); model = in the model's dtype (bfloat16 fails the "
+                        "agreement targets); tf32 = float32 weights with TF32 math (CUDA)")
+    p.add_argument("--fd_scheme", default="forward", choices=FD_SCHEMES,
+                   help="fd: forward = 1 displaced forward; central = 2 (x +- h u), second-order accurate")
+    p.add_argument("--max_memory_gb", type=positive_float, default=None,
+                   help="cap on the memory the exact JVP may bring the device to (CUDA: allocator; CPU: resident "
+                        "set); default: the free device memory. Over the cap the JVP runs its attention tangent in "
+                        "query chunks and, if needed, fewer generations per call (equal within float tolerance)")
+    p.add_argument("--jvp_attention", default="auto", choices=ATTENTION_MODES,
+                   help="exact JVP's attention: auto = the math kernel when it fits the memory cap, else the fused "
+                        "forward with a chunked tangent; math; chunked")
     p.add_argument("--wen_steps", type=positive_int, default=NUM_INFERENCE_STEPS,
                    help="wen: first sampling steps measured (Table 1 averages the first 1, 5 or 50)")
     p.add_argument("--wen_space", default="output", choices=SPACES,
@@ -115,7 +135,7 @@ def output_base(out_dir, stem, metric, n):
     return os.path.join(out_dir, f"{stem}_gen{n}" if metric == "sharpness" else f"{stem}_{metric}_gen{n}")
 
 
-@guarded(memory_hint="use a smaller --gen_num or --batch_size")
+@guarded(memory_hint="use fewer generations (--gen_num), a smaller --batch_size, or a lower --max_memory_gb")
 def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
@@ -131,9 +151,17 @@ def main(argv=None):
     prepare_dir(args.out_dir)  # an unusable output folder is an error now, not after the computing
     check_outputs({f"the {m} result": bases[m] + ext for m in args.metrics for ext in (".pt", ".json")},
                   {"--data_path": args.data_path})
+    if args.hvp == "fd" and args.fd_precision == "tf32" and device.type != "cuda":
+        raise UserError("--fd_precision tf32 needs CUDA; on the CPU use float32")
     pipe = load_pipeline(model_id, device, dtype)
+    sharp = "sharpness" in args.metrics
     model = ScoreModel(pipe.unet, pipe.scheduler, v_score=args.v_score,
-                       jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if "sharpness" in args.metrics else None)
+                       jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if sharp and args.hvp == "jvp" else None,
+                       fd_unet=(jvp_unet_copy(pipe.unet, "float32") if sharp and args.hvp == "fd"
+                                and args.fd_precision != "model" else None),
+                       fd_precision=args.fd_precision if args.hvp == "fd" else "model",
+                       jvp_memory=JvpMemory(None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30),
+                                            args.jvp_attention))
     weights = args.aniso_weights or ANISO_WEIGHTS.get(model_label(args.sd_ver, args.model_id),
                                                       ANISO_WEIGHTS["sd2" if model.prediction_type == "v_prediction"
                                                                     else "sd1"])
@@ -141,7 +169,8 @@ def main(argv=None):
                         hvp_sampling_num=args.hvp_sampling_num, wen_steps=args.wen_steps, wen_space=args.wen_space,
                         aniso_mode=args.aniso_mode, aniso_space=args.aniso_space, aniso_weights=weights,
                         tile_px=args.tile_px, tiled_agg=args.tiled_agg, le_layer=args.le_layer,
-                        be_layers=args.be_layers)
+                        be_layers=args.be_layers, hvp=args.hvp, fd_step=args.fd_step, fd_precision=args.fd_precision,
+                        fd_scheme=args.fd_scheme)
     if any(m in ATTENTION_METRICS for m in args.metrics):
         try:
             attention_layers(pipe.unet, st)
@@ -155,6 +184,9 @@ def main(argv=None):
         identities["sharpness"] = dict(common, hvp_sampling_num=args.hvp_sampling_num, v_score=args.v_score,
                                        jvp_dtype=args.jvp_dtype, num_inference_steps=NUM_INFERENCE_STEPS,
                                        guidance_scale=GUIDANCE_SCALE)
+        if args.hvp != "jvp":  # the exact JVP's identity is unchanged, so its old progress logs still resume
+            identities["sharpness"].update(hvp=args.hvp, fd_step=args.fd_step, fd_precision=args.fd_precision,
+                                           fd_scheme=args.fd_scheme)
     logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard,
                           fields={"prompt": str, "per_generation": list}) for m in args.metrics}
     todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]

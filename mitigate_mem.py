@@ -12,6 +12,7 @@ sampling unless it changes the noise (SAIL). Images go to OUT_DIR/<model>/<folde
 end in _gated. Each folder holds <index>_<cleaned prompt>_<k>.png, manifest.jsonl (header: the run's settings; one
 record per finished prompt, flushed at once, so a re-run resumes) and run.json (arguments, versions).
 """
+import dataclasses
 import json
 import os
 import time
@@ -19,7 +20,7 @@ import time
 from tqdm import tqdm
 
 from utils import mitigation as MI
-from utils.cli import ArgumentParser, UserError, add_model_arguments, finite_float, guarded, \
+from utils.cli import ArgumentParser, UserError, add_model_arguments, bounded_int, finite_float, guarded, \
     nonneg_float, nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn
 from utils.detection import initial_latents
 from utils import distributed as D
@@ -28,7 +29,7 @@ from utils.io import atomic_save_image, atomic_torch_save, atomic_write_text, ch
 from utils.models import decode_latents, encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, \
     resolve_model_id
 from utils.prompts import read_prompts, truncated_prompts
-from utils.sail import FORMS, SailSettings
+from utils.sail import FORMS, PromptBatches, SailSettings
 from utils.scores import ScoreModel
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for every method (as the reference)
@@ -60,6 +61,9 @@ def parse_args(argv=None):
                    help="weight of ||x_T|| in the loss (default 0.05 for epsilon, 0.01 for v-prediction models)")
     g.add_argument("--miti_form", default="reference", choices=FORMS,
                    help="reference: the paper's code (default); clean: Algorithm 2 as written (see README)")
+    g.add_argument("--miti_prompt_batch", type=bounded_int(1, 256), default=1, metavar="K",
+                   help="prompts whose SAIL searches share each UNet call (each prompt's search as alone; results "
+                        "equal within float tolerance; 1 = one prompt at a time, the reference)")
     g = p.add_argument_group("wen (Wen et al., ICLR 2024: their inference_mem.py)")
     g.add_argument("--wen_target_loss", type=finite_float, default=3.0, help="l_target (their README: 3)")
     g.add_argument("--wen_lr", type=positive_float, default=0.05)
@@ -108,6 +112,8 @@ def parse_args(argv=None):
         p.error("--flag_threshold / --flag_fpr / --flag_nmem need --flagged_by")
     if a.flag_fpr is not None and not a.flag_nmem:
         p.error("--flag_fpr needs --flag_nmem (detection scores of non-memorized prompts)")
+    if a.miti_prompt_batch > 1 and a.method != "sail":
+        p.error("--miti_prompt_batch batches SAIL's search; --method %s has none" % a.method)
     if a.method == "none" and (a.grid or a.flagged_by):
         p.error("--method none has nothing to grid over or to gate")
     return a
@@ -215,6 +221,11 @@ def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, s
         print(f"{folder}: resuming, {len(log.done)} of {len(prompts)} prompts already done")
     unreached = 0
     mine = [i for batch in D.my_batches(todo, 1, shard) for i in batch]
+    if a.method == "sail" and a.miti_prompt_batch > 1:  # the flagged prompts' searches, K at a time
+        batches = PromptBatches(ctx.model, lambda idx: ctx.encode([prompts[j] for j in idx]), ctx.uncond, tuple(ctx.noise.shape[1:]), st,
+                                [i for i in mine if flags is None or flags[i]], a.miti_prompt_batch,
+                                dtype=ctx.noise.dtype, device=ctx.noise.device)
+        ctx = dataclasses.replace(ctx, search=lambda index, cond, settings: batches(index))
     for i in tqdm(mine, desc=f"{a.method} {setting}".strip(), unit="prompt", disable=not mine):
         mitigate = flags is None or flags[i]
         t0 = time.time()
@@ -229,7 +240,9 @@ def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, s
         rec = dict(index=i, prompt=prompts[i], images=names, method=a.method if mitigate else "none",
                    mitigated=mitigate, prompts_used=plan.prompts, seeds=[a.gen_seed], search_unet_calls=0,
                    search_backward_calls=0)
-        rec.update(plan.record, search_seconds=t1 - t0, generate_seconds=time.time() - t1)
+        # batched SAIL: the batch's seconds shared equally, so that the mean per prompt stays the cost per prompt
+        share = plan.record.get("batch_search_seconds", 0.0) / plan.record.get("batch_prompts", 1)
+        rec.update(plan.record, search_seconds=share or t1 - t0, generate_seconds=time.time() - t1)
         if scores is not None:
             rec["detection_score"] = float(scores[i])
         if rec.get("reached_threshold") is False or rec.get("reached_target") is False:

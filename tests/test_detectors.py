@@ -121,6 +121,28 @@ def test_one_pass_equals_each_metric_alone(setup):
     assert cost["sharpness"]["jvps"] == 2 and "wen" in cost["sharpness"]["shared_with"]
 
 
+def test_fd_sharpness_agrees_with_the_jvp_and_costs_forwards(setup):
+    """--hvp fd: close to the exact JVP on the tiny pipeline, the shared forward untouched (wen bit-identical),
+    one extra forward per measured step (two for central), no JVP; its settings enter the identity, the default's
+    identity is unchanged (old progress logs resume)."""
+    pipe, cond, uncond, lat = setup
+    model = ScoreModel(pipe.unet, pipe.scheduler)
+    metrics = ["sharpness", "wen"]
+    exact, _, _, _ = run_detectors(model, cond, uncond, lat, metrics, DetectSettings(hvp_sampling_num=2, wen_steps=2))
+    for scheme, extra in (("forward", 1), ("central", 2)):
+        st = DetectSettings(hvp_sampling_num=2, wen_steps=2, hvp="fd", fd_scheme=scheme)
+        fd, _, _, meter = run_detectors(model, cond, uncond, lat, metrics, st)
+        torch.testing.assert_close(fd["sharpness"], exact["sharpness"], rtol=1e-2, atol=0)
+        assert torch.equal(fd["wen"], exact["wen"])
+        cost = meter.summary(metrics)["sharpness"]
+        assert (cost["unet_forwards"], cost["fd_forwards"], cost["jvps"]) == (2 + 2 * extra, 2 * extra, 0)
+    assert "hvp" not in DetectSettings().for_metric("sharpness")
+    assert st.for_metric("sharpness")["fd_scheme"] == "central" and "hvp" not in st.for_metric("wen")
+    for bad in (dict(hvp="hessian"), dict(fd_step=0.0), dict(fd_precision="fp8"), dict(fd_scheme="backward")):
+        with pytest.raises(ValueError):
+            DetectSettings(**bad)
+
+
 def test_wen_and_anisotropy_norm_on_gaussian_closed_form():
     """For a Gaussian, eps(x, c) = sigma (x - alpha mu_c) / v_c: Wen's quantity is the norm of a known linear map
     of x; on v-prediction the raw-v difference is the eps difference over alpha_t (Wen's code takes raw v)."""
@@ -222,6 +244,8 @@ def test_table_numbers_direction_and_mismatch(tmp_path):
     (["--hvp_sampling_num", "51"], "exceeds the 50 sampling steps"),
     (["--metrics", "tiled_l2", "--gen_num", "2", "--tile_px", "5"], "does not divide"),
     (["--metrics", "anisotropy", "--aniso_weights", "1"], "two finite numbers"),
+    (["--hvp", "fd", "--fd_precision", "tf32"], "needs CUDA"),
+    (["--hvp", "fd", "--fd_step", "0"], "positive number"),
 ])
 def test_bad_harness_input_exits_2(argv, msg, tiny_eps_dir, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a prompt")

@@ -9,7 +9,7 @@ from PIL import Image
 
 import mitigate_mem
 from gaussian import GaussianUNet, gaussian_embedding
-from utils.sail import SailSettings, sail_latents
+from utils.sail import SailSettings, sail_latents, sail_latents_batch
 from utils.scores import ScoreModel, alpha_sigma
 from utils.scores import reference_guidance_difference as guidance_difference
 
@@ -201,3 +201,81 @@ def test_end_to_end_and_no_mitigation_matches_plain_diffusers(which, tiny_eps_di
     for name, img in zip(rec["images"], ref):
         saved = np.asarray(Image.open(folder.parent / "mem_nomiti" / name))
         assert np.array_equal(saved, np.asarray(img))
+
+
+PATH_KEYS = ("seeds", "rounds", "opt_steps", "unet_calls", "thresholds", "reached_threshold", "n_accepted",
+             "final_threshold")
+
+
+def _same_search(alone, batched, rtol, atol):
+    """Each prompt's search took the same path (rounds, steps, seeds, thresholds, which candidate was accepted
+    when) and ended at the same latents and losses within tolerance."""
+    for (la, ia), (lb, ib) in zip(alone, batched):
+        assert {k: ia[k] for k in PATH_KEYS} == {k: ib[k] for k in PATH_KEYS}
+        where = lambda info: [(a["round"], a["step"], a["candidate"], a["seed"]) for a in info["accepted"]]
+        assert where(ia) == where(ib)
+        torch.testing.assert_close(torch.tensor([a["loss"] for a in ib["accepted"]] + ib["filled_losses"]),
+                                   torch.tensor([a["loss"] for a in ia["accepted"]] + ia["filled_losses"]),
+                                   rtol=rtol, atol=atol)
+        torch.testing.assert_close(lb, la, rtol=0, atol=atol)
+
+
+def test_batched_prompts_search_exactly_as_alone(tiny_eps, form="reference"):
+    """Three prompts in one UNet call per step: one accepts in round 4 and leaves the batch, two stop at
+    max_rounds = 5 and are filled with their best candidates; each search equals sail_latents for that prompt
+    alone (one prompt: bit for bit)."""
+    pipe = tiny_eps
+    with torch.no_grad():
+        conds = pipe.encode_prompt(["a cat", "a red square on a blue field", "digit seven"], "cpu", 1, False)[0]
+        u = pipe.encode_prompt("", "cpu", 1, False)[0]
+    model = ScoreModel(pipe.unet, pipe.scheduler)
+    st = SailSettings(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3, alpha=0.05, form=form,
+                      max_rounds=5)
+    alone = [sail_latents(model, conds[k:k + 1], u, (4, 8, 8), st) for k in range(3)]
+    assert [(info["rounds"], info["reached_threshold"]) for _, info in alone] == [(4, True), (5, False), (5, False)]
+    batched = sail_latents_batch(model, conds, u, (4, 8, 8), st)
+    # Adam's first step is lr * sign(gradient): rounding-level differences of the batched UNet calls can move an
+    # entry by up to lr, so the latents are compared loosely and the search path exactly.
+    _same_search(alone, batched, rtol=1e-3, atol=2e-2)
+    assert all(info["batch_prompts"] == 3 for _, info in batched)
+    (one, info), = sail_latents_batch(model, conds[1:2], u, (4, 8, 8), st)
+    assert torch.equal(one, alone[1][0]) and info["opt_steps"] == alone[1][1]["opt_steps"]
+    assert all(p.requires_grad for p in pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("form", ["reference", "clean"])
+def test_batched_prompts_on_gaussian_including_one_that_never_reaches_the_threshold(form):
+    """Closed-form model, conditions of different sharpness: one accepts at once, one after optimizing, one
+    never (max_rounds, then filled with its best candidates); each equals its search alone."""
+    model, sched, cond, uncond, shape = _sharp_gaussian()
+    def embedding(mu, log_var):
+        return gaussian_embedding(torch.full((1, *shape), mu), torch.full((1, *shape), float(log_var)))
+
+    conds = torch.cat([embedding(0.5, 0.0), embedding(1.0, -1.0), cond])  # initial losses ~2.3, ~5.8, ~19
+    st = SailSettings(gen_num=2, seed=42, thres=4.0, lr=0.2, budget=4, max_steps=10, max_rounds=4, form=form)
+    sm = ScoreModel(model, sched)
+    alone = [sail_latents(sm, conds[k:k + 1], uncond, shape, st) for k in range(3)]
+    assert [info["reached_threshold"] for _, info in alone] == [True, True, False]
+    assert alone[0][1]["opt_steps"] == 0 < alone[1][1]["opt_steps"]
+    _same_search(alone, sail_latents_batch(sm, conds, uncond, shape, st), rtol=1e-5, atol=1e-5)
+
+
+def test_script_prompt_batch_equals_one_at_a_time(tiny_eps_dir, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\na red square on a blue field\ndigit seven")
+    base = ["--model_id", tiny_eps_dir, "--data_path", str(f), "--gen_num", "2", "--device", "cpu",
+            "--miti_thres", "0.8", "--miti_lr", "0.2", "--miti_budget", "4", "--miti_max_steps", "3",
+            "--miti_alpha", "0.05", "--miti_max_rounds", "3", "--save_latents"]
+    for k in ("1", "2"):
+        assert _run([*base, "--out_dir", str(tmp_path / k), "--miti_prompt_batch", k]) == 0
+    folders = [tmp_path / k / os.path.basename(tiny_eps_dir) / "mem" for k in ("1", "2")]
+    recs = [[json.loads(x) for x in (d / "manifest.jsonl").read_text().splitlines()[1:]] for d in folders]
+    assert [r["prompt"] for r in recs[1]] == [r["prompt"] for r in recs[0]]
+    for a, b in zip(*recs):
+        assert {k: a[k] for k in ("seeds", "rounds", "opt_steps", "unet_calls", "reached_threshold", "images")} == \
+               {k: b[k] for k in ("seeds", "rounds", "opt_steps", "unet_calls", "reached_threshold", "images")}
+        np.testing.assert_allclose(b["accepted_losses"], a["accepted_losses"], rtol=1e-3)
+    for i in range(3):
+        la, lb = (torch.load(d / "latents" / f"{i:05d}.pt", weights_only=True) for d in folders)
+        torch.testing.assert_close(lb, la, rtol=0, atol=2e-2)
+    assert _run([*base, "--out_dir", str(tmp_path / "3"), "--miti_prompt_batch", "0"]) == 2

@@ -154,3 +154,60 @@ def test_separate_jvp_unet_runs_the_jvp_in_its_dtype(tiny_eps):
     b, _ = sharpness_scores(ScoreModel(pipe.unet, pipe.scheduler, jvp_unet=hi), cond, uncond, lat)
     assert calls["n"] == 1
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_fd_hvp_equals_analytic_value_on_gaussian(pred, scheme):
+    """The Gaussian score is linear in x, so a difference quotient has no truncation error at any step: the fd
+    estimate must equal -diag(1/v_c - 1/v_u) s_delta (the closed form), also with the shared first forward."""
+    sched = ddim_scheduler(pred)
+    model = GaussianUNet(sched.alphas_cumprod, SHAPE, pred).double()
+    cond, uncond = _conditions(3)
+    cond, uncond = cond.double(), uncond.double()
+    lat = torch.randn(2, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    sm = ScoreModel(model, sched)
+    t = sm.timesteps(50)[0]
+    emb = cfg_embeddings(cond, uncond, 2)
+    x = lat.repeat(3, 1, 1, 1)
+    want = _analytic_metric(model, lat, t, cond, uncond).flatten()
+    for h in (1e-3, 0.5, 20.0):
+        got = sm.hvp_delta_fd(x, t, emb, h, scheme=scheme)
+        torch.testing.assert_close(got.flatten(1).norm(dim=1), want, rtol=1e-6, atol=0)  # float32 sigma_t
+    shared = sm.hvp_delta_fd(x, t, emb, 0.5, s_delta=sm.pair_score_delta(x, t, emb), scheme=scheme)
+    torch.testing.assert_close(shared, got, rtol=1e-7, atol=0)
+    zero = sm.hvp_delta_fd(x, t, cfg_embeddings(uncond.expand(3, -1, -1), uncond, 2), 0.5, scheme=scheme)
+    assert torch.equal(zero, torch.zeros_like(zero))  # s_delta = 0 (cond = uncond): 0, not NaN
+
+
+def test_fd_hvp_error_shrinks_with_the_step_at_its_order(tiny_eps):
+    """On a nonlinear UNet (float64, no rounding to speak of) the forward difference's error against the exact
+    JVP falls ~10x per 10x smaller step (first order), the central one ~100x (second order)."""
+    import copy
+    pipe = tiny_eps
+    unet = copy.deepcopy(pipe.unet).double()
+    with torch.no_grad():
+        cond = pipe.encode_prompt(["a red square", "digit seven"], "cpu", 1, False)[0].double()
+        uncond = pipe.encode_prompt("", "cpu", 1, False)[0].double()
+    sm = ScoreModel(unet, pipe.scheduler)
+    t = sm.timesteps(50)[0]
+    emb = cfg_embeddings(cond, uncond, 1)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    s_delta = sm.pair_score_delta(x, t, emb)
+    exact = sm.hvp_delta(x, t, emb, s_delta)
+
+    def err(h, scheme):
+        got = sm.hvp_delta_fd(x, t, emb, h, s_delta=s_delta, scheme=scheme)
+        return ((got.double() - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)).max().item()
+
+    assert 5 < err(1.0, "forward") / err(0.1, "forward") < 20
+    assert 50 < err(1.0, "central") / err(0.1, "central") < 200
+    assert err(1e-3, "central") < 1e-5  # and it converges to the JVP's value
+    # a separate fd UNet (here float64 while the model is float32) is the one the differences run through
+    calls = {"n": 0}
+    hook = unet.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + 1))
+    lo = ScoreModel(pipe.unet, pipe.scheduler, fd_unet=unet)
+    got = lo.hvp_delta_fd(x.float(), t, emb.float(), 1e-3, scheme="central")
+    hook.remove()
+    assert calls["n"] == 3 and got.dtype == torch.float64  # s_delta at x, then x + h u and x - h u, in float64
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-6 * exact.abs().max().item())

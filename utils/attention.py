@@ -30,9 +30,10 @@ class CrossAttnLayer:
     resolution: Optional[tuple]
 
 
-def _block_resolutions(unet):
-    """{(part, block index): (h, w)} of the latent grid each block sees for a config.sample_size input."""
-    size = getattr(unet.config, "sample_size", None)
+def _block_resolutions(unet, hw=None):
+    """{(part, block index): (h, w)} of the latent grid each block sees for an input of side hw (h, w), by default
+    config.sample_size."""
+    size = getattr(unet.config, "sample_size", None) if hw is None else tuple(hw)
     if size is None:
         return {}
     hw, down = ((size, size) if isinstance(size, int) else tuple(size)), []

@@ -20,6 +20,25 @@ SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 
+# Stable Diffusion v2.0's UNet (stabilityai/stable-diffusion-2, unet/config.json; v-prediction at 768 x 768): in
+# diffusers' naming, attention_head_dim (5, 10, 20, 20) is the number of heads per block (64 channels each).
+SD2_UNET = dict(SD14_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True)
+SD_UNETS = {"sd14": (SD14_UNET, "epsilon"), "sd2": (SD2_UNET, "v_prediction")}
+
+
+def sd_shaped_unet(kind="sd14", sample_size=None, device="cpu", dtype=torch.float32, seed=0):
+    """A UNet2DConditionModel with Stable Diffusion's architecture (kind 'sd14' or 'sd2') and random weights
+    (seeded), built directly on `device` and cast to `dtype`, in eval mode; sample_size None keeps the native
+    latent side (64 / 96). Returns (unet, prediction_type, cross_attention_dim). Costs what the real one does."""
+    from diffusers import UNet2DConditionModel
+    config, prediction_type = SD_UNETS[kind]
+    config = dict(config, sample_size=sample_size or config["sample_size"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**config)
+    return unet.to(dtype).eval(), prediction_type, config["cross_attention_dim"]
+
 
 def ddim_scheduler(prediction_type="epsilon"):
     """A DDIM scheduler with SD v1.4's schedule (and the given prediction type)."""

@@ -27,13 +27,14 @@ leaves the UNet's outputs bit-identical, so they share the trajectory with the o
 import contextlib
 import dataclasses
 import itertools
+import math
 import time
 
 import torch
 
 from . import attention as A
 from .detection import cfg_embeddings
-from .scores import flat_norm, score_difference
+from .scores import FD_PRECISIONS, FD_SCHEMES, flat_norm, score_difference
 
 METRICS = ("sharpness", "wen", "anisotropy", "tiled_l2", "le", "ae", "be")
 ATTENTION_METRICS = ("le", "ae", "be")
@@ -42,6 +43,8 @@ ANISO_MODES = ("x,c|x", "x,x|c", "x|c,c|x")
 SPACES = ("output", "eps")
 ANISO_SPACES = ("output", "score")
 TILED_AGGS = ("mean", "min")
+HVP_METHODS = ("jvp", "fd")  # sharpness: exact forward-mode JVP, or finite differences of s_delta
+FD_STEP = 1e-3  # default fd step: per-entry RMS of the displacement along s_delta (README "Cost", the frontier)
 # Weights (norm, cosine) of the anisotropy score per model, from the authors' evaluation script.
 ANISO_WEIGHTS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1)}
 
@@ -62,6 +65,10 @@ class DetectSettings:
     tiled_agg: str = "mean"           # aggregate over pairs: mean (default) or min
     le_layer: int = 3                 # le: forward index of the cross-attention layer (Ren et al.'s, SD v1.4)
     be_layers: tuple = ()             # be: forward indices of the mask layers; () = the first down block's
+    hvp: str = "jvp"                  # sharpness: jvp = exact forward-mode JVP; fd = finite differences
+    fd_step: float = FD_STEP          # fd: per-entry RMS of the displacement (h = fd_step * sqrt(C*H*W))
+    fd_precision: str = "float32"     # fd: float32 (a float32 UNet copy if the model is not), model, tf32 (CUDA)
+    fd_scheme: str = "forward"        # fd: forward (1 extra forward) or central (2 extra forwards)
 
     def __post_init__(self):
         problems = [f"{k} must be a positive integer" for k in ("num_inference_steps", "hvp_sampling_num",
@@ -71,6 +78,11 @@ class DetectSettings:
                            ("tiled_agg", TILED_AGGS)):
             if getattr(self, k) not in allowed:
                 problems.append(f"{k} must be one of {allowed}")
+        for k, allowed in (("hvp", HVP_METHODS), ("fd_precision", FD_PRECISIONS), ("fd_scheme", FD_SCHEMES)):
+            if getattr(self, k) not in allowed:
+                problems.append(f"{k} must be one of {allowed}")
+        if not (isinstance(self.fd_step, (int, float)) and 0 < self.fd_step < float("inf")):
+            problems.append("fd_step must be a positive finite number")
         if len(self.aniso_weights) != 2:
             problems.append("aniso_weights needs two numbers")
         if not isinstance(self.le_layer, int) or self.le_layer < 0:
@@ -103,6 +115,8 @@ class DetectSettings:
                "anisotropy": ("aniso_mode", "aniso_space", "aniso_low_index", "aniso_weights"),
                "tiled_l2": ("tile_px", "tiled_agg"), "le": ("le_layer",), "ae": (),
                "be": ("be_layers", "wen_space")}[metric]
+        if metric == "sharpness" and self.hvp != "jvp":  # the default adds nothing: old logs still resume
+            own += ("hvp", "fd_step", "fd_precision", "fd_scheme")
         common = ("num_inference_steps", "guidance_scale")
         out = {k: getattr(self, k) for k in common + own}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
@@ -117,10 +131,13 @@ class CostMeter:
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self.units = []  # (kind, metrics, seconds, peak bytes or None, sampling step or None)
+        self.units = []  # (kind, metrics, seconds, peak bytes or None, sampling step or None, count)
 
     @contextlib.contextmanager
-    def unit(self, kind, metrics, step=None):
+    def unit(self, kind, metrics, step=None, count=1):
+        """Time the block as `count` units of `kind`: unet_forwards (pair forwards in the model's dtype, the unit
+        of the cost ratios), fd_forwards (the finite-difference forwards; also counted as unet_forwards in the
+        summary), jvps or vae_decodes."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -130,15 +147,18 @@ class CostMeter:
         if cuda:
             torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
-        self.units.append((kind, tuple(metrics), time.perf_counter() - t0, peak, step))
+        self.units.append((kind, tuple(metrics), time.perf_counter() - t0, peak, step, count))
 
     def summary(self, metrics):
         """{metric: {unet_forwards, jvps, vae_decodes, seconds, peak_bytes, shared_with, step_seconds}, total: {...}};
         step_seconds[i]: the seconds of the metric's units at sampling step i (what its first k steps cost)."""
         def tally(units):
             out = {"unet_forwards": 0, "jvps": 0, "vae_decodes": 0, "seconds": 0.0, "peak_bytes": None}
-            for kind, _, secs, peak, _ in units:
-                out[kind] += 1
+            for kind, _, secs, peak, _, count in units:
+                if kind == "fd_forwards":
+                    out["fd_forwards"] = out.get("fd_forwards", 0) + count
+                    kind = "unet_forwards"
+                out[kind] += count
                 out["seconds"] += secs
                 if peak is not None:
                     out["peak_bytes"] = max(out["peak_bytes"] or 0, peak)
@@ -198,9 +218,8 @@ def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=Non
             with torch.no_grad(), meter.unit("unet_forwards", users, i):
                 out = model.output(xx, t, embeds)
             if "sharpness" in metrics and i < st.hvp_sampling_num:
-                s_delta = model.score_delta(out, xx, t)
-                with meter.unit("jvps", ["sharpness"], i), pause():
-                    h = model.hvp_delta(xin, t, embeds, s_delta)
+                with pause():
+                    h = _sharpness_hvp(model, out, xx, xin, t, embeds, st, meter, i)
                 vals["sharpness"][:, i] = flat_norm(h).cpu()
             if ("wen" in metrics and i < st.wen_steps) or "be" in metrics:
                 diff = score_difference(out if st.wen_space == "output" else model.eps(out, xx, t))
@@ -231,6 +250,23 @@ def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=Non
             vals["tiled_l2"][j, 0] = float(pairs.mean() if st.tiled_agg == "mean" else pairs.min())
             extras["tiled_l2"][j] = dict(pairwise=d.tolist())
     return {m: v.view(k, -1, v.shape[1]) for m, v in vals.items()}, extras, images, meter
+
+
+def _sharpness_hvp(model, out, xx, xin, t, embeds, st, meter, i):
+    """H_delta s_delta (B, ...) at step i from the step's pair forward `out` (2B, ...) at xx = [xin; xin]:
+    the exact JVP (settings.hvp 'jvp'), or finite differences ('fd') that reuse `out` when it was computed in the
+    fd precision (else one more pair forward at xin through model.fd_unet), plus one (forward) or two (central)
+    displaced pair forwards."""
+    if st.hvp == "jvp":
+        s_delta = model.score_delta(out, xx, t)
+        with meter.unit("jvps", ["sharpness"], i):
+            return model.hvp_delta(xin, t, embeds, s_delta)
+    shared = model.fd_unet is None and st.fd_precision != "tf32"
+    s_delta = model.score_delta(out, xx, t) if shared else None
+    h = st.fd_step * math.sqrt(xin[0].numel())
+    count = (0 if shared else 1) + (2 if st.fd_scheme == "central" else 1)
+    with meter.unit("fd_forwards", ["sharpness"], i, count=count):
+        return model.hvp_delta_fd(xin, t, embeds, h, s_delta=s_delta, scheme=st.fd_scheme)
 
 
 def attention_layers(unet, st):

@@ -171,6 +171,7 @@ class Context:
     tokenizer: object = None      # the pipeline's tokenizer (RTA's token texts; attention-based methods)
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
+    search: Optional[Callable] = None  # SAIL's search, (index, cond, settings) -> (latents, info); None: one prompt
 
 
 @dataclasses.dataclass
@@ -223,14 +224,17 @@ def plan_sail(ctx, index, prompt, settings):
     order), then ordinary sampling."""
     n = ctx.noise.shape[0]
     cond = ctx.encode([prompt])
-    lat, info = sail_latents(ctx.model, cond, ctx.uncond, tuple(ctx.noise.shape[1:]), settings,
-                             dtype=ctx.noise.dtype, device=ctx.noise.device)
+    lat, info = ctx.search(index, cond, settings) if ctx.search else sail_latents(
+        ctx.model, cond, ctx.uncond, tuple(ctx.noise.shape[1:]), settings, dtype=ctx.noise.dtype,
+        device=ctx.noise.device)
     rec = dict(seeds=info["seeds"], final_threshold=info["final_threshold"], rounds=info["rounds"],
                opt_steps=info["opt_steps"], unet_calls=info["unet_calls"],
                accepted_losses=[a["loss"] for a in info["accepted"]], accepted=info["accepted"],
                filled_losses=info["filled_losses"], reached_threshold=info["reached_threshold"],
                n_accepted=info["n_accepted"], search_unet_calls=info["unet_calls"],
                search_backward_calls=2 * info["opt_steps"], search_batch=2 * settings.budget)
+    if "batch_prompts" in info:  # searched together with other prompts (mitigate_mem --miti_prompt_batch)
+        rec.update(batch_prompts=info["batch_prompts"], batch_search_seconds=info["batch_search_seconds"])
     # the pipeline scales given latents by init_noise_sigma (1 for DDIM); kept for the same arithmetic
     return Plan(lat * ctx.model.scheduler.init_noise_sigma, cond, ctx.guidance_scale, [prompt] * n, rec)
 

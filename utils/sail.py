@@ -173,3 +173,169 @@ def _keep_best(best, lat, loss, k):
             best.append((l, lat[i].detach().clone()))
             best.sort(key=lambda b: b[0])
             del best[k:]
+
+
+# ------------------------------------------------------------------------------------------- batched prompts
+
+class _PromptSearch:
+    """One prompt's search state inside sail_latents_batch: its own generators, threshold, seeds, accepted and
+    best candidates, and the info dict sail_latents returns, advanced exactly as sail_latents advances them."""
+
+    def __init__(self, st, device):
+        self.st = st
+        self.cpu_gen = torch.Generator().manual_seed(st.seed)
+        self.dev_gen = self.cpu_gen if device.type == "cpu" else torch.Generator(device).manual_seed(st.seed)
+        self.state = dict(accepted=[], acc_info=[], best=[], thres=st.thres)
+        self.info = dict(seeds=[st.seed], rounds=0, opt_steps=0, unet_calls=0, thresholds=[st.thres],
+                         reached_threshold=True)
+        self.seeded, self.failures, self.finished = None, 0, False
+
+    def start_round(self, latent_shape, dtype, device, t, model):
+        """Draw the round's candidates (re-seeding as sail_latents does): sets lat (budget, C, H, W), its Adam,
+        the round's doubled model input piece x_round (budget, ...) and the accepted indices."""
+        st, info = self.st, self.info
+        if st.form == "reference" or self.seeded != info["seeds"][-1]:
+            self.seeded = info["seeds"][-1]
+            self.cpu_gen.manual_seed(self.seeded)
+            if self.dev_gen is not self.cpu_gen:
+                self.dev_gen.manual_seed(self.seeded)
+        self.lat = torch.randn((st.budget, *latent_shape), generator=self.dev_gen, device=device, dtype=dtype)
+        info["rounds"] += 1
+        self.lat.requires_grad_(True)
+        self.opt = torch.optim.Adam([self.lat], lr=st.lr)
+        self.taken = set()
+        with torch.enable_grad():  # the round's doubled model input (reference): values now, gradients to lat
+            self.x_round = torch.cat([model.scale_input(self.lat, t)] * 2)
+
+    def end_round(self):
+        """After a round without enough accepted candidates: the threshold and seed schedule of sail_latents.
+        Returns True while the search goes on."""
+        st, info = self.st, self.info
+        self.failures += 1
+        if self.failures % 3 == 0:
+            self.state["thres"] += 0.1
+            info["seeds"].append(int(torch.randint(0, 50000, (1,), generator=self.cpu_gen).item()))
+            info["thresholds"].append(self.state["thres"])
+        if info["rounds"] >= st.max_rounds:
+            info["reached_threshold"] = False
+            return False
+        return True
+
+    def result(self, alpha_w, seconds):
+        """(latents (gen_num, C, H, W), info) as sail_latents returns them."""
+        st, state, info = self.st, self.state, self.info
+        accepted, best, n = state["accepted"], state["best"], min(len(state["accepted"]), st.gen_num)
+        lats = [a.clone() for a in accepted[:st.gen_num]] + [b[1] for b in best[:st.gen_num - n]]
+        info.update(final_threshold=state["thres"], accepted=state["acc_info"][:st.gen_num], n_accepted=n,
+                    filled_losses=[b[0] for b in best[:st.gen_num - n]], search_seconds=seconds, alpha=alpha_w,
+                    form=st.form)
+        return torch.stack(lats), info
+
+
+def sail_latents_batch(model, conds, uncond, latent_shape, settings=SailSettings(), *, dtype=torch.float32,
+                       device="cpu"):
+    """SAIL for K prompts at once: every UNet call carries the candidates of all prompts still searching.
+
+    conds (K, L, D) prompt embeddings, uncond (1, L, D); the rest as sail_latents. Each prompt's search (seeds,
+    rounds, threshold raises, acceptance, filling after max_rounds) is exactly the one sail_latents makes for it
+    alone: its own generators and Adam, and a UNet row depends only on its own input, so only the batch
+    composition differs (results equal within float tolerance). A prompt that finishes leaves the batch at once.
+    Returns a list of K (latents (gen_num, C, H, W), info) pairs; info['search_seconds'] is the time from the
+    batch's start to that prompt's end (the prompts' times overlap), info['batch_prompts'] = K and
+    info['unet_calls'] counts the calls the prompt took part in, 2 per step as alone.
+    """
+    st = settings
+    device = torch.device(device)
+    alpha_w = DEFAULT_ALPHA[model.prediction_type] if st.alpha is None else st.alpha
+    t = model.timesteps(st.num_inference_steps, device=device)[0]
+    searches = [_PromptSearch(st, device) for _ in range(conds.shape[0])]
+    results = [None] * len(searches)
+    t0 = time.time()
+    params = list(model.unet.parameters()) if hasattr(model.unet, "parameters") else []
+    requires = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)  # the model stays frozen: only the latents get gradients
+    try:
+        active = list(range(len(searches)))
+        while active:
+            for j in active:
+                searches[j].start_round(latent_shape, dtype, device, t, model)
+            _batch_round(model, t, conds, uncond, active, searches, alpha_w, st)
+            still = []
+            for j in active:
+                if searches[j].finished or not searches[j].end_round():
+                    results[j] = searches[j].result(alpha_w, time.time() - t0)
+                else:
+                    still.append(j)
+            active = still
+    finally:
+        for p, r in zip(params, requires):
+            p.requires_grad_(r)
+    for _, info in results:
+        info.update(batch_prompts=len(searches), batch_search_seconds=time.time() - t0)
+    return results
+
+
+def _batch_round(model, t, conds, uncond, active, searches, alpha_w, st):
+    """One round for the prompts `active` (indices into searches and conds), all at step 0 of a fresh round: at
+    most st.max_steps Adam steps, one pair of UNet calls per step for all prompts still in the round. Sets
+    search.finished for prompts that accept gen_num candidates."""
+    b = st.budget
+    group = list(active)
+    with torch.enable_grad():
+        for _ in range(st.max_steps):
+            if not group:
+                return
+            alone = len(group) == 1  # then the very tensors sail_latents uses (same graph, same bits)
+            lat = searches[group[0]].lat if alone else torch.cat([searches[j].lat for j in group])
+            embeds = torch.cat([uncond.expand(b * len(group), -1, -1)]
+                               + [conds[j:j + 1].expand(b, -1, -1) for j in group]).detach()
+            if st.form == "reference" and alone:
+                x_in = searches[group[0]].x_round
+            elif st.form == "reference":  # [x_uncond rows of every prompt; x_cond rows of every prompt]
+                x_in = torch.cat([searches[j].x_round[:b] for j in group] + [searches[j].x_round[b:] for j in group])
+            else:
+                x_in = torch.cat([model.scale_input(lat, t)] * 2)
+            loss = sail_loss(model, t, embeds, lat, x_in, alpha_w)
+            going = []
+            for k, j in enumerate(group):
+                s, part = searches[j], loss[k * b:(k + 1) * b]
+                s.info["unet_calls"] += 2
+                _keep_best(s.state["best"], s.lat, part, st.gen_num)
+                if _accept(s.lat, part, s.taken, st, s.state, s.info):
+                    s.finished = True
+                else:
+                    going.append((k, j))
+            if not going:
+                return
+            for _, j in going:
+                searches[j].opt.zero_grad()
+            kept = loss if len(going) == len(group) else torch.cat([loss[k * b:(k + 1) * b] for k, _ in going])
+            kept.sum().backward()
+            for _, j in going:
+                searches[j].opt.step()
+                searches[j].info["opt_steps"] += 1
+            group = [j for _, j in going]
+
+
+class PromptBatches:
+    """Hands out SAIL results prompt by prompt while searching `k` prompts at a time (sail_latents_batch).
+
+    order: the prompt indices in the order they will be asked for; encode(indices) -> (len, L, D) embeddings.
+    Calling the object with index i returns (latents, info) for prompt i, searching the next k prompts of
+    `order` (from i on) in one batch when i has not been searched yet.
+    """
+
+    def __init__(self, model, encode, uncond, latent_shape, settings, order, k, **kwargs):
+        self.model, self.encode, self.uncond, self.latent_shape = model, encode, uncond, latent_shape
+        self.settings, self.order, self.k, self.kwargs = settings, list(order), k, kwargs
+        self.ready = {}
+
+    def __call__(self, i):
+        if i not in self.ready:
+            pos = self.order.index(i)
+            idx = self.order[pos:pos + self.k]
+            out = sail_latents_batch(self.model, self.encode(idx), self.uncond, self.latent_shape, self.settings,
+                                     **self.kwargs)
+            self.ready.update(zip(idx, out))
+        return self.ready.pop(i)

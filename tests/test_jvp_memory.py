@@ -1,0 +1,130 @@
+"""The bounded-memory exact JVP: the chunked attention's tangent rule against forward-mode AD through the math
+kernel, chunked and micro-batched JVPs equal to the unchunked one, the plan's choices, processors restored, CLI."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import detect_mem
+from utils.detection import cfg_embeddings
+from utils.jvp_memory import ChunkedAttention, JvpMemory, attention_shapes, attention_tangent, estimate_bytes, plan_jvp
+from utils.scores import ScoreModel
+
+
+def _math_jvp(q, k, v, dq, dk, dv, bias=None):
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        return jvp(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias), (q, k, v), (dq, dk, dv))
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 16])
+def test_tangent_rule_equals_forward_ad_through_the_math_kernel(chunk):
+    g = torch.Generator().manual_seed(0)
+    q, dq = (torch.randn(2, 3, 16, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v, dk, dv = (torch.randn(2, 3, 11, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    bias = torch.randn(2, 3, 16, 11, generator=g, dtype=torch.float64)
+    o, want = _math_jvp(q, k, v, dq, dk, dv, bias)
+    torch.testing.assert_close(attention_tangent(q, k, v, o, dq, dk, dv, bias, chunk), want, rtol=1e-12, atol=1e-12)
+    # through torch.func.jvp (the path the UNet takes), with k and v constant (cross-attention)
+    with torch.no_grad():
+        out, tan = jvp(lambda a: ChunkedAttention.apply(a, k, v, None, chunk), (q,), (dq,))
+    o2, want2 = _math_jvp(q, k, v, dq, torch.zeros_like(dk), torch.zeros_like(dv))
+    torch.testing.assert_close(out, o2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tan, want2, rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_tangent_is_computed_in_float32_and_returned_in_its_dtype():
+    g = torch.Generator().manual_seed(1)
+    q, k, v, dq, dk, dv = (torch.randn(1, 2, 32, 8, generator=g, dtype=torch.float64) for _ in range(6))
+    _, want = _math_jvp(q, k, v, dq, dk, dv)
+    half = [t.to(torch.bfloat16) for t in (q, k, v)]
+    o = F.scaled_dot_product_attention(*half)
+    got = attention_tangent(*half, o, *(t.to(torch.bfloat16) for t in (dq, dk, dv)), chunk=8)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want).norm() / want.norm()) < 2e-2  # bfloat16 inputs, float32 math
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a half-precision JVP on CUDA: still float32 math
+        under = attention_tangent(*half, o, *(t.to(torch.bfloat16) for t in (dq, dk, dv)), chunk=8)
+    assert torch.equal(under, got)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_eps):
+    """The tiny pipeline's UNet in float64 with two prompts x 2 generations at its 8 x 8 latents."""
+    pipe = tiny_eps
+    unet = copy.deepcopy(pipe.unet).double()
+    with torch.no_grad():
+        cond = pipe.encode_prompt(["a cat", "digit seven"], "cpu", 1, False)[0].double()
+        uncond = pipe.encode_prompt("", "cpu", 1, False)[0].double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    return unet, pipe.scheduler, cfg_embeddings(cond, uncond, 2), x, v
+
+
+@pytest.mark.parametrize("memory", [JvpMemory(attention="chunked", query_chunk=24),   # 64 queries: 24 + 24 + 16
+                                    JvpMemory(max_bytes=1, attention="auto"),          # 1 generation per call
+                                    JvpMemory(max_bytes=1, attention="math")])
+def test_capped_jvp_equals_the_unchunked_jvp(tiny64, memory):
+    unet, sched, emb, x, v = tiny64
+    t = 981
+    want = ScoreModel(unet, sched).hvp_delta(x, t, emb, v)
+    model = ScoreModel(unet, sched, jvp_memory=memory)
+    plan = model.jvp_plan(x, emb)
+    assert not plan.unchanged
+    before = {k: type(p) for k, p in unet.attn_processors.items()}
+    got = model.hvp_delta(x, t, emb, v)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+    assert {k: type(p) for k, p in unet.attn_processors.items()} == before  # stock processors restored
+
+
+def test_plan_choices_and_estimates(tiny64):
+    unet, _, _, _, _ = tiny64
+    shapes = attention_shapes(unet, (8, 8), 77)
+    # tiny UNet: 3 transformer blocks (2 down/up at 8 x 8, ... ) each with self- and cross-attention
+    assert {(s.queries, s.keys) for s in shapes} == {(64, 64), (64, 77), (16, 16), (16, 77)}
+    hw, args = (8, 8), (77, torch.float64, "cpu")
+    whole = estimate_bytes(unet, 4, hw, *args)
+    assert plan_jvp(unet, 4, hw, *args, budget=None).unchanged
+    assert plan_jvp(unet, 4, hw, *args, budget=whole).unchanged
+    chunked = plan_jvp(unet, 4, hw, *args, budget=whole - 1)
+    assert chunked.per_call == 4 and chunked.query_chunk is not None and chunked.estimate <= whole - 1
+    assert estimate_bytes(unet, 2, hw, *args) < whole and estimate_bytes(unet, 4, hw, *args, query_chunk=16) < whole
+    tight = plan_jvp(unet, 4, hw, *args, budget=1)
+    assert tight.per_call == 1 and [s.stop for s in tight.row_slices()] == [1, 2, 3, 4]
+    assert plan_jvp(unet, 4, hw, *args, budget=1, attention="math").query_chunk is None
+    assert not plan_jvp(unet, 4, hw, *args, budget=None, attention="chunked").unchanged
+    with pytest.raises(ValueError):
+        JvpMemory(attention="flash")
+
+
+def test_processors_restored_after_an_error_inside(tiny64):
+    unet, sched, emb, x, v = tiny64
+    before = dict(unet.attn_processors)
+    model = ScoreModel(unet, sched, jvp_memory=JvpMemory(attention="chunked"))
+    with pytest.raises(Exception):
+        model.hvp_delta(x, 981, emb[:, :, :5], v)  # wrong embedding width: fails inside the UNet
+    assert all(unet.attn_processors[k] is p for k, p in before.items())
+
+
+def test_script_memory_cap_equals_default_and_bad_values_exit_2(tiny_eps_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a photo of a cat\ndigit seven")
+    base = ["--model_id", tiny_eps_dir, "--data_path", str(tmp_path / "p.txt"), "--gen_num", "2", "--device", "cpu"]
+
+    def run(*extra):
+        try:
+            detect_mem.main([*base, *extra])
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    assert run("--out_dir", str(tmp_path / "a")) == 0
+    assert run("--out_dir", str(tmp_path / "b"), "--max_memory_gb", "1e-6") == 0  # below the resident set: 1 gen/call
+    a, b = (torch.load(tmp_path / d / "p_gen2.pt", weights_only=True) for d in "ab")
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
+    for bad in (["--max_memory_gb", "0"], ["--max_memory_gb", "nan"], ["--jvp_attention", "flash"]):
+        capsys.readouterr()
+        assert run("--out_dir", str(tmp_path / "c"), *bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
