@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .sail import SailSettings, sail_latents
+from .sail import SailSettings, frozen, sail_latents
 from .scores import flat_norm
 
 
@@ -198,20 +198,6 @@ def run_plan(ctx, plan):
     if hasattr(plan.guidance, "report"):
         plan.record.update(plan.guidance.report())
     return x
-
-
-@contextlib.contextmanager
-def frozen(module):
-    """Weights without gradients inside (only the optimized inputs get them); restored afterwards."""
-    params = list(module.parameters()) if hasattr(module, "parameters") else []
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 def plan_none(ctx, index, prompt, settings=None):

@@ -8,6 +8,8 @@ import dataclasses
 import math
 import time
 
+import contextlib
+
 import torch
 
 FORMS = ("reference", "clean")
@@ -50,6 +52,20 @@ class SailSettings:
         return dataclasses.asdict(self)
 
 
+@contextlib.contextmanager
+def frozen(module):
+    """Weights without gradients inside (only the optimized inputs get them); restored afterwards."""
+    params = list(module.parameters()) if hasattr(module, "parameters") else []
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
 def sail_latents(model, cond, uncond, latent_shape, settings=SailSettings(), *, dtype=torch.float32, device="cpu"):
     """Optimize initial latents until settings.gen_num of them reach SAIL loss <= threshold.
 
@@ -80,11 +96,7 @@ def sail_latents(model, cond, uncond, latent_shape, settings=SailSettings(), *, 
     info = dict(seeds=[st.seed], rounds=0, opt_steps=0, unet_calls=0, thresholds=[st.thres], reached_threshold=True)
     seeded, failures = None, 0
     t0 = time.time()
-    params = list(model.unet.parameters()) if hasattr(model.unet, "parameters") else []
-    requires = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)  # the model stays frozen: only the latents get gradients
-    try:
+    with frozen(model.unet):  # the model stays frozen: only the latents get gradients
         while True:
             if st.form == "reference" or seeded != info["seeds"][-1]:
                 seeded = info["seeds"][-1]
@@ -103,9 +115,6 @@ def sail_latents(model, cond, uncond, latent_shape, settings=SailSettings(), *, 
             if info["rounds"] >= st.max_rounds:
                 info["reached_threshold"] = False
                 break
-    finally:
-        for p, r in zip(params, requires):
-            p.requires_grad_(r)
     accepted, best, n = state["accepted"], state["best"], min(len(state["accepted"]), st.gen_num)
     lats = [a.clone() for a in accepted[:st.gen_num]]
     lats += [b[1] for b in best[:st.gen_num - n]]  # not enough accepted: the best candidates seen (marked in info)
@@ -251,11 +260,7 @@ def sail_latents_batch(model, conds, uncond, latent_shape, settings=SailSettings
     searches = [_PromptSearch(st, device) for _ in range(conds.shape[0])]
     results = [None] * len(searches)
     t0 = time.time()
-    params = list(model.unet.parameters()) if hasattr(model.unet, "parameters") else []
-    requires = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)  # the model stays frozen: only the latents get gradients
-    try:
+    with frozen(model.unet):  # the model stays frozen: only the latents get gradients
         active = list(range(len(searches)))
         while active:
             for j in active:
@@ -268,9 +273,6 @@ def sail_latents_batch(model, conds, uncond, latent_shape, settings=SailSettings
                 else:
                     still.append(j)
             active = still
-    finally:
-        for p, r in zip(params, requires):
-            p.requires_grad_(r)
     for _, info in results:
         info.update(batch_prompts=len(searches), batch_search_seconds=time.time() - t0)
     return results
