@@ -553,7 +553,7 @@ def check_same_prompts(det_prompts, prompts, what):
                         "to another prompt set")
     i = next(k for k, (a, b) in enumerate(zip(det_prompts, prompts)) if a != b)
     kind = "in another order" if sorted(det_prompts) == sorted(prompts) else "for other prompts"
-    raise UserError(f"{what} was computed {kind} (line {i + 1}: {det_prompts[i][:60]!r} vs the prompt file's "
+    raise UserError(f"{what} was computed {kind} (prompt {i + 1}: {det_prompts[i][:60]!r} vs the prompt file's "
                     f"{prompts[i][:60]!r})")
 
 
