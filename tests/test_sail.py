@@ -22,7 +22,6 @@ def reference_style_sail(unet, scheduler, cond, uncond, shape, gen_num, seed, th
     """
     scheduler.set_timesteps(50)
     t = scheduler.timesteps[0]
-    abar = scheduler.alphas_cumprod[t]
     emb = torch.cat([uncond] * budget + [cond] * budget)
     kept, failures = [], 0
     for p in unet.parameters():
