@@ -278,3 +278,42 @@ def test_script_prompt_batch_equals_one_at_a_time(tiny_eps_dir, tmp_path):
         la, lb = (torch.load(d / "latents" / f"{i:05d}.pt", weights_only=True) for d in folders)
         torch.testing.assert_close(lb, la, rtol=0, atol=2e-2)
     assert _run([*base, "--out_dir", str(tmp_path / "3"), "--miti_prompt_batch", "0"]) == 2
+
+
+def test_gated_prompt_batch_searches_only_the_flagged_prompts_as_alone(tiny_eps_dir, tmp_path):
+    """--miti_prompt_batch with --flagged_by: the flagged prompts (not adjacent here) are searched together, each
+    as it is searched one at a time; the unflagged prompt is sampled normally in both runs."""
+    import detect_mem
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\na red square on a blue field\ndigit seven\na dog on a mat")
+    try:
+        detect_mem.main(["--model_id", tiny_eps_dir, "--data_path", str(f), "--gen_num", "1", "--device", "cpu",
+                         "--out_dir", str(tmp_path / "det")])
+    except SystemExit as e:
+        assert e.code == 0
+    det = tmp_path / "det" / "p_gen1.pt"
+    scores = torch.load(det, weights_only=True).mean(dim=1)
+    order = scores.argsort()
+    thr = float((scores[order[1]] + scores[order[2]]) / 2)  # the two highest scores are flagged
+    flagged = sorted(order[2:].tolist())
+    base = ["--model_id", tiny_eps_dir, "--data_path", str(f), "--gen_num", "2", "--device", "cpu",
+            "--miti_thres", "0.8", "--miti_lr", "0.2", "--miti_budget", "4", "--miti_max_steps", "3",
+            "--miti_alpha", "0.05", "--miti_max_rounds", "3", "--save_latents",
+            "--flagged_by", str(det), "--flag_threshold", repr(thr)]
+    for k in ("1", "3"):
+        assert _run([*base, "--out_dir", str(tmp_path / k), "--miti_prompt_batch", k]) == 0
+    folders = [tmp_path / k / os.path.basename(tiny_eps_dir) / "mem_gated" for k in ("1", "3")]
+    recs = [[json.loads(x) for x in (d / "manifest.jsonl").read_text().splitlines()[1:]] for d in folders]
+    assert [r["index"] for r in recs[1] if r["mitigated"]] == flagged == [r["index"] for r in recs[0] if r["mitigated"]]
+    for a, b in zip(*recs):
+        assert a["index"] == b["index"]
+        if not a["mitigated"]:  # plain sampling from the seeded noise: the same bits
+            assert a == {**b, "search_seconds": a["search_seconds"], "generate_seconds": a["generate_seconds"]}
+            continue
+        assert "batch_prompts" not in a and b["batch_prompts"] == 2
+        assert {k: a[k] for k in ("seeds", "rounds", "opt_steps", "unet_calls", "reached_threshold")} == \
+               {k: b[k] for k in ("seeds", "rounds", "opt_steps", "unet_calls", "reached_threshold")}
+        np.testing.assert_allclose(b["accepted_losses"], a["accepted_losses"], rtol=1e-3)
+    for i in range(4):
+        la, lb = (torch.load(d / "latents" / f"{i:05d}.pt", weights_only=True) for d in folders)
+        torch.testing.assert_close(lb, la, rtol=0, atol=2e-2)
