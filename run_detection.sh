@@ -20,7 +20,7 @@ GEN_SEED=42             # torch seed of the shared initial noise
 SD_VERS="1 2"           # Stable Diffusion versions: 1 = v1.4 (epsilon), 2 = v2.0 (v-prediction)
 BATCH_SIZE=1            # prompts per UNet call (same results; raise it on a large GPU)
 OUT_DIR=det_outputs
-EXTRA_ARGS=""           # e.g. "--dtype float32" or "--prompt_mirror /path/to/prompt/copies"
+EXTRA_ARGS=""           # e.g. "--dtype float32", "--hvp fd" (fast sharpness), "--max_memory_gb 22" (a 24 GB GPU)
 SIDE_BY_SIDE=0          # 1: run the memorized and non-memorized sets at once (the demo: one CPU thread each)
 NUM_PROCESSES=1         # >1: shard the prompts over this many processes, one GPU each (accelerate launch)
 PYTHON=${PYTHON:-python3}

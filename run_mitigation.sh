@@ -16,6 +16,7 @@ GEN_NUM=5                # images per prompt (the paper: 5; the reference's scri
 GEN_SEED=42
 PROMPT_TYPE=mem
 MITI_ALPHA=""            # SAIL's weight of ||x_T||; empty = 0.05 (SD v1.4) / 0.01 (SD v2.0)
+MITI_PROMPT_BATCH=1      # SAIL: prompts searched together in each UNet call (same results; raise it on a large GPU)
 OUT_DIR=miti_outputs
 TRAIN_DIR=training_images
 SSCD=""                  # sscd_disc_large.torchscript.pt; empty = fetched once into torch hub's cache (SHA-256 recorded)
@@ -50,8 +51,9 @@ if [ "$NUM_PROCESSES" -gt 1 ]; then
   LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision no
           --dynamo_backend no)
 fi
-alpha_arg=()
-[ -n "$MITI_ALPHA" ] && alpha_arg=(--miti_alpha "$MITI_ALPHA")
+sail_args=()
+[ -n "$MITI_ALPHA" ] && sail_args=(--miti_alpha "$MITI_ALPHA")
+sail_args+=(--miti_prompt_batch "$MITI_PROMPT_BATCH")   # options of SAIL alone (the other methods refuse them)
 common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --gen_num "$GEN_NUM"
         --gen_seed "$GEN_SEED" --out_dir "$OUT_DIR")
 
@@ -60,11 +62,11 @@ common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --ge
 others() { for m in $METHODS; do [ "$m" = sail ] || "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid $EXTRA_ARGS; done; }
 if [[ " $METHODS " == *" sail "* ]]; then
   if [ "$SD_VER" = demo ]; then
-    TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${alpha_arg[@]}" $EXTRA_ARGS & pid=$!
+    TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS & pid=$!
     others
     wait "$pid"
   else
-    "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method sail --grid "${alpha_arg[@]}" $EXTRA_ARGS
+    "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS
     others
   fi
 else
