@@ -27,17 +27,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(script_argv, world, rank, port):
+def _start(script_argv, world, rank, port, **extra_env):
     env = dict(os.environ, WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1", **extra_env)
     return subprocess.Popen([sys.executable, *script_argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def launch(script_argv, world):
+def launch(script_argv, world, **extra_env):
     """Start `world` processes of a script as a launcher would; returns the Popen objects."""
     port = _free_port()
-    return [_start(script_argv, world, rank, port) for rank in range(world)]
+    return [_start(script_argv, world, rank, port, **extra_env) for rank in range(world)]
 
 
 def _call(main, argv):
@@ -65,6 +65,40 @@ def prompts(tmp_path_factory):
     f = tmp_path_factory.mktemp("dist") / "p.txt"
     f.write_text("\n".join(f"prompt number {i} about a thing" for i in range(8)))
     return f
+
+
+SLOW_RANK_1 = """
+import os, sys, time
+if os.environ.get("RANK") == "1":  # this process loads its model 2 s after the other
+    sys.path.insert(0, {root!r})
+    import utils.models as models
+    _load = models.load_pipeline
+    def load_pipeline(*args, **kwargs):
+        time.sleep(2)
+        return _load(*args, **kwargs)
+    models.load_pipeline = load_pipeline
+"""
+
+
+def test_a_slow_process_deals_out_the_same_batches_as_a_fast_one(tiny_eps_dir, prompts, tmp_path):
+    """Process 1 starts computing 2 s after process 0, which by then has finished prompts: both still split the
+    same list (the logs are read by all before any is written), so every prompt is computed once, by one process,
+    and the merge equals one process's files."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_RANK_1.format(root=ROOT))
+    argv = ["--model_id", tiny_eps_dir, "--data_path", str(prompts), *DETECT, "--metrics", "wen"]
+    procs = launch(["detect_mem.py", *argv, "--out_dir", str(tmp_path / "two")], 2,
+                   PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    assert _run_in_process([*argv, "--out_dir", str(tmp_path / "one")]) == 0
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    logs = [[json.loads(x)["index"] for x in (tmp_path / "two" / f"p_wen_gen2.progress.{r}.jsonl").read_text()
+             .splitlines()[1:]] for r in range(2)]
+    assert sorted(logs[0]) == [0, 2, 4, 6] and sorted(logs[1]) == [1, 3, 5, 7]
+    assert torch.equal(torch.load(tmp_path / "one" / "p_wen_gen2.pt", weights_only=True),
+                       torch.load(tmp_path / "two" / "p_wen_gen2.pt", weights_only=True))
 
 
 def test_two_processes_merge_to_the_single_process_files(tiny_eps_dir, prompts, tmp_path):

@@ -136,6 +136,10 @@ class ShardLog:
         self.log = ProgressLog(own, identity, fields)
         self.done = dict(self.log.done)
         self.refresh()
+        # Every process reads the logs before any process writes to them: what each then leaves to do (and so the
+        # batches it deals out) is computed from the same state. Without this, a fast process that had already
+        # finished a prompt changed a slower one's list, and prompts were computed twice or never.
+        barrier(shard)
 
     def paths(self):
         """Every log file of this run: base.jsonl and base.<k>.jsonl."""
