@@ -82,46 +82,12 @@ def sail_latents(model, cond, uncond, latent_shape, settings=SailSettings(), *, 
 
     Returns (latents (gen_num, C, H, W) detached, info dict).
     """
-    st = settings
-    device = torch.device(device)
-    alpha_w = DEFAULT_ALPHA[model.prediction_type] if st.alpha is None else st.alpha
-    t = model.timesteps(st.num_inference_steps, device=device)[0]
-    embeds = torch.cat([uncond.expand(st.budget, -1, -1), cond.expand(st.budget, -1, -1)]).detach()
-    # The reference re-seeds the global RNG each round and later draws new seeds from the CPU generator; separate
-    # generators reproduce those exact numbers without touching global state.
-    cpu_gen = torch.Generator().manual_seed(st.seed)
-    dev_gen = cpu_gen if device.type == "cpu" else torch.Generator(device).manual_seed(st.seed)
-
-    state = dict(accepted=[], acc_info=[], best=[], thres=st.thres)
-    info = dict(seeds=[st.seed], rounds=0, opt_steps=0, unet_calls=0, thresholds=[st.thres], reached_threshold=True)
-    seeded, failures = None, 0
-    t0 = time.time()
-    with frozen(model.unet):  # the model stays frozen: only the latents get gradients
-        while True:
-            if st.form == "reference" or seeded != info["seeds"][-1]:
-                seeded = info["seeds"][-1]
-                cpu_gen.manual_seed(seeded)
-                if dev_gen is not cpu_gen:
-                    dev_gen.manual_seed(seeded)
-            lat = torch.randn((st.budget, *latent_shape), generator=dev_gen, device=device, dtype=dtype)
-            info["rounds"] += 1
-            if _round(model, t, embeds, lat, alpha_w, st, state, info):
-                break
-            failures += 1
-            if failures % 3 == 0:
-                state["thres"] += 0.1
-                info["seeds"].append(int(torch.randint(0, 50000, (1,), generator=cpu_gen).item()))
-                info["thresholds"].append(state["thres"])
-            if info["rounds"] >= st.max_rounds:
-                info["reached_threshold"] = False
-                break
-    accepted, best, n = state["accepted"], state["best"], min(len(state["accepted"]), st.gen_num)
-    lats = [a.clone() for a in accepted[:st.gen_num]]
-    lats += [b[1] for b in best[:st.gen_num - n]]  # not enough accepted: the best candidates seen (marked in info)
-    info.update(final_threshold=state["thres"], accepted=state["acc_info"][:st.gen_num], n_accepted=n,
-                filled_losses=[b[0] for b in best[:st.gen_num - n]], search_seconds=time.time() - t0,
-                alpha=alpha_w, form=st.form)
-    return torch.stack(lats), info
+    # One prompt through the batched search: with a single prompt it builds the very tensors of the one-prompt
+    # reference loop (tests/test_sail.py: bit for bit, and against an independent re-implementation).
+    (lat, info), = sail_latents_batch(model, cond, uncond, latent_shape, settings, dtype=dtype, device=device)
+    for key in ("batch_prompts", "batch_search_seconds"):
+        del info[key]
+    return lat, info
 
 
 def sail_loss(model, t, embeds, lat, x_dir, alpha_w):
@@ -136,27 +102,6 @@ def sail_loss(model, t, embeds, lat, x_dir, alpha_w):
     x_mod = torch.cat([lat + d] * 2)
     sharp = model.sail_difference(model.output(x_mod, t, embeds), x_mod, t).reshape(b, -1).norm(dim=1)
     return sharp + alpha_w * lat.reshape(b, -1).norm(dim=1)
-
-
-def _round(model, t, embeds, lat, alpha_w, st, state, info):
-    """One round: at most st.max_steps Adam steps on the candidates `lat`; True once gen_num are accepted."""
-    lat.requires_grad_(True)
-    opt = torch.optim.Adam([lat], lr=st.lr)
-    taken = set()
-    with torch.enable_grad():
-        x_round = torch.cat([model.scale_input(lat, t)] * 2)  # built once per round (reference)
-        for _ in range(st.max_steps):
-            x_in = x_round if st.form == "reference" else torch.cat([model.scale_input(lat, t)] * 2)
-            loss = sail_loss(model, t, embeds, lat, x_in, alpha_w)
-            info["unet_calls"] += 2
-            _keep_best(state["best"], lat, loss, st.gen_num)
-            if _accept(lat, loss, taken, st, state, info):
-                return True
-            opt.zero_grad()
-            loss.sum().backward()
-            opt.step()
-            info["opt_steps"] += 1
-    return False
 
 
 def _accept(lat, loss, taken, st, state, info):
@@ -188,7 +133,9 @@ def _keep_best(best, lat, loss, k):
 
 class _PromptSearch:
     """One prompt's search state inside sail_latents_batch: its own generators, threshold, seeds, accepted and
-    best candidates, and the info dict sail_latents returns, advanced exactly as sail_latents advances them."""
+    best candidates, and the info dict sail_latents returns. The reference re-seeds the global RNG each round and
+    later draws new seeds from the CPU generator; separate generators per prompt reproduce those exact numbers
+    without touching global state."""
 
     def __init__(self, st, device):
         self.st = st
@@ -200,7 +147,7 @@ class _PromptSearch:
         self.seeded, self.failures, self.finished = None, 0, False
 
     def start_round(self, latent_shape, dtype, device, t, model):
-        """Draw the round's candidates (re-seeding as sail_latents does): sets lat (budget, C, H, W), its Adam,
+        """Draw the round's candidates (reference: re-seeded every round; clean: only when the seed changed): sets lat (budget, C, H, W), its Adam,
         the round's doubled model input piece x_round (budget, ...) and the accepted indices."""
         st, info = self.st, self.info
         if st.form == "reference" or self.seeded != info["seeds"][-1]:
@@ -217,8 +164,8 @@ class _PromptSearch:
             self.x_round = torch.cat([model.scale_input(self.lat, t)] * 2)
 
     def end_round(self):
-        """After a round without enough accepted candidates: the threshold and seed schedule of sail_latents.
-        Returns True while the search goes on."""
+        """After a round without enough accepted candidates: every third failure raises the threshold by 0.1 and
+        draws a new seed; after max_rounds the search ends unreached. Returns True while the search goes on."""
         st, info = self.st, self.info
         self.failures += 1
         if self.failures % 3 == 0:
