@@ -139,10 +139,8 @@ def output_base(out_dir, stem, metric, n):
 def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
-    shard = D.current_shard()  # several processes under accelerate launch / torchrun: prompts are sharded
-    device = D.shard_device(shard, resolve_device(args.device))
-    D.start(shard, device)
-    D.agree(shard, "the arguments", vars(args))
+    # several processes under accelerate launch / torchrun: prompts are sharded
+    shard, device = D.join(resolve_device(args.device), vars(args))
     dtype = resolve_dtype(args.dtype, device)
     model_id = resolve_model_id(args.sd_ver, args.model_id)
     prompts = read_prompts(args.data_path, args.prompt_mirror)

@@ -131,10 +131,8 @@ def run_score(a):
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
     check_score_outputs(a, manifest, out)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
-    shard = D.current_shard()  # several processes under accelerate launch / torchrun: prompts are sharded
-    device = D.shard_device(shard, resolve_device(a.device))
-    D.start(shard, device)
-    D.agree(shard, "the arguments", vars(a))
+    # several processes under accelerate launch / torchrun: prompts are sharded
+    shard, device = D.join(resolve_device(a.device), vars(a))
     if a.similarity == "sscd":
         with flag_hint("pass --sscd PATH, or --similarity pixel for the offline demo"):
             if not shard.main:

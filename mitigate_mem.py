@@ -157,10 +157,8 @@ def folder_name(prompt_type, method, label, gridded, gated):
 def main(argv=None):
     a = parse_args(argv)
     quiet_library_warnings()
-    shard = D.current_shard()  # several processes under accelerate launch / torchrun: prompts are sharded
-    device = D.shard_device(shard, resolve_device(a.device))
-    D.start(shard, device)
-    D.agree(shard, "the arguments", vars(a))
+    # several processes under accelerate launch / torchrun: prompts are sharded
+    shard, device = D.join(resolve_device(a.device), vars(a))
     dtype = resolve_dtype(a.dtype, device)
     model_id = resolve_model_id(a.sd_ver, a.model_id)
     label = model_label(a.sd_ver, a.model_id)

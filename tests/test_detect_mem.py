@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from cli_run import exit_code
 import detect_eval
 import detect_mem
 
@@ -23,11 +24,7 @@ def _write(path, text, mode="w"):
 
 def _run(argv):
     """Run a script's main in-process; returns the SystemExit code (0 when it returns)."""
-    try:
-        (detect_mem if argv[0] == "mem" else detect_eval).main(argv[1:])
-    except SystemExit as e:
-        return e.code
-    return 0
+    return exit_code((detect_mem if argv[0] == "mem" else detect_eval).main, argv[1:])
 
 
 @pytest.fixture

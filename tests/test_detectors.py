@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_run import exit_code
 import detect_eval
 import detect_mem
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
@@ -19,11 +20,7 @@ PROMPTS = ["a photo of a cat", "digit seven"]
 
 
 def _run(mod, argv):
-    try:
-        mod.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
+    return exit_code(mod.main, argv)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_run import exit_code
 import detect_mem
 import mitigate_eval
 import mitigate_mem
@@ -40,12 +41,7 @@ def launch(script_argv, world, **extra_env):
     return [_start(script_argv, world, rank, port, **extra_env) for rank in range(world)]
 
 
-def _call(main, argv):
-    try:
-        main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
+_call = exit_code  # (main, argv) -> exit code
 
 
 def _run_in_process(argv):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_run import exit_code
 import detect_mem
 import mitigate_eval
 import mitigate_mem
@@ -22,12 +23,7 @@ PROMPTS = ["a red cat sitting on a mat", "Blue Rug by Andover Mills"]
 STEPS = 10  # DDIM steps of the CLI runs: every property tested holds for any number (the default is 50)
 
 
-def _run(main, argv):
-    try:
-        main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
+_run = exit_code  # (main, argv) -> exit code
 
 
 def _images(folder):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_run import exit_code
 import mitigate_mem
 from gaussian import GaussianUNet, gaussian_embedding
 from utils.sail import SailSettings, sail_latents, sail_latents_batch
@@ -154,11 +155,7 @@ def test_unreachable_threshold_ends_after_max_rounds_with_report():
 
 
 def _run(argv):
-    try:
-        mitigate_mem.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
+    return exit_code(mitigate_mem.main, argv)
 
 
 @pytest.mark.parametrize("bad", [["--gen_num", "0"], ["--miti_budget", "0"], ["--miti_lr", "0"],

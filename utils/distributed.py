@@ -57,6 +57,16 @@ def start(shard, device):
                             f"{' '.join(str(e).split())[:200]}") from None
 
 
+def join(device, arguments):
+    """This process's Shard and device under a launcher (one process without one): joins the process group and
+    stops with an error unless every process got the same `arguments` (JSON-able, e.g. the parsed flags)."""
+    shard = current_shard()
+    device = shard_device(shard, device)
+    start(shard, device)
+    agree(shard, "the arguments", arguments)
+    return shard, device
+
+
 def finish(shard):
     if shard.world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
