@@ -239,8 +239,9 @@ def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, s
                    mitigated=mitigate, prompts_used=plan.prompts, seeds=[a.gen_seed], search_unet_calls=0,
                    search_backward_calls=0)
         # batched SAIL: the batch's seconds shared equally, so that the mean per prompt stays the cost per prompt
-        share = plan.record.get("batch_search_seconds", 0.0) / plan.record.get("batch_prompts", 1)
-        rec.update(plan.record, search_seconds=share or t1 - t0, generate_seconds=time.time() - t1)
+        search = (plan.record["batch_search_seconds"] / plan.record["batch_prompts"] if "batch_prompts" in plan.record
+                  else t1 - t0)
+        rec.update(plan.record, search_seconds=search, generate_seconds=time.time() - t1)
         if scores is not None:
             rec["detection_score"] = float(scores[i])
         if rec.get("reached_threshold") is False or rec.get("reached_target") is False:
