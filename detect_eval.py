@@ -14,10 +14,11 @@ import os
 import numpy as np
 
 from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
-from utils.detectors import METRICS
+from utils.detection.loop import METRICS
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
-from utils.tables import TABLE_STEPS, build_table, discover, load_paper, load_result, markdown, roc_figure, set_pairs
+from utils.detection.tables import (TABLE_STEPS, build_table, discover, load_paper, load_result, markdown,
+    roc_figure, set_pairs)
 
 TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
 

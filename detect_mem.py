@@ -17,19 +17,20 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, add_model_arguments, bounded_int, guarded, nonneg_int, \
-    positive_float, positive_int, quiet_library_warnings, raise_arg, seed_int, warn
-from utils.detection import initial_latents
-from utils.attention import prompt_lengths
-from utils.detectors import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, FD_STEP,
-                             HVP_METHODS, METRICS, SPACES, TILED_AGGS, DetectSettings, attention_layers, run_detectors)
+from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_int, guarded, nonneg_int,
+    positive_float, positive_int, quiet_library_warnings, raise_arg, seed_int, warn)
+from utils.models.loading import initial_latents
+from utils.models.attention import prompt_lengths
+from utils.detection.loop import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, FD_STEP,
+    HVP_METHODS, METRICS, SPACES, TILED_AGGS, DetectSettings, attention_layers, run_detectors)
 from utils import distributed as D
 from utils.io import atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, sha256_file, write_sidecar
-from utils.jvp_memory import ATTENTION_MODES, JvpMemory
-from utils.models import JVP_DTYPES, decode_latents, encode_prompts, jvp_unet_copy, load_pipeline, model_label, \
-    resolve_device, resolve_dtype, resolve_model_id
+from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
+from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
+from utils.models.loading import (decode_latents, encode_prompts, load_pipeline, model_label, resolve_device,
+    resolve_dtype, resolve_model_id)
 from utils.prompts import read_prompts, truncated_prompts
-from utils.scores import FD_PRECISIONS, FD_SCHEMES, V_SCORE_FORMS, ScoreModel
+from utils.models.denoisers import FD_PRECISIONS, FD_SCHEMES, V_SCORE_FORMS, ScoreModel
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps of the sampling schedule whose first steps are measured (as the paper)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance for the DDIM steps between measured steps

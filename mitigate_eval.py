@@ -15,15 +15,16 @@ import os
 import sys
 
 from utils import distributed as D
-from utils import evaluation as E
-from utils import fetch as F
-from utils import fetch_manifest as FM
-from utils import similarity as S
-from utils.cli import ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint, \
-    guarded, nonneg_int, nonneg_seconds, seconds, warn
-from utils.images import MIN_SIDE
+from utils.evaluation import scoring as E
+from utils.evaluation import fetch as F
+from utils.evaluation import fetch_manifest as FM
+from utils.evaluation import similarity as S
+from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint,
+    guarded, nonneg_int, nonneg_seconds, seconds, warn)
+from utils.evaluation.images import MIN_SIDE
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, write_sidecar
-from utils.models import SSCD_URL, load_clip, load_sscd, resolve_device, sscd_weights
+from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_weights
+from utils.models.loading import resolve_device
 from utils.prompts import read_jsonl
 
 PAPER_USABLE = {"sd1_mem.jsonl": (454, 500), "sd2_mem.jsonl": (202, 219)}

@@ -19,18 +19,18 @@ import time
 
 from tqdm import tqdm
 
-from utils import mitigation as MI
-from utils.cli import ArgumentParser, UserError, add_model_arguments, bounded_int, finite_float, guarded, \
-    nonneg_float, nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn
-from utils.detection import initial_latents
+from utils.mitigation import gating, methods as MI
+from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_int, finite_float, guarded,
+    nonneg_float, nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn)
+from utils.models.loading import initial_latents
 from utils import distributed as D
-from utils.io import atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir, \
-    safe_filename, safe_join, sha256_file, write_sidecar
-from utils.models import decode_latents, encode_prompts, load_pipeline, model_label, resolve_device, resolve_dtype, \
-    resolve_model_id
+from utils.io import (atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir,
+    safe_filename, safe_join, sha256_file, write_sidecar)
+from utils.models.loading import (decode_latents, encode_prompts, load_pipeline, model_label, resolve_device,
+    resolve_dtype, resolve_model_id)
 from utils.prompts import read_prompts, truncated_prompts
-from utils.sail import FORMS, PromptBatches, SailSettings
-from utils.scores import ScoreModel
+from utils.mitigation.sail import FORMS, PromptBatches, SailSettings
+from utils.models.denoisers import ScoreModel
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for every method (as the reference)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling (Jain's w_post)
@@ -141,7 +141,7 @@ def gate(a, prompts, model_id):
     """(flags per prompt, scores, manifest description) of --flagged_by, or (None, None, None) without gating."""
     if not a.flagged_by:
         return None, None, None
-    return MI.gate_prompts(prompts, a.flagged_by, model_id, threshold=a.flag_threshold, fpr=a.flag_fpr,
+    return gating.gate_prompts(prompts, a.flagged_by, model_id, threshold=a.flag_threshold, fpr=a.flag_fpr,
                            nmem=a.flag_nmem)
 
 

@@ -33,7 +33,7 @@ case "${1:-}" in
   demo)
     SD_VER=demo; GEN_NUM=4; MITI_ALPHA=0.02; SIMILARITY=pixel; FIGURE=examples/figures/demo_fig6
     CLIP_MODEL=demo; CLIP_PRETRAINED=""
-    $PYTHON -c "import utils.demo_clip" 2>/dev/null || CLIP_MODEL=none   # not in this checkout: no CLIP axis
+    $PYTHON -c "import utils.demo.clip" 2>/dev/null || CLIP_MODEL=none   # not in this checkout: no CLIP axis
     # tiny UNet ops: one thread per process is as fast, and two processes share the cores without contention
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
   "") ;;

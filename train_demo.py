@@ -22,13 +22,14 @@ import time
 
 import torch
 
-from utils.cli import ArgumentParser, UserError, bounded_float, bounded_int, guarded, nonneg_int, positive_float, \
-    positive_int, quiet_library_warnings, seed_int
-from utils.demo_data import build_dataset, write_benchmark
-from utils.demo_model import (assemble_pipeline, build_components, ddim_scheduler, encode_latents, make_pairs,
-                              train_unet, train_vae)
+from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, guarded, nonneg_int, positive_float,
+    positive_int, quiet_library_warnings, seed_int)
+from utils.demo.data import build_dataset, write_benchmark
+from utils.demo.model import (assemble_pipeline, build_components, ddim_scheduler, encode_latents, make_pairs,
+    train_unet, train_vae)
 from utils.io import atomic_write_json, check_outputs, check_replaceable, library_versions, staged_dir, writing
-from utils.models import DEMO_MODEL_DIR, REPO_ROOT, offline_clip_tokenizer
+from utils.models.loading import DEMO_MODEL_DIR, REPO_ROOT
+from utils.models.clip import offline_clip_tokenizer
 
 COMMITTED_PROMPTS = os.path.join(REPO_ROOT, "prompts")
 MODEL_MARKER = "model_index.json"  # an existing --out_dir is replaced only if it holds a saved pipeline

@@ -15,7 +15,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils import demo_clip as DC
+from utils.demo import clip as DC
 from utils.cli import UserError, guarded, positive_float, positive_int
 from utils.io import atomic_write_json, library_versions
 

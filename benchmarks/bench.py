@@ -45,12 +45,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.demo_model import ddim_scheduler, sd_shaped_unet  # noqa: E402
-from utils.detectors import DetectSettings, run_detectors  # noqa: E402
-from utils.jvp_memory import JvpMemory  # noqa: E402
-from utils.models import jvp_unet_copy  # noqa: E402
-from utils.sail import SailSettings, sail_latents, sail_latents_batch  # noqa: E402
-from utils.scores import ScoreModel  # noqa: E402
+from utils.demo.model import ddim_scheduler, sd_shaped_unet
+from utils.detection.loop import DetectSettings, run_detectors
+from utils.models.jvp_memory import JvpMemory
+from utils.models.autodiff import jvp_unet_copy
+from utils.mitigation.sail import SailSettings, sail_latents, sail_latents_batch
+from utils.models.denoisers import ScoreModel
 
 ITEMS = ("forward", "wen", "anisotropy", "jvp", "jvp_chunked", "jvp_f32copy", "fd", "fd_model", "fd_tf32",
          "sail_round", "sail_batch", "sail_search", "generation")
@@ -143,7 +143,7 @@ class Bench:
         self.args, self.dtype = args, dtype
         self.device = torch.device(args.device)
         if args.unet == "tiny":  # the tests' toy UNet: a smoke run of this script in seconds
-            from utils.demo_model import tiny_pipeline
+            from utils.demo.model import tiny_pipeline
             self.unet = tiny_pipeline(sample_size=args.size).unet.to(self.device, dtype).eval()
             pred, dim = "epsilon", self.unet.config.cross_attention_dim
         else:

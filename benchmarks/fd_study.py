@@ -28,9 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.jvp_memory import JvpMemory  # noqa: E402
-from utils.metrics import detection_metrics  # noqa: E402
-from utils.scores import FD_SCHEMES, ScoreModel, flat_norm  # noqa: E402
+from utils.models.jvp_memory import JvpMemory
+from utils.metrics import detection_metrics
+from utils.models.denoisers import FD_SCHEMES, ScoreModel, flat_norm
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
 
@@ -62,10 +62,10 @@ def parse_args(argv=None):
 
 def build(args, device):
     """(float32 UNet, scheduler, cond (K, L, D), uncond (1, L, D), labels (K,) or None, latents (n, C, H, W))."""
-    from utils.demo_model import ddim_scheduler
+    from utils.demo.model import ddim_scheduler
     if args.model == "demo":
-        from utils.detection import initial_latents
-        from utils.models import DEMO_MODEL_DIR, encode_prompts, load_pipeline
+        from utils.models.loading import initial_latents
+        from utils.models.loading import DEMO_MODEL_DIR, encode_prompts, load_pipeline
         from utils.prompts import read_prompts
         pipe = load_pipeline(DEMO_MODEL_DIR, device, torch.float32)
         root = os.path.dirname(DEMO_MODEL_DIR)
@@ -75,7 +75,7 @@ def build(args, device):
         labels = torch.tensor([1] * len(mem) + [0] * len(nmem))
         return (pipe.unet, pipe.scheduler, cond, encode_prompts(pipe, "", device), labels,
                 initial_latents(pipe, args.gen_num, 42))
-    from utils.demo_model import sd_shaped_unet
+    from utils.demo.model import sd_shaped_unet
     unet, pred, dim = sd_shaped_unet(args.model, args.size, device, torch.float32, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     cond = torch.randn(args.prompts, 77, dim, generator=g).to(device)

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench import peak_memory  # noqa: E402
-from utils.demo_model import ddim_scheduler, sd_shaped_unet  # noqa: E402
-from utils.detection import cfg_embeddings  # noqa: E402
-from utils.jvp_memory import JvpMemory, estimate_bytes  # noqa: E402
-from utils.scores import ScoreModel  # noqa: E402
+from utils.demo.model import ddim_scheduler, sd_shaped_unet
+from utils.models.conditioning import cfg_embeddings
+from utils.models.jvp_memory import JvpMemory, estimate_bytes
+from utils.models.denoisers import ScoreModel
 
 
 def parse_args(argv=None):
@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def build(args, dtype, device):
     if args.unet == "tiny":
-        from utils.demo_model import tiny_pipeline
+        from utils.demo.model import tiny_pipeline
         unet = tiny_pipeline(sample_size=args.size).unet.to(device, dtype).eval()
         return unet, "epsilon", unet.config.cross_attention_dim
     return sd_shaped_unet(args.unet, args.size, device, dtype, seed=0)

@@ -21,15 +21,15 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_float, bounded_int,  # noqa: E402
-                       guarded, parse_int_list, positive_int, quiet_library_warnings, seed_int)
-from utils.detection import initial_latents  # noqa: E402
-from utils.eigen import leading_error, spectrum_summary  # noqa: E402
-from utils.io import ProgressLog, atomic_write_bytes, figure_png, prepare_dir, write_sidecar  # noqa: E402
-from utils.models import encode_prompts, load_pipeline, resolve_device, resolve_dtype, resolve_model_id  # noqa: E402
-from utils.operators import BRANCHES, sampling_spectra  # noqa: E402
-from utils.prompts import read_prompts  # noqa: E402
-from utils.scores import ScoreModel  # noqa: E402
+from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_float, bounded_int, guarded,
+    parse_int_list, positive_int, quiet_library_warnings, seed_int)
+from utils.models.loading import initial_latents
+from utils.eigen import leading_error, spectrum_summary
+from utils.io import ProgressLog, atomic_write_bytes, figure_png, prepare_dir, write_sidecar
+from utils.models.loading import encode_prompts, load_pipeline, resolve_device, resolve_dtype, resolve_model_id
+from utils.models.operators import BRANCHES, sampling_spectra
+from utils.prompts import read_prompts
+from utils.models.denoisers import ScoreModel
 
 GROUPS = ("memorized", "non-memorized")
 MAX_INFERENCE_STEPS = 1000  # DDIM cannot take more steps than the training timesteps (1000 for SD)

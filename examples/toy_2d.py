@@ -38,9 +38,9 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, guarded, parse_int_list,  # noqa: E402
-                       quiet_library_warnings, seed_int)
-from utils.io import atomic_write_bytes, figure_png, prepare_dir, write_sidecar  # noqa: E402
+from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, guarded, parse_int_list,
+    quiet_library_warnings, seed_int)
+from utils.io import atomic_write_bytes, figure_png, prepare_dir, write_sidecar
 
 T = 1000                                   # DDPM training steps, linear betas as Ho et al. (2020)
 BETAS = (1e-4, 0.02)

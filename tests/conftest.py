@@ -27,7 +27,7 @@ def prompt_mirror():
 
 
 def _saved_tiny(tmp_path_factory, prediction_type):
-    from utils.demo_model import tiny_pipeline
+    from utils.demo.model import tiny_pipeline
     folder = tmp_path_factory.mktemp(f"tiny_{prediction_type}")
     tiny_pipeline(prediction_type=prediction_type, seed=0).save_pretrained(str(folder))
     return str(folder)
@@ -48,5 +48,5 @@ def tiny_v_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_eps(tiny_eps_dir):
     import torch
-    from utils.models import load_pipeline
+    from utils.models.loading import load_pipeline
     return load_pipeline(tiny_eps_dir, torch.device("cpu"), torch.float32)

@@ -48,5 +48,5 @@ def gaussian_embedding(mu, log_s2):
 
 def ddim_scheduler(prediction_type="epsilon"):
     """DDIM with Stable Diffusion v1's schedule."""
-    from utils.demo_model import ddim_scheduler as sd_ddim
+    from utils.demo.model import ddim_scheduler as sd_ddim
     return sd_ddim(prediction_type)

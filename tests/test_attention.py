@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.attention import (CrossAttentionInstrument, QueryMapRequest, RenEdit, TokenRequest, ae_score, be_mask,
-                             be_step_score, cross_attention_layers, entropy, le_score, prompt_lengths, select_layers,
-                             summary_entropy)
-from utils.models import forward_ad
+from utils.models.attention import (CrossAttentionInstrument, QueryMapRequest, RenEdit, TokenRequest, ae_score,
+    be_mask, be_step_score, cross_attention_layers, entropy, le_score, prompt_lengths, select_layers,
+    summary_entropy)
+from utils.models.autodiff import forward_ad
 
 K = 77
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    from utils.demo_model import tiny_pipeline
+    from utils.demo.model import tiny_pipeline
     return tiny_pipeline()
 
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.demo_data import (DIGIT_NAMES, MEMORIZED_CAPTIONS, TRAIN_TEMPLATES, build_dataset, pixel_cosine,
-                             to_pil)
-from utils.models import DEMO_MODEL_DIR, REPO_ROOT
+from utils.demo.data import DIGIT_NAMES, MEMORIZED_CAPTIONS, TRAIN_TEMPLATES, build_dataset, pixel_cosine, to_pil
+from utils.models.loading import DEMO_MODEL_DIR, REPO_ROOT
 
 PROMPTS = os.path.join(REPO_ROOT, "prompts")
 
@@ -43,7 +42,7 @@ def test_committed_model_memorizes(pipe, data):
     # The committed weights copy their training image for memorized captions and not for an unseen digit prompt
     # (README table: 90.6 % vs 7.8 % over all prompts; here one of each, the seeded noise of the benchmark runs).
     from diffusers import DDIMScheduler
-    from utils.detection import initial_latents
+    from utils.models.loading import initial_latents
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     lat = initial_latents(pipe, 4, seed=42)
     nmem = open(os.path.join(PROMPTS, "demo_nmem.txt"), encoding="utf-8").read().splitlines()[0]
@@ -100,7 +99,7 @@ def test_dataset_captions_and_memorized_images(data):
 
 
 def test_pixel_cosine_matches_the_project_definition(data):
-    from utils.similarity import pixel_vectors
+    from utils.evaluation.similarity import pixel_vectors
     x = data["images"][:6]
     ours = pixel_cosine(x, x, size=48)
     ref = pixel_vectors([to_pil(im) for im in x], size=48)
@@ -109,10 +108,10 @@ def test_pixel_cosine_matches_the_project_definition(data):
 
 
 def test_shared_pairs_and_pair_kinds():
-    from utils.demo_model import make_pairs
+    from utils.demo.model import make_pairs
     d = build_dataset(seed=0, n_shared=5, generic=True)
     assert len(set(d["generic"])) == len(d["images"]) and all(len(c.split()) >= 3 for c in d["generic"])
-    from utils.demo_data import nonmemorized_prompts
+    from utils.demo.data import nonmemorized_prompts
     assert not set(d["generic"]) & (set(MEMORIZED_CAPTIONS) | set(nonmemorized_prompts(0)))
     mem_idx = {k for _, k in d["memorized"]}
     assert len(d["shared"]) == 5 * len(d["memorized"])

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from utils import demo_clip as DC
-from utils import similarity as S
+from utils.demo import clip as DC
+from utils.evaluation import similarity as S
 from utils.cli import UserError
-from utils.demo_data import COLORS, DIGIT_NAMES, to_pil
+from utils.demo.data import COLORS, DIGIT_NAMES, to_pil
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def test_matches_independent_dense_jacobian_computation(tiny_eps_dir, tiny_eps, 
     """The script's step-1 value equals ||(J_c - J_u) s_delta|| from reverse-mode dense Jacobians."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from utils.detection import initial_latents
+    from utils.models.loading import initial_latents
     f = _write(tmp_path / "p.txt", "a photo of a cat\ndigit seven")
     assert _run(["mem", "--model_id", tiny_eps_dir, "--data_path", f, "--gen_num", "2", "--out_dir",
                  str(tmp_path), "--device", "cpu", "--gen_seed", "7"]) == 0

@@ -11,10 +11,10 @@ from cli_run import exit_code
 import detect_eval
 import detect_mem
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
-from utils.detection import initial_latents
-from utils.detectors import DetectSettings, pairwise_tiled_l2, run_detectors
-from utils.models import decode_latents, encode_prompts
-from utils.scores import ScoreModel
+from utils.models.loading import initial_latents
+from utils.detection.loop import DetectSettings, pairwise_tiled_l2, run_detectors
+from utils.models.loading import decode_latents, encode_prompts
+from utils.models.denoisers import ScoreModel
 
 PROMPTS = ["a photo of a cat", "digit seven"]
 

@@ -67,7 +67,7 @@ SLOW_RANK_1 = """
 import os, sys, time
 if os.environ.get("RANK") == "1":  # this process loads its model 2 s after the other
     sys.path.insert(0, {root!r})
-    import utils.models as models
+    import utils.models.loading as models
     _load = models.load_pipeline
     def load_pipeline(*args, **kwargs):
         time.sleep(2)

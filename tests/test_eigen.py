@@ -9,10 +9,10 @@ import torch
 
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
 from utils.eigen import (KrylovResult, arnoldi, hutchinson_trace, hutchinson_trace_cubed, lanczos, leading_error,
-                         leading_eigenvalues, spectrum_summary)
-from utils.operators import ScoreJacobian, branch_score_fn, sampling_spectra
-from utils.models import forward_ad
-from utils.scores import ScoreModel, alpha_sigma
+    leading_eigenvalues, spectrum_summary)
+from utils.models.operators import ScoreJacobian, branch_score_fn, sampling_spectra
+from utils.models.autodiff import forward_ad
+from utils.models.denoisers import ScoreModel, alpha_sigma
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,8 +222,8 @@ def test_sampling_spectra_on_gaussian_model_at_later_steps(method):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from utils.detection import initial_latents
-    from utils.demo_model import tiny_pipeline
+    from utils.models.loading import initial_latents
+    from utils.demo.model import tiny_pipeline
     pipe = tiny_pipeline()
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt("a photo of a cat", "cpu", 1, True, "")
@@ -266,8 +266,8 @@ def _load_script():
 def test_eigen_analysis_end_to_end_on_tiny_model(tiny, tmp_path, monkeypatch, capsys):
     script = _load_script()
     # tiny_pipeline() is seeded, so the module fixture IS what --model_id tiny builds; reuse it to save ~5 s
-    import utils.demo_model
-    monkeypatch.setattr(utils.demo_model, "tiny_pipeline", lambda: tiny[0])
+    import utils.demo.model
+    monkeypatch.setattr(utils.demo.model, "tiny_pipeline", lambda: tiny[0])
     (tmp_path / "mem.txt").write_text("a photo of a cat\n")
     (tmp_path / "nmem.txt").write_text("a red house by the sea\n")
     out = tmp_path / "out"

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from utils import fetch as F
-from utils import fetch_manifest as FM
-from utils.images import inspect_image
+from utils.evaluation import fetch as F
+from utils.evaluation import fetch_manifest as FM
+from utils.evaluation.images import inspect_image
 
 
 def _png(color_fn, size=(48, 40), fmt="PNG"):

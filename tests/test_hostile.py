@@ -250,8 +250,8 @@ def test_fetch_paths_from_records_stay_in_their_folder(world, tmp_path):
                                                  "--max_mb", "0.012"])
     assert code == 0, err
     assert changes(before, tree(tmp_path), allowed=["out"]) == []
-    from utils.fetch_manifest import read_manifest
-    from utils.matching import ground_truth_records
+    from utils.evaluation.fetch_manifest import read_manifest
+    from utils.evaluation.matching import ground_truth_records
     rows = read_manifest(str(out / "fetch_manifest.csv"))
     status = {r["caption"]: (r["index"], r["status"]) for r in rows}
     assert status == {"malformed, no index": (None, "bad_record"), "real zero": (0, "ok"),
@@ -348,7 +348,7 @@ def test_score_never_scores_a_training_image_inside_the_images_folder(tmp_path):
 def test_score_leaves_non_finite_similarities_out(world):
     import torch
 
-    from utils import evaluation as E
+    from utils.evaluation import scoring as E
 
     def broken_model(images):
         return torch.full((len(images), 4), float("nan"))
@@ -396,7 +396,7 @@ def test_diverged_weights_are_never_saved(tmp_path):
 
     import train_demo
     from utils.cli import UserError
-    from utils.demo_model import tiny_pipeline
+    from utils.demo.model import tiny_pipeline
     pipe = tiny_pipeline()
     with torch.no_grad():
         next(pipe.unet.parameters()).view(-1)[0] = float("nan")
@@ -761,7 +761,7 @@ def trickle():
 
 @pytest.mark.parametrize("path", ["/body", "/headers"])
 def test_total_timeout_bounds_a_trickling_server(trickle, path):
-    from utils.fetch import Fetcher, FetchError
+    from utils.evaluation.fetch import Fetcher, FetchError
     f = Fetcher(timeout=15, retries=3, backoff=0.1, total_timeout=2)
     t = time.monotonic()
     with pytest.raises(FetchError) as e:
@@ -797,7 +797,7 @@ def tls_trickle():
 
 
 def test_total_timeout_bounds_a_trickled_tls_handshake_and_cancel_is_immediate(tls_trickle):
-    from utils.fetch import Fetcher, FetchError
+    from utils.evaluation.fetch import Fetcher, FetchError
     f = Fetcher(timeout=15, retries=3, backoff=0.1, total_timeout=2)
     t = time.monotonic()
     with pytest.raises(FetchError) as e:
@@ -834,7 +834,7 @@ def test_ctrl_c_ends_fetch_at_once_with_the_manifest_saved(trickle, tmp_path):
     err = p.stderr.read()
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert took < 3, took
-    from utils.fetch_manifest import read_manifest
+    from utils.evaluation.fetch_manifest import read_manifest
     rows = read_manifest(str(out / "fetch_manifest.csv"))
     assert len(rows) == 6 and {r["status"] for r in rows} <= {"pending", "timeout"}
 

@@ -9,9 +9,10 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import detect_mem
-from utils.detection import cfg_embeddings
-from utils.jvp_memory import ChunkedAttention, JvpMemory, attention_shapes, attention_tangent, estimate_bytes, plan_jvp
-from utils.scores import ScoreModel
+from utils.models.conditioning import cfg_embeddings
+from utils.models.jvp_memory import (ChunkedAttention, JvpMemory, attention_shapes, attention_tangent,
+    estimate_bytes, plan_jvp)
+from utils.models.denoisers import ScoreModel
 
 
 def _math_jvp(q, k, v, dq, dk, dv, bias=None):

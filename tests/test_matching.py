@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from utils import matching as M
+from utils.evaluation import matching as M
 from utils.cli import UserError
 from utils.prompts import ensure_prompt_file, read_jsonl, read_prompts
 

@@ -180,7 +180,7 @@ def test_sscd_fetch_trust_on_first_use_and_pinning(sscd_server, tmp_path):
     import hashlib
 
     from utils.cli import UserError
-    from utils.models import load_sscd, sscd_weights
+    from utils.models.clip import load_sscd, sscd_weights
     url, data, stop = sscd_server
     digest = hashlib.sha256(data).hexdigest()
     hub = tmp_path / "hub"
@@ -225,8 +225,8 @@ def test_score_fetches_sscd_into_the_torch_hub_cache(setup, sscd_server, monkeyp
 
 def test_clip_model_demo(setup, capsys):
     """--clip_model demo scores with the project's demo CLIP model (utils/demo_clip.py), offline."""
-    from utils.demo_clip import load_demo_clip
-    from utils.similarity import clip_scores
+    from utils.demo.clip import load_demo_clip
+    from utils.evaluation.similarity import clip_scores
     tmp, gt, gen = setup
     argv = ["score", "--images", str(gen), "--gt", str(gt), "--similarity", "pixel", "--clip_model", "demo",
             "--out", str(tmp / "democlip.json")]

@@ -14,10 +14,10 @@ from cli_run import exit_code
 import detect_mem
 import mitigate_eval
 import mitigate_mem
-from utils import mitigation as MI
-from utils.detection import initial_latents
-from utils.models import encode_prompts, load_pipeline
-from utils.scores import ScoreModel
+from utils.mitigation import gating, methods as MI
+from utils.models.loading import initial_latents
+from utils.models.loading import encode_prompts, load_pipeline
+from utils.models.denoisers import ScoreModel
 
 PROMPTS = ["a red cat sitting on a mat", "Blue Rug by Andover Mills"]
 STEPS = 10  # DDIM steps of the CLI runs: every property tested holds for any number (the default is 50)
@@ -111,7 +111,7 @@ def test_augmentation_properties(tiny_eps):
             for s in range(200)}
     assert gaps == {0, 1, 2, 3}  # len + 1 gaps: both ends included
     assert MI.augmented_prompts("a b", 0, 1, 2, MI.AugmentSettings(count=0), MI.random_number)[0] == ["a b"] * 2
-    from utils.models import token_text
+    from utils.models.clip import token_text
     tok = tiny_eps.tokenizer
     _, w = MI.augmented_prompts("a b", 3, 42, 1, MI.AugmentSettings(count=6, vocab=49400),
                                 lambda r: token_text(tok, int(r.integers(0, 49400))))
@@ -155,7 +155,7 @@ def test_wen_lowers_its_objective_and_follows_their_loop(tiny_eps, tiny_v_dir):
 
 
 def test_cfg_delay_rules():
-    from utils.demo_model import ddim_scheduler
+    from utils.demo.model import ddim_scheduler
     sched = ddim_scheduler()
     sched.set_timesteps(50)
     rule = MI.StaticDelay(500.0, 0.0, 7.5)
@@ -211,8 +211,8 @@ def test_gating_flags_only_detected_prompts(runs):
     assert header["gate"]["flagged"] == [hi] and header["gate"]["threshold"] == thr
     # calibration at a target FPR on non-memorized scores: at most floor(fpr * N) of them above the threshold
     nm = list(np.random.default_rng(0).permutation(np.arange(1.0, 101.0)))
-    assert MI.calibrated_threshold(nm, 0.01) == 99.0 and MI.calibrated_threshold(nm, 0.0) == 100.0
-    assert MI.flag_prompts([99.0, 99.5, float("nan")], 99.0) == [False, True, True]
+    assert gating.calibrated_threshold(nm, 0.01) == 99.0 and gating.calibrated_threshold(nm, 0.0) == 100.0
+    assert gating.flag_prompts([99.0, 99.5, float("nan")], 99.0) == [False, True, True]
 
 
 def test_plot_numbers_equal_the_score_jsons(runs, capsys):
@@ -299,8 +299,8 @@ def test_ren_edits_only_while_sampling_and_changes_the_images(tiny_eps):
     sampling fails), and it changes the images; its record names the kept tokens."""
     pipe = tiny_eps
     model = ScoreModel(pipe.unet, pipe.scheduler)
-    from utils.detection import initial_latents
-    from utils.models import encode_prompts
+    from utils.models.loading import initial_latents
+    from utils.models.loading import encode_prompts
     ctx = MI.Context(model=model, encode=lambda ps: encode_prompts(pipe, ps, "cpu"), uncond=encode_prompts(pipe, ""),
                      noise=initial_latents(pipe, 2, 42), seed=42, tokenizer=pipe.tokenizer, num_inference_steps=5)
     before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}

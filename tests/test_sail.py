@@ -10,9 +10,9 @@ from PIL import Image
 from cli_run import exit_code
 import mitigate_mem
 from gaussian import GaussianUNet, gaussian_embedding
-from utils.sail import SailSettings, sail_latents, sail_latents_batch
-from utils.scores import ScoreModel, alpha_sigma
-from utils.scores import reference_guidance_difference as guidance_difference
+from utils.mitigation.sail import SailSettings, sail_latents, sail_latents_batch
+from utils.models.denoisers import ScoreModel, alpha_sigma
+from utils.models.denoisers import reference_guidance_difference as guidance_difference
 
 
 def reference_style_sail(unet, scheduler, cond, uncond, shape, gen_num, seed, thres, lr, budget, max_steps, alpha):
@@ -169,7 +169,7 @@ def test_bad_hyperparameters_exit_2(bad, tmp_path, capsys):
 
 @pytest.mark.parametrize("which", ["eps", "v"])
 def test_end_to_end_and_no_mitigation_matches_plain_diffusers(which, tiny_eps_dir, tiny_v_dir, tmp_path):
-    from utils.models import load_pipeline
+    from utils.models.loading import load_pipeline
     model_dir = tiny_eps_dir if which == "eps" else tiny_v_dir
     f = tmp_path / "p.txt"
     prompts = ['"Mothers influence on her young hippo"', "a <b>bold</b> / slashed prompt"]

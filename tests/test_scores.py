@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
-from utils.detection import cfg_embeddings, sharpness_scores
-from utils.scores import ScoreModel, alpha_sigma, score_difference, score_from_output
+from utils.models.conditioning import cfg_embeddings
+from utils.detection.loop import sharpness_scores
+from utils.models.denoisers import ScoreModel, alpha_sigma, score_difference, score_from_output
 
 SHAPE = (4, 4, 4)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import similarity as S
-from utils.models import load_clip, load_sscd
+from utils.evaluation import similarity as S
+from utils.models.clip import load_clip, load_sscd
 from utils.cli import UserError
 
 

@@ -70,7 +70,7 @@ def eval_commands(fx, sail_out):
 def build_fixtures(folder):
     """Inputs shared by both versions: saved tiny pipelines, prompt files, the demo's training images."""
     sys.path.insert(0, ROOT)
-    from utils.demo_model import tiny_pipeline
+    from utils.demo.model import tiny_pipeline
     fx = {"demo": os.path.join(ROOT, "demo_model")}
     for name, pred in (("tiny_eps", "epsilon"), ("tiny_v", "v_prediction")):
         fx[name] = os.path.join(folder, name)

@@ -237,7 +237,7 @@ def device_name(text):
 
 def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on CUDA (as the reference), float32 on CPU"):
     """The model, device and precision options every script shares (values checked when resolved)."""
-    from .models import DTYPES, SD_MODELS
+    from .models.loading import DTYPES, SD_MODELS
     p.add_argument("--sd_ver", default="1", choices=list(SD_MODELS),
                    help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
     p.add_argument("--model_id", default=None,

@@ -64,8 +64,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import UserError
-from .models import REPO_ROOT
+from ..cli import UserError
+from ..models.loading import REPO_ROOT
 
 DEFAULT_DIR = os.path.join(REPO_ROOT, "demo_clip")
 REBUILD = "python3 train_demo_clip.py"
@@ -155,7 +155,7 @@ _CLIP_TOKENIZER = []
 def clip_tokenizer():
     """The offline CLIP BPE tokenizer, built once per process (building it takes seconds)."""
     if not _CLIP_TOKENIZER:
-        from .models import offline_clip_tokenizer
+        from ..models.clip import offline_clip_tokenizer
         _CLIP_TOKENIZER.append(offline_clip_tokenizer())
     return _CLIP_TOKENIZER[0]
 
@@ -163,7 +163,7 @@ def clip_tokenizer():
 def save_demo_clip(model, vocab, config, path):
     """config.json (architecture, vocabulary, split and data recipe) and model.safetensors into path."""
     from safetensors.torch import save
-    from .io import atomic_write_bytes, atomic_write_json
+    from ..io import atomic_write_bytes, atomic_write_json
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(os.path.join(path, "model.safetensors"), save(state))
     atomic_write_json(os.path.join(path, "config.json"), {**config, "vocab": [int(v) for v in vocab]})
@@ -199,7 +199,7 @@ def dataset(seed=0, n_shared=30, generic=True):
     """demo_data.build_dataset, memoized per process (it takes seconds); treat the result as read-only."""
     key = (seed, n_shared, generic)
     if key not in _DATA:
-        from .demo_data import build_dataset
+        from .data import build_dataset
         _DATA[key] = build_dataset(seed=seed, n_shared=n_shared, generic=generic)
     return _DATA[key]
 
@@ -329,7 +329,7 @@ def _embed(model, tokenizer, images, texts):
 
 def zero_shot(model, tokenizer, data, indices, template=ZERO_SHOT):
     """Colour, digit and joint accuracy of the best of the 80 "{colour} x {digit}" prompts per image."""
-    from .demo_data import COLORS, DIGIT_NAMES
+    from .data import COLORS, DIGIT_NAMES
     names = list(COLORS)
     grid = [(c, d) for c in range(len(names)) for d in range(10)]
     img, txt = _embed(model, tokenizer, data["images"][indices],
@@ -366,7 +366,7 @@ def score_scale(model, tokenizer, data, indices):
     """Mean CLIP scores (cosines) for reading mitigate_eval numbers: held-out images with their own "a {c}
     handwritten {n}" caption, with that caption for another digit and colour, and with an unrelated prompt;
     memorized captions with their memorized image, their shared images, and the held-out images."""
-    from .demo_data import COLORS, DIGIT_NAMES, UNRELATED_PROMPTS
+    from .data import COLORS, DIGIT_NAMES, UNRELATED_PROMPTS
     names = list(COLORS)
     lab, col = data["labels"][indices].tolist(), data["colors"][indices].tolist()
     own = [ZERO_SHOT.format(c=names[c], n=DIGIT_NAMES[d]) for d, c in zip(lab, col)]
@@ -390,7 +390,7 @@ def score_scale(model, tokenizer, data, indices):
 def evaluate(model, tokenizer, data, holdout, seed=0):
     """The metrics of the module docstring on the held-out images, plus (a) and (b) on as many training images
     (a seeded sample) for the generalization gap, and mean scores (score_scale)."""
-    from .demo_data import COLORS
+    from .data import COLORS
     memorized = {k for _, k in data["memorized"]}
     held = set(holdout)
     pool = [i for i in range(len(data["images"])) if i not in held and i not in memorized]

@@ -8,10 +8,11 @@ import re
 import numpy as np
 import torch
 
-from .cli import UserError, warn
-from .metrics import detection_metrics
+from ..cli import UserError, warn
+from ..metrics import detection_metrics
 
-PAPER_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "paper", "table1.json")
+PAPER_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "paper",
+                           "table1.json")
 MULTI_STEP = ("sharpness", "wen")  # metrics with one column per measured step
 TABLE_STEPS = (1, 5, 50)           # the paper's step settings (first k steps, averaged)
 SD_VERSIONS = {"CompVis/stable-diffusion-v1-4": "1.4", "stabilityai/stable-diffusion-2": "2.0"}
@@ -62,7 +63,7 @@ def load_result(path):
     weights_only); anything else is a UserError."""
     import io
 
-    from .io import DataPathError, read_limited
+    from ..io import DataPathError, read_limited
     try:
         data = read_limited(path, 1 << 30)
     except DataPathError as e:

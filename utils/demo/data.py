@@ -153,7 +153,7 @@ def digit_captions(label, color_index, templates=TRAIN_TEMPLATES):
 def pixel_cosine(a, b, size=32):
     """Pixel cosine (utils.similarity's definition) between image tensors a (N, C, H, W) and b (M, C, H', W'),
     both resized to size x size in float32 and compared in RGB; returns (N, M)."""
-    from .similarity import pixel_unit_vectors, resize_square
+    from ..imagemath import pixel_unit_vectors, resize_square
     return pixel_unit_vectors(resize_square(a.float(), size)) @ pixel_unit_vectors(resize_square(b.float(), size)).T
 
 
@@ -254,7 +254,7 @@ def write_benchmark(prompts_dir, data, seed=0):
     import json
     import os
 
-    from .io import atomic_write_bytes, atomic_write_text
+    from ..io import atomic_write_bytes, atomic_write_text
     paths = []
     records = []
     for caption, k in data["memorized"]:

@@ -15,10 +15,10 @@ import torch
 
 from . import matching as M
 from . import similarity as S
-from .cli import UserError, warn
+from ..cli import UserError, warn
 from .fetch_manifest import MANIFEST_NAME, read_manifest
 from .images import MAX_FILE_BYTES
-from .io import DataPathError, read_limited
+from ..io import DataPathError, read_limited
 
 CSV_COLUMNS = ["index", "prompt", "status", "gt_indices", "n_gt_images", "n_images", "n_missing", "similarity_mean",
                "similarity_max", "similarity_per_image", "clip_mean", "clip_per_image", "n_blank"]
@@ -80,7 +80,7 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
     training_files = {f for g in gt_recs for f in g["files"]}
     present, missing, extra = M.check_images(records, os.path.dirname(os.path.abspath(manifest)), images_dir,
                                              exclude=training_files)
-    from . import distributed as D
+    from .. import distributed as D
     shard = shard or D.Shard()
     mine = [p for batch in D.my_batches(list(range(len(records))), 1, shard) for p in batch]
     gt_cache, rows = {}, []
@@ -261,7 +261,7 @@ def figure6_rows(results, paths):
     """One row per score result (a generation folder): method, setting and gating from its generation header, the
     summary numbers exactly as in the JSON, and the mean cost from its manifest. Sorted: method registry order
     (none first), then setting. frac_above is {threshold: fraction}."""
-    from .mitigation import METHODS, describe_run, setting_sort_key
+    from ..mitigation.methods import METHODS, describe_run, setting_sort_key
     rows = []
     for res, path in zip(results, paths):
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
@@ -297,7 +297,7 @@ def figure6_plot(rows, xlabel, ylabel, y="mean_clip", title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import figure_png
+    from ..io import figure_png
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
     groups = {}
@@ -335,8 +335,8 @@ def image_grid(results, prompt_indices, picks=None, gt_dir=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import figure_png
-    from .mitigation import METHODS, describe_run, folder_tag, setting_sort_key
+    from ..io import figure_png
+    from ..mitigation.methods import METHODS, describe_run, folder_tag, setting_sort_key
     runs = {}
     for res in results:
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})

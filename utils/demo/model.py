@@ -66,7 +66,7 @@ def tiny_pipeline(prediction_type="epsilon", seed=0, sample_size=8, cross_attent
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .models import offline_clip_tokenizer
+    from ..models.clip import offline_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -7,8 +7,8 @@ exact gradient, hence J need not be symmetric: arnoldi() takes J as it is, lancz
 import torch
 from torch.func import jvp, vjp
 
-from .models import forward_ad
-from .scores import score_difference
+from .autodiff import forward_ad
+from .denoisers import score_difference
 
 BRANCHES = ("cond", "uncond", "delta")
 
@@ -103,7 +103,7 @@ def sampling_spectra(model, cond, uncond, latents, *, steps=(0,), k=10, krylov_d
     spectrum. Returns one dict per measured step: step, timestep, sigma, the KrylovResult `krylov`, its leading k
     Ritz values `eigenvalues` (complex128 (<=k,)), and `dense_eigenvalues` (all n, by decreasing magnitude) or None.
     """
-    from .eigen import leading_eigenvalues
+    from ..eigen import leading_eigenvalues
 
     steps = sorted(set(int(s) for s in steps))
     if not steps or steps[0] < 0 or steps[-1] >= num_inference_steps:

@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from . import attention as A
-from .detection import cfg_embeddings
-from .scores import FD_PRECISIONS, FD_SCHEMES, flat_norm, score_difference
+from ..models import attention as A
+from ..models.conditioning import cfg_embeddings
+from ..models.denoisers import FD_PRECISIONS, FD_SCHEMES, flat_norm, score_difference
 
 METRICS = ("sharpness", "wen", "anisotropy", "tiled_l2", "le", "ae", "be")
 ATTENTION_METRICS = ("le", "ae", "be")
@@ -365,3 +365,22 @@ def pairwise_tiled_l2(images, tile_px):
         rms = (tiles[i] - tiles[j]).pow(2).mean(dim=(0, 2, 4)).sqrt()
         d[i, j] = d[j, i] = rms.max()
     return d
+
+
+def sharpness_scores(model, cond, uncond, latents, *, num_inference_steps=50, hvp_sampling_num=1,
+                     guidance_scale=7.5):
+    """Detection metric ||H_delta s_delta|| for K prompts x n generations at the first S sampling steps.
+
+    model: utils.scores.ScoreModel (its scheduler's timesteps are set here); cond (K, L, D), uncond (1, L, D);
+    latents (n, C, H, W), the same initial noise for every prompt. At step i the UNet runs once on [x; x] for
+    both branches, then one JVP gives H_delta s_delta; between measured steps x advances by a classifier-free-
+    guided DDIM step. No UNet call is made after the last measured step. Returns a float32 tensor (K, n, S) and
+    a dict of cost counts. (The 'sharpness' metric of utils.detectors.run_detectors, which this calls.)
+    """
+    if hvp_sampling_num > num_inference_steps:
+        raise ValueError("the number of measured steps must not exceed the number of sampling steps")
+    st = DetectSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        hvp_sampling_num=hvp_sampling_num)
+    vals, _, _, meter = run_detectors(model, cond, uncond, latents, ["sharpness"], st)
+    tally = meter.summary(["sharpness"])["sharpness"]
+    return vals["sharpness"], {"unet_forwards": tally["unet_forwards"], "jvps": tally["jvps"]}

@@ -8,8 +8,8 @@ import csv
 import io
 import os
 
-from .cli import UserError
-from .io import atomic_write_text, read_text_file
+from ..cli import UserError
+from ..io import atomic_write_text, read_text_file
 
 MANIFEST_NAME = "fetch_manifest.csv"
 INFO_NAME = "fetch_info.json"

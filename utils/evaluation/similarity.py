@@ -6,7 +6,8 @@ usual "copy" threshold in the memorization literature. CLIP score: cosine of nor
 """
 import torch
 
-from .cli import UserError
+from ..cli import UserError
+from ..imagemath import pixel_unit_vectors, resize_square
 # Preprocessing presets for SSCD. "center224" (default) is the one this project's evaluation issue fixes:
 # Resize(256), CenterCrop(224), mean/std 0.5. The SSCD README itself recommends ImageNet mean/std with either
 # Resize(288) on the short side ("sscd288") or Resize([320, 320]) ("sscd320"); numbers differ slightly between
@@ -64,22 +65,6 @@ def max_similarity(query, reference):
     if reference.shape[0] == 0:
         raise ValueError("no reference embeddings")
     return (query.double() @ reference.double().T).max(dim=1).values
-
-
-def pixel_unit_vectors(x):
-    """Pixel cosine features of images x (N, C, H, W): each flattened, mean-centred and L2-normalized, (N, C*H*W)
-    in x's dtype. A single-colour image gives the zero vector (cosine 0 with everything), never a copy."""
-    v = x.reshape(x.shape[0], -1)
-    v = v - v.mean(dim=1, keepdim=True)
-    n = v.norm(dim=1, keepdim=True)
-    return torch.where(n > 1e-6, v / n.clamp_min(1e-30), torch.zeros_like(v))
-
-
-def resize_square(x, size):
-    """Images x (N, C, H, W) resized to size x size (bilinear, antialiased, in x's float dtype); as is if already."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def pixel_vectors(images, size=32):

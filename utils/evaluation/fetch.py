@@ -21,10 +21,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from .cli import UserError, one_line, warn
+from ..cli import UserError, one_line, warn
 from .fetch_manifest import MANIFEST_NAME, write_manifest
 from .images import IMAGE_SUFFIXES, MIN_SIDE, inspect_image
-from .io import DataPathError, atomic_write_bytes, read_data_file
+from ..io import DataPathError, atomic_write_bytes, read_data_file
 
 USER_AGENT = ("memsharp-fetch/1.0 (research tool: retrieves LAION training images of memorized Stable Diffusion "
               "prompts for copy-detection evaluation; python http.client)")

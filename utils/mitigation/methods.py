@@ -18,17 +18,14 @@ draw depends only on (seed, prompt index), never on the order in which prompts a
 """
 import contextlib
 import dataclasses
-import json
 import math
-import os
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .cli import UserError
 from .sail import SailSettings, frozen, sail_latents
-from .scores import flat_norm
+from ..models.denoisers import flat_norm
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -320,7 +317,7 @@ def plan_rna(ctx, index, prompt, settings):
 
 
 def plan_rta(ctx, index, prompt, settings):
-    from .models import token_text
+    from ..models.clip import token_text
     return _plan_augment(ctx, index, prompt, settings,
                          lambda rng: token_text(ctx.tokenizer, int(rng.integers(0, settings.vocab))))
 
@@ -384,7 +381,7 @@ def plan_ren(ctx, index, prompt, settings):
     """Sampling with Ren et al.'s attention edit installed on the UNet (utils.attention.RenEdit; removed after
     sampling, also after an error). Their code scales "odd batch rows", the conditional row only when n = 1; the
     edit here scales every conditional row. With C = 1 and no mask nothing is installed: plain sampling, bit for bit."""
-    from .attention import CrossAttentionInstrument, RenEdit, prompt_lengths
+    from ..models.attention import CrossAttentionInstrument, RenEdit, prompt_lengths
     n = ctx.noise.shape[0]
     length = prompt_lengths(ctx.tokenizer, [prompt])[0]
     edit = RenEdit(keep_len=length if settings.mask else None, factor=settings.factor, tokens=(0,),
@@ -510,90 +507,3 @@ def describe_run(header):
     method = header.get("method") or ("none" if header.get("no_mitigation") else "sail")
     settings = header.get("settings") or header.get("sail") or {}
     return method, setting_label(method, settings), settings, bool(header.get("gate"))
-
-
-# ------------------------------------------------------------------------------------------------- gating
-
-def read_detection(path):
-    """Per-prompt memorization scores of a detect_mem.py result (DET.pt with its DET.json sidecar).
-
-    Returns (scores float64 (K,), prompts list, sidecar dict): a prompt's score is the mean over the measured
-    steps (as detect_eval.py), negated for lower-is-memorized metrics (tiled_l2), so larger always means more
-    likely memorized. NaN scores are kept. Anything else than such a result is a UserError.
-    """
-    side = os.path.splitext(path)[0] + ".json"
-    if not os.path.isfile(path):
-        raise UserError(f"detection result {path} not found")
-    try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
-        with open(side, encoding="utf-8") as f:
-            meta = json.load(f)
-        prompts = meta["prompts"]
-    except Exception as e:  # torch, OSError, JSON or a missing key: all mean "not a detect_mem.py result"
-        raise UserError(f"{path} is not a detect_mem.py result with its .json sidecar ({type(e).__name__})")
-    if not (isinstance(t, torch.Tensor) and t.dim() == 2 and isinstance(prompts, list)
-            and t.shape[0] == len(prompts) and len(prompts) > 0):
-        raise UserError(f"{path} does not hold a [prompts, steps] tensor matching its sidecar's prompt list")
-    scores = t.double().mean(dim=1).numpy()
-    return (-scores if _metric(meta).get("direction") == "lower" else scores), prompts, meta
-
-
-def _metric(meta):
-    """The sidecar's metric description (name, direction); sharpness results of older versions have none."""
-    m = meta.get("metric")
-    return m if isinstance(m, dict) else {"name": "sharpness", "direction": "higher"}
-
-
-def check_same_prompts(det_prompts, prompts, what):
-    """UserError unless a detection result lists exactly these prompts in this order."""
-    if det_prompts == prompts:
-        return
-    if len(det_prompts) != len(prompts):
-        raise UserError(f"{what} scores {len(det_prompts)} prompts, the prompt file has {len(prompts)}: it belongs "
-                        "to another prompt set")
-    i = next(k for k, (a, b) in enumerate(zip(det_prompts, prompts)) if a != b)
-    kind = "in another order" if sorted(det_prompts) == sorted(prompts) else "for other prompts"
-    raise UserError(f"{what} was computed {kind} (prompt {i + 1}: {det_prompts[i][:60]!r} vs the prompt file's "
-                    f"{prompts[i][:60]!r})")
-
-
-def calibrated_threshold(nmem_scores, fpr):
-    """The threshold at a target false-positive rate on non-memorized scores: the smallest of their values with at
-    most floor(fpr * N) of them strictly above it (flag: score > threshold). NaN scores are an error."""
-    s = np.sort(np.asarray(nmem_scores, dtype=np.float64))[::-1]
-    if not np.isfinite(s).all():
-        raise UserError("the non-memorized detection scores contain NaN or infinite values; cannot calibrate")
-    if not (0 <= fpr < 1):
-        raise UserError(f"a target false-positive rate lies in [0, 1), got {fpr}")
-    return float(s[min(int(math.floor(fpr * len(s) + 1e-9)), len(s) - 1)])
-
-
-def gate_prompts(prompts, detection, model_id=None, *, threshold=None, fpr=None, nmem=None):
-    """Detect-then-mitigate: which prompts to mitigate. detection: a detect_mem.py result on exactly these
-    prompts (in order); threshold: flag scores above it, or else the threshold at false-positive rate fpr on the
-    non-memorized result nmem (same detector and model). Returns (flags, scores, info for the manifest header)."""
-    from .cli import warn
-    from .io import sha256_file
-    scores, det_prompts, meta = read_detection(detection)
-    check_same_prompts(det_prompts, prompts, detection)
-    if meta.get("model_id") not in (None, model_id):
-        warn(f"{detection} was computed with {meta.get('model_id')}, this run uses {model_id}")
-    info = dict(detection=os.path.abspath(detection), detection_sha256=sha256_file(detection),
-                metric=_metric(meta).get("name"), threshold=threshold)
-    if threshold is None:
-        nm_scores, _, nm_meta = read_detection(nmem)
-        if (_metric(nm_meta).get("name"), nm_meta.get("model_id")) != (info["metric"], meta.get("model_id")):
-            raise UserError(f"{nmem} comes from another detector or model than {detection}; calibrate on the "
-                            "same one")
-        if nm_meta.get("identity", {}).get("gen_num") != meta.get("identity", {}).get("gen_num"):
-            warn(f"{nmem} and {detection} average different numbers of generations")
-        info.update(threshold=calibrated_threshold(nm_scores, fpr), fpr=fpr, nmem=os.path.abspath(nmem),
-                    nmem_sha256=sha256_file(nmem))
-    flags = flag_prompts(scores, info["threshold"])
-    info["flagged"] = [i for i, f in enumerate(flags) if f]
-    return flags, scores, info
-
-
-def flag_prompts(scores, threshold):
-    """Which prompts to mitigate: score > threshold; a NaN score counts as flagged (unknown is mitigated)."""
-    return [bool(not math.isfinite(s) or s > threshold) for s in np.asarray(scores, dtype=np.float64)]

@@ -2,7 +2,7 @@
 with classification (ok, not an image, truncated, too large, placeholder), and RGB conversion."""
 import io
 
-from .cli import one_line
+from ..cli import one_line
 
 MIN_SIDE = 32            # smaller images are thumbnails or tracking pixels, not the training image
 PLACEHOLDER_STD = 1.0    # every RGB channel with std below this (0-255 scale) = a single-colour placeholder

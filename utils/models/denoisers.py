@@ -13,7 +13,8 @@ import contextlib
 import torch
 from torch.func import jvp
 
-from .models import PREDICTION_TYPES, forward_ad
+from .loading import PREDICTION_TYPES
+from .autodiff import forward_ad
 
 V_SCORE_FORMS = ("correct", "reference")
 FD_SCHEMES = ("forward", "central")

@@ -7,10 +7,10 @@ import os
 import re
 import unicodedata
 
-from .cli import UserError, warn
+from ..cli import UserError, warn
 from .fetch_manifest import REJECTED_STATUSES
 from .images import IMAGE_SUFFIXES
-from .io import DataPathError, read_run_log, safe_data_path
+from ..io import DataPathError, read_run_log, safe_data_path
 
 # Keywords whose prompts are judged against several training images (the reference README, for SD v2.0): all
 # training images whose captions share the keyword, max over them (template-style memorization).
