@@ -17,20 +17,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_int, guarded, nonneg_int,
-    positive_float, positive_int, quiet_library_warnings, raise_arg, seed_int, warn)
-from utils.models.loading import initial_latents
-from utils.models.attention import prompt_lengths
-from utils.detection.loop import (ANISO_MODES, ANISO_SPACES, ANISO_WEIGHTS, ATTENTION_METRICS, DIRECTION, FD_STEP,
-    HVP_METHODS, METRICS, SPACES, TILED_AGGS, DetectSettings, attention_layers, run_detectors)
 from utils import distributed as D
+from utils.cli import (ArgumentParser, UserError, bounded_int, guarded, nonneg_int, positive_float, positive_int,
+                       quiet_library_warnings, raise_arg, seed_int, warn)
+from utils.detection.loop import (ANISO_MODES, ANISO_SPACES, ATTENTION_METRICS, DIRECTION, FD_STEP, HVP_METHODS,
+                                  METRICS, SPACES, TILED_AGGS, DetectSettings, attention_layers, run_detectors)
 from utils.io import atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, sha256_file, write_sidecar
-from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
+from utils.models.attention import prompt_lengths
 from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
-from utils.models.loading import (decode_latents, encode_prompts, load_pipeline, model_label, resolve_device,
-    resolve_dtype, resolve_model_id)
+from utils.models.denoisers import FD_PRECISIONS, FD_SCHEMES, V_SCORE_FORMS
+from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts, truncated_prompts
-from utils.models.denoisers import FD_PRECISIONS, FD_SCHEMES, V_SCORE_FORMS, ScoreModel
+from utils.startup import add_model_arguments, load_model, model_id_of, start_process
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps of the sampling schedule whose first steps are measured (as the paper)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance for the DDIM steps between measured steps
@@ -141,9 +139,8 @@ def main(argv=None):
     args = parse_args(argv)
     quiet_library_warnings()
     # several processes under accelerate launch / torchrun: prompts are sharded
-    shard, device = D.join(resolve_device(args.device), vars(args))
-    dtype = resolve_dtype(args.dtype, device)
-    model_id = resolve_model_id(args.sd_ver, args.model_id)
+    shard, device = start_process(args.device, vars(args))
+    model_id = model_id_of(args.sd_ver, args.model_id)
     prompts = read_prompts(args.data_path, args.prompt_mirror)
     stem = os.path.splitext(os.path.basename(args.data_path))[0]
     bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
@@ -152,18 +149,17 @@ def main(argv=None):
                   {"--data_path": args.data_path})
     if args.hvp == "fd" and args.fd_precision == "tf32" and device.type != "cuda":
         raise UserError("--fd_precision tf32 needs CUDA; on the CPU use float32")
-    pipe = load_pipeline(model_id, device, dtype)
+    loaded = load_model(args.sd_ver, args.model_id, device, args.dtype)
+    pipe, dtype = loaded.pipe, loaded.dtype
     sharp = "sharpness" in args.metrics
-    model = ScoreModel(pipe.unet, pipe.scheduler, v_score=args.v_score,
+    model = loaded.denoiser(score_form=args.v_score,
                        jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if sharp and args.hvp == "jvp" else None,
                        fd_unet=(jvp_unet_copy(pipe.unet, "float32") if sharp and args.hvp == "fd"
                                 and args.fd_precision != "model" else None),
                        fd_precision=args.fd_precision if args.hvp == "fd" else "model",
                        jvp_memory=JvpMemory(None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30),
                                             args.jvp_attention))
-    weights = args.aniso_weights or ANISO_WEIGHTS.get(model_label(args.sd_ver, args.model_id),
-                                                      ANISO_WEIGHTS["sd2" if model.prediction_type == "v_prediction"
-                                                                    else "sd1"])
+    weights = args.aniso_weights or loaded.hparam("aniso_weights")
     st = DetectSettings(num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
                         hvp_sampling_num=args.hvp_sampling_num, wen_steps=args.wen_steps, wen_space=args.wen_space,
                         aniso_mode=args.aniso_mode, aniso_space=args.aniso_space, aniso_weights=weights,
@@ -191,17 +187,16 @@ def main(argv=None):
     todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]
     if len(todo) < len(prompts) and shard.main:
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")
-    long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
+    long_ones = truncated_prompts(loaded.tokenizer, prompts, loaded.tokenizer.model_max_length)
     if long_ones:
-        warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated by the "
+        warn(f"{len(long_ones)} prompt(s) exceed {loaded.tokenizer.model_max_length} tokens and are truncated by the "
              f"text encoder, as in the reference (prompt(s) {', '.join(str(i + 1) for i in long_ones[:10])}"
              f"{', ...' if len(long_ones) > 10 else ''})")
     if "tiled_l2" in args.metrics:
         side = pipe.unet.config.sample_size * pipe.vae_scale_factor
         if side % args.tile_px:
             raise UserError(f"--tile_px {args.tile_px} does not divide the image side {side} px")
-    latents = initial_latents(pipe, args.gen_num, args.gen_seed)  # same noise for every prompt
-    uncond = encode_prompts(pipe, "", device)
+    latents = loaded.noise(args.gen_num, args.gen_seed)  # same noise for every prompt
     image_dir = os.path.join(args.out_dir, f"{stem}_gen{args.gen_num}_images")
 
     mine = D.my_batches(todo, args.batch_size, shard)
@@ -210,9 +205,9 @@ def main(argv=None):
         metrics = [m for m in args.metrics if any(i not in logs[m].done for i in idx)]
         t0 = time.time()
         batch = [prompts[i] for i in idx]
-        vals, extras, images, meter = run_detectors(model, encode_prompts(pipe, batch, device), uncond, latents,
-                                                    metrics, st, decode=lambda z: decode_latents(pipe, z),
-                                                    prompt_lengths=prompt_lengths(pipe.tokenizer, batch))
+        vals, extras, images, meter = run_detectors(model, loaded.encode(batch), latents, metrics, st,
+                                                    decode=loaded.decode,
+                                                    prompt_lengths=prompt_lengths(loaded.tokenizer, batch))
         secs = (time.time() - t0) / len(idx)
         cost = meter.summary(metrics)
         for j, i in enumerate(idx):

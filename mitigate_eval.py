@@ -14,6 +14,7 @@ with --grid_prompts a per-prompt image grid PREFIX_grid.png.
 import os
 import sys
 
+from utils import demo  # noqa: F401  (registers the demo CLIP model: --clip_model demo)
 from utils import distributed as D
 from utils.evaluation import scoring as E
 from utils.evaluation import fetch as F

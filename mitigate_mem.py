@@ -19,18 +19,16 @@ import time
 
 from tqdm import tqdm
 
-from utils.mitigation import gating, methods as MI
-from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_int, finite_float, guarded,
-    nonneg_float, nonneg_int, positive_float, positive_int, quiet_library_warnings, seed_int, warn)
-from utils.models.loading import initial_latents
 from utils import distributed as D
+from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, guarded, nonneg_float, nonneg_int,
+                       positive_float, positive_int, quiet_library_warnings, seed_int, warn)
 from utils.io import (atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir,
-    safe_filename, safe_join, sha256_file, write_sidecar)
-from utils.models.loading import (decode_latents, encode_prompts, load_pipeline, model_label, resolve_device,
-    resolve_dtype, resolve_model_id)
+                      safe_filename, safe_join, sha256_file, write_sidecar)
+from utils.mitigation import gating, methods as MI
+from utils.mitigation.sail import FORMS, PromptBatches, SailSettings, resolve_alpha
+from utils.models.loading import model_label
 from utils.prompts import read_prompts, truncated_prompts
-from utils.mitigation.sail import FORMS, PromptBatches, SailSettings
-from utils.models.denoisers import ScoreModel
+from utils.startup import add_model_arguments, load_model, model_id_of, start_process
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for every method (as the reference)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling (Jain's w_post)
@@ -158,9 +156,8 @@ def main(argv=None):
     a = parse_args(argv)
     quiet_library_warnings()
     # several processes under accelerate launch / torchrun: prompts are sharded
-    shard, device = D.join(resolve_device(a.device), vars(a))
-    dtype = resolve_dtype(a.dtype, device)
-    model_id = resolve_model_id(a.sd_ver, a.model_id)
+    shard, device = start_process(a.device, vars(a))
+    model_id = model_id_of(a.sd_ver, a.model_id)
     label = model_label(a.sd_ver, a.model_id)
     prompts = read_prompts(a.data_path, a.prompt_mirror)
     try:
@@ -172,10 +169,13 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"{a.method}: {e}") from None
     flags, scores, gate_info = gate(a, prompts, model_id)  # every check before anything is loaded or written
-    pipe = load_pipeline(model_id, device, dtype)
-    model = ScoreModel(pipe.unet, pipe.scheduler)
+    loaded = load_model(a.sd_ver, a.model_id, device, a.dtype)
+    model, dtype = loaded.denoiser(), loaded.dtype
     if runs is None:  # the paper's grid for this model
-        runs = MI.grid_settings(a.method, base, None, label, model.prediction_type)
+        try:
+            runs = MI.grid_settings(a.method, base, None, loaded.family)
+        except ValueError as e:
+            raise UserError(f"{a.method}: {e} (--grid V1,V2,...)") from None
     common = dict(model=label, model_id=model_id, data_sha256=sha256_file(a.data_path), gen_num=a.gen_num,
                   gen_seed=a.gen_seed, dtype=str(dtype), device=device.type, method=a.method,
                   num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE)
@@ -191,18 +191,18 @@ def main(argv=None):
         identity = dict(common, settings=st.to_dict(), setting=setting, **({"gate": gate_info} if gate_info else {}))
         log = D.ShardLog(os.path.join(folder, "manifest"), identity, shard, fields={"prompt": str, "images": list})
         jobs.append((st, setting, folder, identity, log))
-    long_ones = truncated_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
+    tok = loaded.tokenizer
+    long_ones = truncated_prompts(tok, prompts, tok.model_max_length)
     if long_ones:
-        warn(f"{len(long_ones)} prompt(s) exceed {pipe.tokenizer.model_max_length} tokens and are truncated")
-    ctx = MI.Context(model=model, encode=lambda ps: encode_prompts(pipe, ps, device),
-                     uncond=encode_prompts(pipe, "", device), noise=initial_latents(pipe, a.gen_num, a.gen_seed),
-                     seed=a.gen_seed, tokenizer=pipe.tokenizer, num_inference_steps=a.num_inference_steps,
-                     guidance_scale=GUIDANCE_SCALE)
+        warn(f"{len(long_ones)} prompt(s) exceed {tok.model_max_length} tokens and are truncated")
+    ctx = MI.Context(model=model, family=loaded.family, encode=loaded.encode,
+                     noise=loaded.noise(a.gen_num, a.gen_seed), seed=a.gen_seed, tokenizer=tok,
+                     num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE)
     for st, setting, folder, identity, log in jobs:
         if shard.main:
             write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
                           prediction_type=model.prediction_type, identity=identity)
-        run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, shard)
+        run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard)
         records = D.merged_records(log, len(prompts), shard)
         if shard.main and len(log.paths()) > 1:  # several processes' logs: one manifest, as one process writes
             atomic_write_text(os.path.join(folder, "manifest.jsonl"), "".join(
@@ -211,7 +211,7 @@ def main(argv=None):
     D.finish(shard)
 
 
-def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, shard):
+def run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard):
     """Generate every prompt of one setting not yet in its manifest (this process's share of them); each record
     is flushed when done."""
     todo = [i for i in range(len(prompts)) if i not in log.done]
@@ -220,7 +220,8 @@ def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, s
     unreached = 0
     mine = [i for batch in D.my_batches(todo, 1, shard) for i in batch]
     if a.method == "sail" and a.miti_prompt_batch > 1:  # the flagged prompts' searches, K at a time
-        batches = PromptBatches(ctx.model, lambda idx: ctx.encode([prompts[j] for j in idx]), ctx.uncond, tuple(ctx.noise.shape[1:]), st,
+        batches = PromptBatches(ctx.model, lambda idx: ctx.encode([prompts[j] for j in idx]),
+                                tuple(ctx.noise.shape[1:]), resolve_alpha(st, ctx.family.hparam("sail_alpha")),
                                 [i for i in mine if flags is None or flags[i]], a.miti_prompt_batch,
                                 dtype=ctx.noise.dtype, device=ctx.noise.device)
         ctx = dataclasses.replace(ctx, search=lambda index, cond, settings: batches(index))
@@ -229,7 +230,7 @@ def run_folder(ctx, pipe, prompts, a, st, setting, folder, log, flags, scores, s
         t0 = time.time()
         plan = (MI.METHODS[a.method].plan if mitigate else MI.plan_none)(ctx, i, prompts[i], st)
         t1 = time.time()
-        images = decode_latents(pipe, MI.run_plan(ctx, plan))
+        images = loaded.decode(MI.run_plan(ctx, plan))
         names = [safe_filename(i, prompts[i], suffix=f"_{k}.png") for k in range(len(images))]
         for name, img in zip(names, images):
             atomic_save_image(os.path.join(folder, name), img)

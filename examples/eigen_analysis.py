@@ -21,15 +21,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.cli import (ArgumentParser, UserError, add_model_arguments, bounded_float, bounded_int, guarded,
-    parse_int_list, positive_int, quiet_library_warnings, seed_int)
-from utils.models.loading import initial_latents
+from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, guarded, parse_int_list,
+                       positive_int, quiet_library_warnings, seed_int)
 from utils.eigen import leading_error, spectrum_summary
 from utils.io import ProgressLog, atomic_write_bytes, figure_png, prepare_dir, write_sidecar
-from utils.models.loading import encode_prompts, load_pipeline, resolve_device, resolve_dtype, resolve_model_id
+from utils.models.loading import resolve_device
 from utils.models.operators import BRANCHES, sampling_spectra
 from utils.prompts import read_prompts
-from utils.models.denoisers import ScoreModel
+from utils.startup import add_model_arguments, load_model, model_id_of
 
 GROUPS = ("memorized", "non-memorized")
 MAX_INFERENCE_STEPS = 1000  # DDIM cannot take more steps than the training timesteps (1000 for SD)
@@ -123,15 +122,15 @@ def main(argv=None):
         prompts = read_prompts(paths[group], args.prompt_mirror)[:args.max_prompts]
         items += [(group, p) for p in prompts]
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model_id = resolve_model_id(args.sd_ver, args.model_id)
+    model_id = model_id_of(args.sd_ver, args.model_id)
     prepare_dir(args.out_dir)  # an unwritable --out_dir stops now, not after loading the model
-    pipe = load_pipeline(model_id, device, dtype)
+    loaded = load_model(args.sd_ver, args.model_id, device, args.dtype)
+    pipe, dtype = loaded.pipe, loaded.dtype
     if args.num_inference_steps > pipe.scheduler.config.num_train_timesteps:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} exceeds the model's "
                         f"{pipe.scheduler.config.num_train_timesteps} training timesteps")
-    model = ScoreModel(pipe.unet, pipe.scheduler)
-    latents = initial_latents(pipe, 1, args.gen_seed)  # identical noise for every prompt
+    model = loaded.denoiser()
+    latents = loaded.noise(1, args.gen_seed)  # identical noise for every prompt
     n = latents[0].numel()
     krylov_dim = min(n, args.krylov_dim or max(4 * args.k, args.k + 60))
     if args.k > krylov_dim:
@@ -148,8 +147,7 @@ def main(argv=None):
     for index, (group, prompt) in enumerate(tqdm(items, desc="eigen-analysis", unit="prompt")):
         if index in log.done:
             continue
-        cond, uncond = encode_prompts(pipe, prompt, device), encode_prompts(pipe, "", device)
-        out = sampling_spectra(model, cond, uncond, latents, steps=steps, k=args.k,
+        out = sampling_spectra(model, loaded.encode([prompt]), latents, steps=steps, k=args.k,
                                krylov_dim=krylov_dim, num_inference_steps=args.num_inference_steps,
                                guidance_scale=args.guidance_scale, which=args.which, method=args.solver,
                                dense=dense, start_seed=args.start_seed)

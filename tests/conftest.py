@@ -48,5 +48,5 @@ def tiny_v_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_eps(tiny_eps_dir):
     import torch
-    from utils.models.loading import load_pipeline
+    from utils.models.families import load_pipeline
     return load_pipeline(tiny_eps_dir, torch.device("cpu"), torch.float32)

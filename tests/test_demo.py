@@ -9,6 +9,7 @@ from PIL import Image
 
 from utils.demo.data import DIGIT_NAMES, MEMORIZED_CAPTIONS, TRAIN_TEMPLATES, build_dataset, pixel_cosine, to_pil
 from utils.models.loading import DEMO_MODEL_DIR, REPO_ROOT
+from utils.models.families import SD1
 
 PROMPTS = os.path.join(REPO_ROOT, "prompts")
 
@@ -42,9 +43,8 @@ def test_committed_model_memorizes(pipe, data):
     # The committed weights copy their training image for memorized captions and not for an unseen digit prompt
     # (README table: 90.6 % vs 7.8 % over all prompts; here one of each, the seeded noise of the benchmark runs).
     from diffusers import DDIMScheduler
-    from utils.models.loading import initial_latents
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    lat = initial_latents(pipe, 4, seed=42)
+    lat = SD1.initial_latents(pipe, 4, seed=42)
     nmem = open(os.path.join(PROMPTS, "demo_nmem.txt"), encoding="utf-8").read().splitlines()[0]
     with torch.no_grad():
         out = [pipe(p, latents=lat.clone(), num_images_per_prompt=4, num_inference_steps=50, guidance_scale=7.5,

@@ -10,6 +10,7 @@ import torch
 from cli_run import exit_code
 import detect_eval
 import detect_mem
+from utils.models.families import SD1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ['"A ""quoted"" <i>caption</i> with HTML"', "a red square on a blue field", "digit seven",
@@ -53,7 +54,6 @@ def test_matches_independent_dense_jacobian_computation(tiny_eps_dir, tiny_eps, 
     """The script's step-1 value equals ||(J_c - J_u) s_delta|| from reverse-mode dense Jacobians."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from utils.models.loading import initial_latents
     f = _write(tmp_path / "p.txt", "a photo of a cat\ndigit seven")
     assert _run(["mem", "--model_id", tiny_eps_dir, "--data_path", f, "--gen_num", "2", "--out_dir",
                  str(tmp_path), "--device", "cpu", "--gen_seed", "7"]) == 0
@@ -62,7 +62,7 @@ def test_matches_independent_dense_jacobian_computation(tiny_eps_dir, tiny_eps, 
     pipe.scheduler.set_timesteps(50)
     t = pipe.scheduler.timesteps[0]
     sigma = (1 - pipe.scheduler.alphas_cumprod[t]).sqrt()
-    x = initial_latents(pipe, 2, 7)
+    x = SD1.initial_latents(pipe, 2, 7)
     for k, prompt in enumerate(["a photo of a cat", "digit seven"]):
         with torch.no_grad():
             c = pipe.encode_prompt(prompt, "cpu", 1, False)[0]

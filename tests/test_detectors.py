@@ -11,10 +11,10 @@ from cli_run import exit_code
 import detect_eval
 import detect_mem
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
-from utils.models.loading import initial_latents
 from utils.detection.loop import DetectSettings, pairwise_tiled_l2, run_detectors
-from utils.models.loading import decode_latents, encode_prompts
-from utils.models.denoisers import ScoreModel
+from utils.models.denoisers import denoiser
+from utils.models.families import SD1
+from utils.models.conditioning import Conditioning
 
 PROMPTS = ["a photo of a cat", "digit seven"]
 
@@ -26,8 +26,8 @@ def _run(mod, argv):
 @pytest.fixture(scope="module")
 def setup(tiny_eps):
     pipe = tiny_eps
-    lat = initial_latents(pipe, 3, 5)
-    return pipe, encode_prompts(pipe, PROMPTS, "cpu"), encode_prompts(pipe, "", "cpu"), lat
+    lat = SD1.initial_latents(pipe, 3, 5)
+    return pipe, SD1.embed(pipe, PROMPTS, "cpu"), SD1.embed(pipe, "", "cpu"), lat
 
 
 def _plain_trajectory(pipe, prompt, lat, steps):
@@ -48,7 +48,7 @@ def _plain_trajectory(pipe, prompt, lat, steps):
 
 def test_wen_equals_plain_diffusers_loop(setup):
     pipe, cond, uncond, lat = setup
-    vals, _, _, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["wen"],
+    vals, _, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["wen"],
                                   DetectSettings(wen_steps=4))
     assert vals["wen"].shape == (2, 3, 4)
     for k, prompt in enumerate(PROMPTS):
@@ -60,7 +60,7 @@ def test_wen_equals_plain_diffusers_loop(setup):
 def test_anisotropy_equals_plain_computation(setup):
     pipe, cond, uncond, lat = setup
     st = DetectSettings(aniso_weights=(1.0, 2.0))
-    vals, extras, _, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["anisotropy"], st)
+    vals, extras, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["anisotropy"], st)
     sched = pipe.scheduler
     for k, prompt in enumerate(PROMPTS):
         (t1, x, e_u, e_c), = list(_plain_trajectory(pipe, prompt, lat, 1))
@@ -82,8 +82,8 @@ def test_anisotropy_equals_plain_computation(setup):
 def test_tiled_l2_equals_pipeline_images_and_numpy_tiles(setup):
     pipe, cond, uncond, lat = setup
     st = DetectSettings(tile_px=4)  # the tiny pipeline makes 16x16 images: a 4x4 grid of 4-pixel tiles
-    vals, extras, images, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["tiled_l2"],
-                                            st, decode=lambda z: decode_latents(pipe, z))
+    vals, extras, images, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["tiled_l2"],
+                                            st, decode=lambda z: SD1.decode(pipe, z))
     for k, prompt in enumerate(PROMPTS):
         ref = pipe(prompt, latents=lat.clone(), num_images_per_prompt=3, num_inference_steps=50,
                    guidance_scale=7.5).images
@@ -101,13 +101,13 @@ def test_tiled_l2_equals_pipeline_images_and_numpy_tiles(setup):
 
 def test_one_pass_equals_each_metric_alone(setup):
     pipe, cond, uncond, lat = setup
-    model = ScoreModel(pipe.unet, pipe.scheduler)
+    model = denoiser(pipe.unet, pipe.scheduler)
     st = DetectSettings(hvp_sampling_num=2, wen_steps=3, tile_px=4)
-    dec = lambda z: decode_latents(pipe, z)
-    together, ex, _, meter = run_detectors(model, cond, uncond, lat, ["sharpness", "wen", "anisotropy", "tiled_l2"],
+    dec = lambda z: SD1.decode(pipe, z)
+    together, ex, _, meter = run_detectors(model, Conditioning.of(cond, uncond), lat, ["sharpness", "wen", "anisotropy", "tiled_l2"],
                                            st, decode=dec)
     for m in ("sharpness", "wen", "anisotropy", "tiled_l2"):
-        alone, ex_alone, _, _ = run_detectors(model, cond, uncond, lat, [m], st, decode=dec)
+        alone, ex_alone, _, _ = run_detectors(model, Conditioning.of(cond, uncond), lat, [m], st, decode=dec)
         assert torch.equal(together[m], alone[m]), m
         assert ex[m] == ex_alone[m], m
     cost = meter.summary(["sharpness", "wen", "anisotropy", "tiled_l2"])
@@ -123,12 +123,12 @@ def test_fd_sharpness_agrees_with_the_jvp_and_costs_forwards(setup):
     one extra forward per measured step (two for central), no JVP; its settings enter the identity, the default's
     identity is unchanged (old progress logs resume)."""
     pipe, cond, uncond, lat = setup
-    model = ScoreModel(pipe.unet, pipe.scheduler)
+    model = denoiser(pipe.unet, pipe.scheduler)
     metrics = ["sharpness", "wen"]
-    exact, _, _, _ = run_detectors(model, cond, uncond, lat, metrics, DetectSettings(hvp_sampling_num=2, wen_steps=2))
+    exact, _, _, _ = run_detectors(model, Conditioning.of(cond, uncond), lat, metrics, DetectSettings(hvp_sampling_num=2, wen_steps=2))
     for scheme, extra in (("forward", 1), ("central", 2)):
         st = DetectSettings(hvp_sampling_num=2, wen_steps=2, hvp="fd", fd_scheme=scheme)
-        fd, _, _, meter = run_detectors(model, cond, uncond, lat, metrics, st)
+        fd, _, _, meter = run_detectors(model, Conditioning.of(cond, uncond), lat, metrics, st)
         torch.testing.assert_close(fd["sharpness"], exact["sharpness"], rtol=1e-2, atol=0)
         assert torch.equal(fd["wen"], exact["wen"])
         cost = meter.summary(metrics)["sharpness"]
@@ -151,7 +151,7 @@ def test_wen_and_anisotropy_norm_on_gaussian_closed_form():
         cond = gaussian_embedding(torch.randn(2, *shape, generator=g), torch.randn(2, *shape, generator=g) - 2)
         uncond = gaussian_embedding(torch.zeros(1, *shape), torch.zeros(1, *shape))
         lat = torch.randn(3, *shape, generator=g, dtype=torch.float64)
-        vals, ext, _, _ = run_detectors(ScoreModel(model, sched), cond.double(), uncond.double(), lat,
+        vals, ext, _, _ = run_detectors(denoiser(model, sched), Conditioning.of(cond.double(), uncond.double()), lat,
                                         ["wen", "anisotropy"], DetectSettings(wen_steps=1))
         t = int(sched.timesteps[0])
         alpha, sigma, mu, var_c = model.marginal(t, cond.double().repeat_interleave(3, 0))
@@ -257,7 +257,7 @@ def test_attention_metrics_equal_diffusers_attention_scores(setup):
     from diffusers.models.attention_processor import AttnProcessor
     pipe, cond, uncond, lat = setup
     n, steps = lat.shape[0], 50
-    vals, extras, _, _ = run_detectors(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat, ["le", "ae", "be"],
+    vals, extras, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["le", "ae", "be"],
                                        DetectSettings(le_layer=1), prompt_lengths=[
                                            len(pipe.tokenizer(p).input_ids) for p in PROMPTS])
     calls = []

@@ -12,7 +12,10 @@ from utils.eigen import (KrylovResult, arnoldi, hutchinson_trace, hutchinson_tra
     leading_eigenvalues, spectrum_summary)
 from utils.models.operators import ScoreJacobian, branch_score_fn, sampling_spectra
 from utils.models.autodiff import forward_ad
-from utils.models.denoisers import ScoreModel, alpha_sigma
+from utils.models.denoisers import alpha_sigma
+from utils.models.denoisers import denoiser
+from utils.models.families import SD1
+from utils.models.conditioning import Conditioning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,8 +181,8 @@ def test_operator_on_gaussian_model_is_minus_inverse_variance(prediction_type):
     model = GaussianUNet(sched.alphas_cumprod, shape, prediction_type)
     g = torch.Generator().manual_seed(6)
     log_c, log_u = torch.randn(1, *shape, generator=g) - 3, torch.randn(1, *shape, generator=g)
-    embeds = torch.cat([gaussian_embedding(torch.zeros(1, *shape), log_u),
-                        gaussian_embedding(torch.randn(1, *shape, generator=g), log_c)])
+    embeds = Conditioning.of(gaussian_embedding(torch.randn(1, *shape, generator=g), log_c),
+                             gaussian_embedding(torch.zeros(1, *shape), log_u))
     t = 500
     alpha, sigma = alpha_sigma(sched, t)
     x = torch.randn(1, *shape, generator=g)
@@ -188,11 +191,11 @@ def test_operator_on_gaussian_model_is_minus_inverse_variance(prediction_type):
     expected = {"cond": -inv["cond"], "uncond": -inv["uncond"], "delta": inv["uncond"] - inv["cond"]}
     v = torch.randn(64, generator=g, dtype=torch.float64)
     for which, diag in expected.items():
-        op = ScoreJacobian(ScoreModel(model, sched), t, embeds, x, which=which)
+        op = ScoreJacobian(denoiser(model, sched), t, embeds, x, which=which)
         assert torch.allclose(op(v), diag * v, rtol=1e-4)
         assert torch.allclose(op.rmatvec(v), diag * v, rtol=1e-4)
         assert torch.allclose(op.dense(chunk=24), torch.diag(diag), rtol=1e-4, atol=1e-6)
-    op = ScoreJacobian(ScoreModel(model, sched), t, embeds, x, which="cond")
+    op = ScoreJacobian(denoiser(model, sched), t, embeds, x, which="cond")
     _, top = leading_eigenvalues(op, 64, 3, krylov_dim=64)
     assert torch.allclose(top.real, _by_magnitude(-inv["cond"]).real[:3], rtol=1e-5)
 
@@ -207,7 +210,7 @@ def test_sampling_spectra_on_gaussian_model_at_later_steps(method):
     cond = gaussian_embedding(torch.ones(1, *shape), log_s2)
     uncond = gaussian_embedding(torch.zeros(1, *shape), torch.zeros(1, *shape))
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(8))
-    out = sampling_spectra(ScoreModel(model, sched), cond, uncond, x, steps=[3, 0], k=4, krylov_dim=64, num_inference_steps=10,
+    out = sampling_spectra(denoiser(model, sched), Conditioning.of(cond, uncond), x, steps=[3, 0], k=4, krylov_dim=64, num_inference_steps=10,
                            method=method, dense=True)
     assert [o["step"] for o in out] == [0, 3]
     for o in out:
@@ -222,19 +225,18 @@ def test_sampling_spectra_on_gaussian_model_at_later_steps(method):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from utils.models.loading import initial_latents
     from utils.demo.model import tiny_pipeline
     pipe = tiny_pipeline()
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt("a photo of a cat", "cpu", 1, True, "")
-    return pipe, torch.cat([uncond, cond]), initial_latents(pipe, 1, 0)
+    return pipe, Conditioning.of(cond, uncond), SD1.initial_latents(pipe, 1, 0)
 
 
 def test_operator_matches_reverse_mode_dense_jacobian_of_tiny_unet(tiny):
     pipe, embeds, x = tiny
     pipe.scheduler.set_timesteps(50)
     t = pipe.scheduler.timesteps[10]
-    model = ScoreModel(pipe.unet, pipe.scheduler)
+    model = denoiser(pipe.unet, pipe.scheduler)
     fn = branch_score_fn(model, t, embeds, "cond")
     with forward_ad(x):  # the math kernel also has vmap rules for jacrev's batched backward
         J_rev = torch.func.jacrev(fn)(x).reshape(256, 256).double()  # reverse mode: independent of the JVPs
@@ -267,7 +269,7 @@ def test_eigen_analysis_end_to_end_on_tiny_model(tiny, tmp_path, monkeypatch, ca
     script = _load_script()
     # tiny_pipeline() is seeded, so the module fixture IS what --model_id tiny builds; reuse it to save ~5 s
     import utils.demo.model
-    monkeypatch.setattr(utils.demo.model, "tiny_pipeline", lambda: tiny[0])
+    monkeypatch.setattr(utils.demo.model, "tiny_pipeline", lambda **kw: tiny[0])
     (tmp_path / "mem.txt").write_text("a photo of a cat\n")
     (tmp_path / "nmem.txt").write_text("a red house by the sea\n")
     out = tmp_path / "out"

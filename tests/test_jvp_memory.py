@@ -9,10 +9,10 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import detect_mem
-from utils.models.conditioning import cfg_embeddings
 from utils.models.jvp_memory import (ChunkedAttention, JvpMemory, attention_shapes, attention_tangent,
     estimate_bytes, plan_jvp)
-from utils.models.denoisers import ScoreModel
+from utils.models.denoisers import denoiser
+from utils.models.conditioning import Conditioning
 
 
 def _math_jvp(q, k, v, dq, dk, dv, bias=None):
@@ -61,7 +61,7 @@ def tiny64(tiny_eps):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
     v = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
-    return unet, pipe.scheduler, cfg_embeddings(cond, uncond, 2), x, v
+    return unet, pipe.scheduler, Conditioning.of(cond, uncond, 2), x, v
 
 
 @pytest.mark.parametrize("memory", [JvpMemory(attention="chunked", query_chunk=24),   # 64 queries: 24 + 24 + 16
@@ -70,8 +70,8 @@ def tiny64(tiny_eps):
 def test_capped_jvp_equals_the_unchunked_jvp(tiny64, memory):
     unet, sched, emb, x, v = tiny64
     t = 981
-    want = ScoreModel(unet, sched).hvp_delta(x, t, emb, v)
-    model = ScoreModel(unet, sched, jvp_memory=memory)
+    want = denoiser(unet, sched).hvp_delta(x, t, emb, v)
+    model = denoiser(unet, sched, jvp_memory=memory)
     plan = model.jvp_plan(x, emb)
     assert not plan.unchanged
     before = {k: type(p) for k, p in unet.attn_processors.items()}
@@ -103,7 +103,7 @@ def test_plan_choices_and_estimates(tiny64):
 def test_processors_restored_after_an_error_inside(tiny64):
     unet, sched, emb, x, v = tiny64
     before = dict(unet.attn_processors)
-    model = ScoreModel(unet, sched, jvp_memory=JvpMemory(attention="chunked"))
+    model = denoiser(unet, sched, jvp_memory=JvpMemory(attention="chunked"))
     with pytest.raises(Exception):
         model.hvp_delta(x, 981, emb[:, :, :5], v)  # wrong embedding width: fails inside the UNet
     assert all(unet.attn_processors[k] is p for k, p in before.items())

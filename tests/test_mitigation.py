@@ -15,9 +15,10 @@ import detect_mem
 import mitigate_eval
 import mitigate_mem
 from utils.mitigation import gating, methods as MI
-from utils.models.loading import initial_latents
-from utils.models.loading import encode_prompts, load_pipeline
-from utils.models.denoisers import ScoreModel
+from utils.models.families import load_pipeline
+from utils.models.denoisers import denoiser
+from utils.models.families import SD1
+from utils.models.conditioning import Conditioning
 
 PROMPTS = ["a red cat sitting on a mat", "Blue Rug by Andover Mills"]
 STEPS = 10  # DDIM steps of the CLI runs: every property tested holds for any number (the default is 50)
@@ -122,9 +123,9 @@ def test_augmentation_properties(tiny_eps):
 
 def test_wen_lowers_its_objective_and_follows_their_loop(tiny_eps, tiny_v_dir):
     pipe = tiny_eps
-    model = ScoreModel(pipe.unet, pipe.scheduler)
-    noise = initial_latents(pipe, 2, 42)
-    c, u = encode_prompts(pipe, PROMPTS[0]), encode_prompts(pipe, "")
+    model = denoiser(pipe.unet, pipe.scheduler)
+    noise = SD1.initial_latents(pipe, 2, 42)
+    c, u = SD1.embed(pipe, PROMPTS[0]), SD1.embed(pipe, "")
     t = model.timesteps(50)[0]
 
     def loss(e):  # written out: one norm over both images of cond-minus-uncond at the first DDIM step
@@ -133,22 +134,25 @@ def test_wen_lowers_its_objective_and_follows_their_loop(tiny_eps, tiny_v_dir):
         return float((out[2:] - out[:2]).norm())
 
     st = MI.WenSettings(target_loss=0.0, max_iters=5)
-    e, rec = MI.wen_embedding(model, c, u, noise, st)
+    e, rec = MI.wen_embedding(model, Conditioning.of(c, u), noise, st)
+    e = e.cond
     assert rec["wen_losses"][0] == pytest.approx(loss(c), rel=1e-5) and rec["wen_updates"] == 5
     assert not rec["reached_target"] and len(rec["wen_losses"]) == 5
     assert loss(e) < 0.9 * loss(c)
     # BOS gets no gradient, only AdamW's decoupled weight decay (1 - lr * wd) per update
     torch.testing.assert_close(e[:, 0], c[:, 0] * (1 - 0.05 * 0.01) ** 5)
     # early stop: a target met after two updates returns the embedding of a 2-iteration run
-    e2, rec2 = MI.wen_embedding(model, c, u, noise, MI.WenSettings(target_loss=rec["wen_losses"][2], max_iters=5))
-    e3, _ = MI.wen_embedding(model, c, u, noise, MI.WenSettings(target_loss=0.0, max_iters=2))
+    e2, rec2 = MI.wen_embedding(model, Conditioning.of(c, u), noise,
+                                MI.WenSettings(target_loss=rec["wen_losses"][2], max_iters=5))
+    e3, _ = MI.wen_embedding(model, Conditioning.of(c, u), noise, MI.WenSettings(target_loss=0.0, max_iters=2))
+    e2, e3 = e2.cond, e3.cond
     assert rec2["reached_target"] and rec2["wen_updates"] == 2 and torch.equal(e2, e3)
     assert not torch.equal(e2, e)
     # v-prediction: the eps-space loss is alpha_t times the raw-output loss (x cancels in the difference)
     vp = load_pipeline(tiny_v_dir, torch.device("cpu"), torch.float32)
-    vm = ScoreModel(vp.unet, vp.scheduler)
+    vm = denoiser(vp.unet, vp.scheduler)
     tv = vm.timesteps(50)[0]
-    xin, emb = torch.cat([noise, noise]), torch.cat([u, u, c, c])
+    xin, emb = torch.cat([noise, noise]), Conditioning.of(c, u, 2)
     raw = MI.wen_loss(vm, tv, xin, emb, MI.WenSettings())
     eps = MI.wen_loss(vm, tv, xin, emb, MI.WenSettings(space="eps"))
     assert float(eps.detach()) == pytest.approx(float(vm.alpha_sigma(tv)[0]) * float(raw.detach()), rel=1e-5)
@@ -298,11 +302,9 @@ def test_ren_edits_only_while_sampling_and_changes_the_images(tiny_eps):
     """Ren et al.'s method: the attention edit is installed for sampling and removed afterwards (also when
     sampling fails), and it changes the images; its record names the kept tokens."""
     pipe = tiny_eps
-    model = ScoreModel(pipe.unet, pipe.scheduler)
-    from utils.models.loading import initial_latents
-    from utils.models.loading import encode_prompts
-    ctx = MI.Context(model=model, encode=lambda ps: encode_prompts(pipe, ps, "cpu"), uncond=encode_prompts(pipe, ""),
-                     noise=initial_latents(pipe, 2, 42), seed=42, tokenizer=pipe.tokenizer, num_inference_steps=5)
+    model = denoiser(pipe.unet, pipe.scheduler)
+    ctx = MI.Context(model=model, family=SD1, encode=lambda ps: SD1.encode(pipe, ps, "cpu"),
+                     noise=SD1.initial_latents(pipe, 2, 42), seed=42, tokenizer=pipe.tokenizer, num_inference_steps=5)
     before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
     plain = MI.run_plan(ctx, MI.plan_none(ctx, 0, PROMPTS[0]))
     plan = MI.plan_ren(ctx, 0, PROMPTS[0], MI.RenSettings(factor=1.5))

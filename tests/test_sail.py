@@ -11,8 +11,8 @@ from cli_run import exit_code
 import mitigate_mem
 from gaussian import GaussianUNet, gaussian_embedding
 from utils.mitigation.sail import SailSettings, sail_latents, sail_latents_batch
-from utils.models.denoisers import ScoreModel, alpha_sigma
-from utils.models.denoisers import reference_guidance_difference as guidance_difference
+from utils.models.denoisers import denoiser
+from utils.models.conditioning import Conditioning
 
 
 def reference_style_sail(unet, scheduler, cond, uncond, shape, gen_num, seed, thres, lr, budget, max_steps, alpha):
@@ -58,6 +58,12 @@ def reference_style_sail(unet, scheduler, cond, uncond, shape, gen_num, seed, th
             seed = torch.randint(0, 50000, (1,)).item()
 
 
+def _cond_minus_uncond(out):
+    """SAIL's difference on an epsilon model: cond minus uncond of the [uncond; cond] output."""
+    uc, c = out.chunk(2)
+    return c - uc
+
+
 def _embeds(pipe, prompt):
     with torch.no_grad():
         return pipe.encode_prompt(prompt, "cpu", 1, False)[0], pipe.encode_prompt("", "cpu", 1, False)[0]
@@ -68,7 +74,7 @@ def test_reference_form_equals_reference_algorithm(tiny_eps):
     pipe = tiny_eps
     c, u = _embeds(pipe, "a cat")
     kw = dict(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3)
-    got, info = sail_latents(ScoreModel(pipe.unet, pipe.scheduler), c, u, (4, 8, 8), SailSettings(alpha=0.05, **kw))
+    got, info = sail_latents(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(c, u), (4, 8, 8), SailSettings(alpha=0.05, **kw))
     assert all(p.requires_grad for p in pipe.unet.parameters())  # frozen only during the search
     want, want_thres = reference_style_sail(pipe.unet, pipe.scheduler, c, u, (4, 8, 8), alpha=0.05, **kw)
     assert torch.equal(got, want)
@@ -82,8 +88,9 @@ def test_reference_form_equals_reference_algorithm(tiny_eps):
 def test_clean_form_freezes_accepted_and_never_repeats(tiny_eps):
     pipe = tiny_eps
     c, u = _embeds(pipe, "a cat")
-    got, info = sail_latents(ScoreModel(pipe.unet, pipe.scheduler), c, u, (4, 8, 8),
-                             SailSettings(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3, form="clean"))
+    got, info = sail_latents(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(c, u), (4, 8, 8),
+                             SailSettings(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3, alpha=0.05,
+                                          form="clean"))
     assert info["reached_threshold"]
     for i in range(4):
         for j in range(i):
@@ -91,14 +98,13 @@ def test_clean_form_freezes_accepted_and_never_repeats(tiny_eps):
     # Frozen at acceptance: each returned latent's recomputed loss is the loss recorded when it was accepted.
     pipe.scheduler.set_timesteps(50)
     t = pipe.scheduler.timesteps[0]
-    a, s = alpha_sigma(pipe.scheduler, t)
     emb = torch.cat([u.expand(4, -1, -1), c.expand(4, -1, -1)])
     with torch.no_grad():
         x2 = torch.cat([got] * 2)
-        d = guidance_difference(pipe.unet(x2, t, encoder_hidden_states=emb)[0], x2, a, s, "epsilon")
+        d = _cond_minus_uncond(pipe.unet(x2, t, encoder_hidden_states=emb)[0])
         d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         xm = torch.cat([got + d] * 2)
-        p = guidance_difference(pipe.unet(xm, t, encoder_hidden_states=emb)[0], xm, a, s, "epsilon").flatten(1).norm(dim=1)
+        p = _cond_minus_uncond(pipe.unet(xm, t, encoder_hidden_states=emb)[0]).flatten(1).norm(dim=1)
     loss = p + 0.05 * got.flatten(1).norm(dim=1)
     torch.testing.assert_close(loss, torch.tensor([x["loss"] for x in info["accepted"]]), rtol=1e-5, atol=1e-6)
     assert (loss <= 0.9 + 1e-6).all()
@@ -121,11 +127,10 @@ def _proxy(model, sched, x, cond, uncond):
     t = sched.timesteps[0]
     b = x.shape[0]
     emb = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-    a, s = alpha_sigma(sched, t)
-    d = guidance_difference(model(torch.cat([x, x]), t, emb)[0], torch.cat([x, x]), a, s, "epsilon")
+    d = _cond_minus_uncond(model(torch.cat([x, x]), t, emb)[0])
     d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     xm = torch.cat([x + d] * 2)
-    return guidance_difference(model(xm, t, emb)[0], xm, a, s, "epsilon").flatten(1).norm(dim=1)
+    return _cond_minus_uncond(model(xm, t, emb)[0]).flatten(1).norm(dim=1)
 
 
 def test_sharp_gaussian_accepted_latents_are_smoother_and_loop_stops():
@@ -133,8 +138,9 @@ def test_sharp_gaussian_accepted_latents_are_smoother_and_loop_stops():
     init = torch.randn((8, *shape), generator=torch.Generator().manual_seed(42))
     p0 = _proxy(model, sched, init, cond, uncond)
     thres = float((p0 + 0.05 * init.flatten(1).norm(dim=1)).min()) * 0.6  # unreachable without optimization
-    lat, info = sail_latents(ScoreModel(model, sched), cond, uncond, shape,
-                             SailSettings(gen_num=2, seed=42, thres=thres, lr=0.1, budget=8, max_steps=50, max_rounds=3))
+    lat, info = sail_latents(denoiser(model, sched), Conditioning.of(cond, uncond), shape,
+                             SailSettings(gen_num=2, seed=42, thres=thres, lr=0.1, budget=8, max_steps=50, max_rounds=3,
+                                          alpha=0.05))
     assert info["reached_threshold"] and info["rounds"] == 1 and 0 < info["opt_steps"] < 50
     assert info["unet_calls"] == 2 * (info["opt_steps"] + 1)  # stopped at the step that accepted the 2nd latent
     assert _proxy(model, sched, lat, cond, uncond).max() < p0.min()
@@ -142,8 +148,9 @@ def test_sharp_gaussian_accepted_latents_are_smoother_and_loop_stops():
 
 def test_unreachable_threshold_ends_after_max_rounds_with_report():
     model, sched, cond, uncond, shape = _sharp_gaussian()
-    lat, info = sail_latents(ScoreModel(model, sched), cond, uncond, shape,
-                             SailSettings(gen_num=3, seed=42, thres=-1.0, lr=0.1, budget=2, max_steps=2, max_rounds=7))
+    lat, info = sail_latents(denoiser(model, sched), Conditioning.of(cond, uncond), shape,
+                             SailSettings(gen_num=3, seed=42, thres=-1.0, lr=0.1, budget=2, max_steps=2, max_rounds=7,
+                                          alpha=0.05))
     assert not info["reached_threshold"] and info["rounds"] == 7 and info["n_accepted"] == 0
     assert lat.shape == (3, *shape) and len(info["filled_losses"]) == 3
     assert info["filled_losses"] == sorted(info["filled_losses"])
@@ -169,7 +176,7 @@ def test_bad_hyperparameters_exit_2(bad, tmp_path, capsys):
 
 @pytest.mark.parametrize("which", ["eps", "v"])
 def test_end_to_end_and_no_mitigation_matches_plain_diffusers(which, tiny_eps_dir, tiny_v_dir, tmp_path):
-    from utils.models.loading import load_pipeline
+    from utils.models.families import load_pipeline
     model_dir = tiny_eps_dir if which == "eps" else tiny_v_dir
     f = tmp_path / "p.txt"
     prompts = ['"Mothers influence on her young hippo"', "a <b>bold</b> / slashed prompt"]
@@ -225,12 +232,12 @@ def test_batched_prompts_search_exactly_as_alone(tiny_eps, form="reference"):
     with torch.no_grad():
         conds = pipe.encode_prompt(["a cat", "a red square on a blue field", "digit seven"], "cpu", 1, False)[0]
         u = pipe.encode_prompt("", "cpu", 1, False)[0]
-    model = ScoreModel(pipe.unet, pipe.scheduler)
+    model = denoiser(pipe.unet, pipe.scheduler)
     st = SailSettings(gen_num=4, seed=42, thres=0.80, lr=0.2, budget=4, max_steps=3, alpha=0.05, form=form,
                       max_rounds=5)
-    alone = [sail_latents(model, conds[k:k + 1], u, (4, 8, 8), st) for k in range(3)]
+    alone = [sail_latents(model, Conditioning.of(conds[k:k + 1], u), (4, 8, 8), st) for k in range(3)]
     assert [(info["rounds"], info["reached_threshold"]) for _, info in alone] == [(4, True), (5, False), (5, False)]
-    batched = sail_latents_batch(model, conds, u, (4, 8, 8), st)
+    batched = sail_latents_batch(model, Conditioning.of(conds, u), (4, 8, 8), st)
     # Adam's first step is lr * sign(gradient): rounding-level differences of the batched UNet calls can move an
     # entry by up to lr, so the latents are compared loosely and the search path exactly.
     _same_search(alone, batched, rtol=1e-3, atol=2e-2)
@@ -247,12 +254,13 @@ def test_batched_prompts_on_gaussian_including_one_that_never_reaches_the_thresh
         return gaussian_embedding(torch.full((1, *shape), mu), torch.full((1, *shape), float(log_var)))
 
     conds = torch.cat([embedding(0.5, 0.0), embedding(1.0, -1.0), cond])  # initial losses ~2.3, ~5.8, ~19
-    st = SailSettings(gen_num=2, seed=42, thres=4.0, lr=0.2, budget=4, max_steps=10, max_rounds=4, form=form)
-    sm = ScoreModel(model, sched)
-    alone = [sail_latents(sm, conds[k:k + 1], uncond, shape, st) for k in range(3)]
+    st = SailSettings(gen_num=2, seed=42, thres=4.0, lr=0.2, budget=4, max_steps=10, max_rounds=4, alpha=0.05,
+                      form=form)
+    sm = denoiser(model, sched)
+    alone = [sail_latents(sm, Conditioning.of(conds[k:k + 1], uncond), shape, st) for k in range(3)]
     assert [info["reached_threshold"] for _, info in alone] == [True, True, False]
     assert alone[0][1]["opt_steps"] == 0 < alone[1][1]["opt_steps"]
-    _same_search(alone, sail_latents_batch(sm, conds, uncond, shape, st), rtol=1e-5, atol=1e-5)
+    _same_search(alone, sail_latents_batch(sm, Conditioning.of(conds, uncond), shape, st), rtol=1e-5, atol=1e-5)
 
 
 def test_script_prompt_batch_equals_one_at_a_time(tiny_eps_dir, tmp_path):

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
-from utils.models.conditioning import cfg_embeddings
 from utils.detection.loop import sharpness_scores
-from utils.models.denoisers import ScoreModel, alpha_sigma, score_difference, score_from_output
+from utils.models.denoisers import alpha_sigma, score_difference
+from utils.models.denoisers import denoiser
+from utils.models.conditioning import Conditioning
 
 SHAPE = (4, 4, 4)
 
@@ -42,7 +43,7 @@ def test_score_from_output_matches_closed_form(pred):
         alpha, sigma, _, _ = model.marginal(t, cond.double())  # float64 alpha_t, sigma_t of the same schedule
         torch.testing.assert_close(torch.stack([alpha, sigma]).float(), torch.stack(alpha_sigma(sched, t)))
         out = model(x, t, cond.double())[0]
-        got = score_from_output(out, x, alpha, sigma, pred)
+        got = denoiser(model, sched).score_at(out, x, alpha, sigma)
         torch.testing.assert_close(got, model.score(x, t, cond.double()), rtol=1e-9, atol=1e-12)
 
 
@@ -52,7 +53,7 @@ def test_detection_step1_equals_analytic_value(pred):
     model = GaussianUNet(sched.alphas_cumprod, SHAPE, pred)
     cond, uncond = _conditions(3)
     lat = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
-    vals, cost = sharpness_scores(ScoreModel(model, sched), cond, uncond, lat, hvp_sampling_num=1)
+    vals, cost = sharpness_scores(denoiser(model, sched), Conditioning.of(cond, uncond), lat, hvp_sampling_num=1)
     assert vals.shape == (3, 4, 1) and cost == {"unet_forwards": 1, "jvps": 1}
     expected = _analytic_metric(model, lat, sched.timesteps[0], cond, uncond)
     torch.testing.assert_close(vals[..., 0], expected, rtol=1e-4, atol=0)
@@ -68,7 +69,7 @@ def test_sharper_condition_gives_larger_metric():
     cond = gaussian_embedding(mu, variances.log().view(4, 1, 1, 1).expand(4, *SHAPE))
     uncond = gaussian_embedding(torch.zeros(1, *SHAPE, dtype=torch.float64), torch.zeros(1, *SHAPE, dtype=torch.float64))
     lat = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    vals, _ = sharpness_scores(ScoreModel(model, sched), cond, uncond, lat)
+    vals, _ = sharpness_scores(denoiser(model, sched), Conditioning.of(cond, uncond), lat)
     vals = vals[..., 0]  # (4 conditions, 3 generations)
     assert (vals[1:] > vals[:-1]).all(), vals
 
@@ -81,7 +82,7 @@ def test_detection_later_steps_follow_ddim_cfg_path_and_make_no_extra_call():
     lat = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     steps, g = 3, 7.5
     model.calls = 0
-    vals, cost = sharpness_scores(ScoreModel(model, sched), cond, uncond, lat, hvp_sampling_num=steps,
+    vals, cost = sharpness_scores(denoiser(model, sched), Conditioning.of(cond, uncond), lat, hvp_sampling_num=steps,
                                   guidance_scale=g)
     # One forward + one JVP (which calls the function once) per measured step, nothing after the last one.
     assert cost == {"unet_forwards": steps, "jvps": steps} and model.calls == 2 * steps
@@ -106,8 +107,8 @@ def test_reference_v_score_scales_metric_by_inverse_sigma_squared():
     model = GaussianUNet(sched.alphas_cumprod, SHAPE, "v_prediction").double()
     cond, uncond = _conditions(2)
     lat = torch.randn(2, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    a, _ = sharpness_scores(ScoreModel(model, sched, v_score="correct"), cond.double(), uncond.double(), lat)
-    b, _ = sharpness_scores(ScoreModel(model, sched, v_score="reference"), cond.double(), uncond.double(), lat)
+    a, _ = sharpness_scores(denoiser(model, sched, score_form="correct"), Conditioning.of(cond.double(), uncond.double()), lat)
+    b, _ = sharpness_scores(denoiser(model, sched, score_form="reference"), Conditioning.of(cond.double(), uncond.double()), lat)
     _, sigma = alpha_sigma(sched, sched.timesteps[0])
     torch.testing.assert_close(b, a / sigma.item() ** 2, rtol=1e-5, atol=0)
 
@@ -122,8 +123,8 @@ def test_hvp_matches_dense_jacobian_and_finite_differences(tiny_eps):
     with torch.no_grad():
         cond = pipe.encode_prompt(["a red square"], "cpu", 1, False)[0]
         uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
-    embeds = cfg_embeddings(cond, uncond, 1).double()
-    model = ScoreModel(unet, sched)
+    embeds = Conditioning.of(cond, uncond, 1).to(torch.float64)
+    model = denoiser(unet, sched)
     fn = model.pair_score_fn(t, embeds)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     v = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -148,11 +149,11 @@ def test_separate_jvp_unet_runs_the_jvp_in_its_dtype(tiny_eps):
         cond = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
         uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
     lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    a, _ = sharpness_scores(ScoreModel(pipe.unet, pipe.scheduler), cond, uncond, lat)
+    a, _ = sharpness_scores(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat)
     calls = {"n": 0}
     hi = copy.deepcopy(pipe.unet).double()
     hi.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + 1))
-    b, _ = sharpness_scores(ScoreModel(pipe.unet, pipe.scheduler, jvp_unet=hi), cond, uncond, lat)
+    b, _ = sharpness_scores(denoiser(pipe.unet, pipe.scheduler, jvp_unet=hi), Conditioning.of(cond, uncond), lat)
     assert calls["n"] == 1
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
 
@@ -167,9 +168,9 @@ def test_fd_hvp_equals_analytic_value_on_gaussian(pred, scheme):
     cond, uncond = _conditions(3)
     cond, uncond = cond.double(), uncond.double()
     lat = torch.randn(2, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    sm = ScoreModel(model, sched)
+    sm = denoiser(model, sched)
     t = sm.timesteps(50)[0]
-    emb = cfg_embeddings(cond, uncond, 2)
+    emb = Conditioning.of(cond, uncond, 2)
     x = lat.repeat(3, 1, 1, 1)
     want = _analytic_metric(model, lat, t, cond, uncond).flatten()
     for h in (1e-3, 0.5, 20.0):
@@ -177,7 +178,7 @@ def test_fd_hvp_equals_analytic_value_on_gaussian(pred, scheme):
         torch.testing.assert_close(got.flatten(1).norm(dim=1), want, rtol=1e-6, atol=0)  # float32 sigma_t
     shared = sm.hvp_delta_fd(x, t, emb, 0.5, s_delta=sm.pair_score_delta(x, t, emb), scheme=scheme)
     torch.testing.assert_close(shared, got, rtol=1e-7, atol=0)
-    zero = sm.hvp_delta_fd(x, t, cfg_embeddings(uncond.expand(3, -1, -1), uncond, 2), 0.5, scheme=scheme)
+    zero = sm.hvp_delta_fd(x, t, Conditioning.of(uncond.expand(3, -1, -1), uncond, 2), 0.5, scheme=scheme)
     assert torch.equal(zero, torch.zeros_like(zero))  # s_delta = 0 (cond = uncond): 0, not NaN
 
 
@@ -190,9 +191,9 @@ def test_fd_hvp_error_shrinks_with_the_step_at_its_order(tiny_eps):
     with torch.no_grad():
         cond = pipe.encode_prompt(["a red square", "digit seven"], "cpu", 1, False)[0].double()
         uncond = pipe.encode_prompt("", "cpu", 1, False)[0].double()
-    sm = ScoreModel(unet, pipe.scheduler)
+    sm = denoiser(unet, pipe.scheduler)
     t = sm.timesteps(50)[0]
-    emb = cfg_embeddings(cond, uncond, 1)
+    emb = Conditioning.of(cond, uncond, 1)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     s_delta = sm.pair_score_delta(x, t, emb)
     exact = sm.hvp_delta(x, t, emb, s_delta)
@@ -207,8 +208,8 @@ def test_fd_hvp_error_shrinks_with_the_step_at_its_order(tiny_eps):
     # a separate fd UNet (here float64 while the model is float32) is the one the differences run through
     calls = {"n": 0}
     hook = unet.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + 1))
-    lo = ScoreModel(pipe.unet, pipe.scheduler, fd_unet=unet)
-    got = lo.hvp_delta_fd(x.float(), t, emb.float(), 1e-3, scheme="central")
+    lo = denoiser(pipe.unet, pipe.scheduler, fd_unet=unet)
+    got = lo.hvp_delta_fd(x.float(), t, emb.to(torch.float32), 1e-3, scheme="central")
     hook.remove()
     assert calls["n"] == 3 and got.dtype == torch.float64  # s_delta at x, then x + h u and x - h u, in float64
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-6 * exact.abs().max().item())

@@ -235,18 +235,6 @@ def device_name(text):
     return text
 
 
-def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on CUDA (as the reference), float32 on CPU"):
-    """The model, device and precision options every script shares (values checked when resolved)."""
-    from .models.loading import DTYPES, SD_MODELS
-    p.add_argument("--sd_ver", default="1", choices=list(SD_MODELS),
-                   help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
-    p.add_argument("--model_id", default=None,
-                   help="Hub id, local folder, 'demo' or 'tiny' (random CPU model); overrides --sd_ver")
-    p.add_argument("--dtype", default=dtype_default, choices=list(DTYPES), help=dtype_help)
-    p.add_argument("--device", default=None, type=device_name, help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
-
-
 def parse_int_list(text, low=None, high=None, what="values"):
     """Sorted unique integers from comma-separated text; a ValueError-free UserError naming `what` otherwise.
 
@@ -266,3 +254,71 @@ def parse_int_list(text, low=None, high=None, what="values"):
 
 def raise_arg(msg):
     raise argparse.ArgumentTypeError(msg)
+
+
+# ------------------------------------------------------------------------- settings dataclasses as flags
+
+def _field_comments(cls):
+    """{field name: its trailing '# comment'} from a dataclass's source, for every class in its MRO."""
+    import inspect
+    out = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s?(.*)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def settings_arguments(parser, cls, prefix="", title=None, skip=()):
+    """Add one flag per field of the settings dataclass `cls` to `parser`: --<prefix><field>, its default the
+    field's default (declared once, in the dataclass), its help the field's trailing comment. A field's
+    `metadata` may give `flag` (another flag name), `type` (an argparse type; default: from the default value),
+    `choices`, `metavar` and `help` (overriding the comment); metadata `cli=False` keeps it off the command line.
+    Returns the list of (field name, argparse dest) added."""
+    import dataclasses
+    group = parser.add_argument_group(title) if title else parser
+    comments = _field_comments(cls)
+    added = []
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        if f.name in skip or md.get("cli", True) is False:
+            continue
+        flag = md.get("flag", f"--{prefix}{f.name}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(default=default, help=md.get("help", comments.get(f.name, "")))
+        if isinstance(default, bool) and "type" not in md:
+            kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            kwargs["type"] = md.get("type") or _type_of(default)
+            for k in ("choices", "metavar"):
+                if k in md:
+                    kwargs[k] = md[k]
+        dest = flag.lstrip("-").replace("-", "_")
+        group.add_argument(flag, dest=dest, **kwargs)
+        added.append((f.name, dest))
+    return added
+
+
+def _type_of(default):
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return finite_float
+    return str
+
+
+def settings_from(cls, values, added, **overrides):
+    """An instance of the settings dataclass from parsed values (a dict, e.g. vars(args)) and the (field, dest)
+    pairs settings_arguments returned; overrides win. A ValueError of the dataclass's own checks becomes a
+    UserError (one line)."""
+    kwargs = {name: values[dest] for name, dest in added}
+    kwargs.update(overrides)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None

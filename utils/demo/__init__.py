@@ -1,0 +1,43 @@
+"""The bundled demo (a tiny digits model that memorizes, its CLIP) and the random tiny pipeline, registered as a
+model family, a model built in code and a CLIP model, so the harness reaches them by name like any other model.
+Importing this package registers them (utils.startup does, for the scripts).
+"""
+import dataclasses
+import os
+
+from ..cli import UserError, one_line
+from ..models.clip import register_clip
+from ..models.families import SD1, register, register_builder
+from ..models.loading import DEMO_MODEL_DIR
+
+DEMO = register(dataclasses.replace(
+    SD1, name="demo", title="the bundled demo model (SD-shaped, epsilon, 32 px)", paths=(DEMO_MODEL_DIR,),
+    hparams=dict(SD1.hparams, grids={  # chosen on the demo (docs/demo.md: calibration), not from a paper
+        "sail": [{"thres": v} for v in (0.5, 0.55, 0.6, 0.7, 0.8)],
+        "wen": [{"target_loss": v} for v in (0.25, 0.5, 0.75, 1.0, 1.25)]}, paper_usable=None)))
+
+
+def _tiny(prediction_type="epsilon"):
+    from .model import tiny_pipeline
+    return tiny_pipeline(prediction_type=prediction_type)
+
+
+register_builder("tiny", "sd1", _tiny)
+
+
+def _load_demo_clip(folder, device):
+    """The demo CLIP model (utils.demo.clip, same interface as open_clip's)."""
+    from .clip import DEFAULT_DIR, load_demo_clip
+    folder = folder or DEFAULT_DIR
+    if not os.path.isdir(folder):
+        raise UserError(f"demo CLIP weights folder {folder!r} does not exist")
+    try:
+        model, preprocess, tokenizer = load_demo_clip(folder, device=device)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"could not load the demo CLIP model from {folder}: {one_line(e)[:300]}") from None
+    return model.eval(), preprocess, tokenizer
+
+
+register_clip("demo", _load_demo_clip)

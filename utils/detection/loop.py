@@ -33,7 +33,6 @@ import time
 import torch
 
 from ..models import attention as A
-from ..models.conditioning import cfg_embeddings
 from ..models.denoisers import FD_PRECISIONS, FD_SCHEMES, flat_norm, score_difference
 
 METRICS = ("sharpness", "wen", "anisotropy", "tiled_l2", "le", "ae", "be")
@@ -177,10 +176,10 @@ class CostMeter:
         return res
 
 
-def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=None, prompt_lengths=None):
+def run_detectors(model, cond, latents, metrics, settings, *, decode=None, prompt_lengths=None):
     """Compute the requested metrics for K prompts x n generations in one pass.
 
-    model: utils.scores.ScoreModel; cond (K, L, D), uncond (1, L, D); latents (n, C, H, W), the initial noise
+    model: utils.models.denoisers.Denoiser; cond: Conditioning of K prompts; latents (n, C, H, W), the initial noise
     shared by every prompt; decode: latents (B, C, H, W) -> list of B PIL images (needed for tiled_l2, see
     utils.models.decode_latents); prompt_lengths: K token counts incl. BOS and the first EOS (needed for ae and
     be, see utils.attention.prompt_lengths). Returns (values, extras, images, meter): values[m] a float32 tensor
@@ -194,11 +193,11 @@ def run_detectors(model, cond, uncond, latents, metrics, settings, *, decode=Non
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {METRICS}")
     st.check(metrics)
-    k, n = cond.shape[0], latents.shape[0]
+    k, n = len(cond), latents.shape[0]
     if "tiled_l2" in metrics and (n < 2 or decode is None):
         raise ValueError("tiled_l2 compares generations: it needs n >= 2 and a decoder")
     timesteps = model.timesteps(st.num_inference_steps, device=latents.device)
-    embeds = cfg_embeddings(cond, uncond, n)
+    embeds = cond.repeat_each(n)
     x = latents.repeat(k, 1, 1, 1)
     need = max(st.trajectory(m) for m in metrics)
     complete = need == st.num_inference_steps and "tiled_l2" in metrics  # images need the whole trajectory
@@ -325,12 +324,8 @@ def _anisotropy(model, out, xx, t, t_low, x, embeds, st, meter):
     more pair forward). Returns two float32 tensors (B,)."""
     if st.aniso_space == "score":
         norm = flat_norm(model.score_delta(out, xx, t))
-    elif model.prediction_type == "v_prediction":
-        # the authors' v branch: the difference of (alpha v - x) / sigma^2, i.e. alpha/sigma^2 times the v difference
-        a, s = model.alpha_sigma(t)
-        norm = flat_norm(score_difference((a * out - xx) / s ** 2))
-    else:
-        norm = flat_norm(score_difference(out))
+    else:  # the authors' code: eps models the raw output; their v branch (alpha v - x) / sigma^2
+        norm = flat_norm(score_difference(model.authors_output(out, xx, t)))
     xl = model.scale_input(x, t_low)
     xxl = torch.cat([xl, xl])
     with meter.unit("unet_forwards", ["anisotropy"]):
@@ -367,20 +362,20 @@ def pairwise_tiled_l2(images, tile_px):
     return d
 
 
-def sharpness_scores(model, cond, uncond, latents, *, num_inference_steps=50, hvp_sampling_num=1,
+def sharpness_scores(model, cond, latents, *, num_inference_steps=50, hvp_sampling_num=1,
                      guidance_scale=7.5):
     """Detection metric ||H_delta s_delta|| for K prompts x n generations at the first S sampling steps.
 
-    model: utils.scores.ScoreModel (its scheduler's timesteps are set here); cond (K, L, D), uncond (1, L, D);
+    model: utils.models.denoisers.Denoiser (its scheduler's timesteps are set here); cond: Conditioning of K prompts;
     latents (n, C, H, W), the same initial noise for every prompt. At step i the UNet runs once on [x; x] for
     both branches, then one JVP gives H_delta s_delta; between measured steps x advances by a classifier-free-
     guided DDIM step. No UNet call is made after the last measured step. Returns a float32 tensor (K, n, S) and
-    a dict of cost counts. (The 'sharpness' metric of utils.detectors.run_detectors, which this calls.)
+    a dict of cost counts. (The 'sharpness' metric of run_detectors, which this calls.)
     """
     if hvp_sampling_num > num_inference_steps:
         raise ValueError("the number of measured steps must not exceed the number of sampling steps")
     st = DetectSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         hvp_sampling_num=hvp_sampling_num)
-    vals, _, _, meter = run_detectors(model, cond, uncond, latents, ["sharpness"], st)
+    vals, _, _, meter = run_detectors(model, cond, latents, ["sharpness"], st)
     tally = meter.summary(["sharpness"])["sharpness"]
     return vals["sharpness"], {"unet_forwards": tally["unet_forwards"], "jvps": tally["jvps"]}

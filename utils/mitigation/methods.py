@@ -2,7 +2,7 @@
 
 Every method turns a prompt into a Plan: initial latents, conditional embeddings (one, or one per image), and a
 guidance schedule. run_plan() samples every plan with the same scheduler, steps and UNet calls
-(utils.scores.ScoreModel.sample), from the same seeded initial noise as plain sampling unless the method changes
+(utils.models.denoisers.Denoiser.sample), from the same seeded initial noise as plain sampling unless the method changes
 it, so results are paired image by image. Methods:
 
   none       plain sampling
@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .sail import SailSettings, frozen, sail_latents
+from .sail import SailSettings, frozen, resolve_alpha, sail_latents
 from ..models.denoisers import flat_norm
 
 
@@ -159,10 +159,10 @@ class RenSettings:
 @dataclasses.dataclass
 class Context:
     """What every method may use for one run. noise: (n, C, H, W) plain sampling's seeded initial noise (the same
-    for every prompt); uncond: (1, L, D) empty-prompt embedding; encode: list of K prompts -> (K, L, D)."""
-    model: object                 # utils.scores.ScoreModel
+    for every prompt); encode: list of K prompts -> their Conditioning (K rows, both branches)."""
+    model: object                 # utils.models.denoisers.Denoiser
+    family: object                # the model's utils.models.families.Family (per-family hyperparameters)
     encode: Callable
-    uncond: torch.Tensor
     noise: torch.Tensor
     seed: int
     tokenizer: object = None      # the pipeline's tokenizer (RTA's token texts; attention-based methods)
@@ -173,12 +173,12 @@ class Context:
 
 @dataclasses.dataclass
 class Plan:
-    """How to sample one prompt's n images. latents (n, C, H, W); cond (1 or n, L, D); guidance: a number or
-    callable(i, t, out) -> number or (n,) tensor (ScoreModel.sample); prompts: the text each image came from;
+    """How to sample one prompt's n images. latents (n, C, H, W); cond: Conditioning of 1 or n rows; guidance: a
+    number or callable(i, t, out) -> number or (n,) tensor (Denoiser.sample); prompts: the text each image came from;
     record: the method's manifest fields; context: optional callable returning a context manager around sampling
     (for methods that alter the UNet while it samples, e.g. attention edits)."""
     latents: torch.Tensor
-    cond: torch.Tensor
+    cond: object
     guidance: object
     prompts: list
     record: dict = dataclasses.field(default_factory=dict)
@@ -186,12 +186,11 @@ class Plan:
 
 
 def run_plan(ctx, plan):
-    """Sample a plan: final latents (n, C, H, W). The UNet batch is [uncond x n; cond x n], as the pipeline's."""
+    """Sample a plan: final latents (n, C, H, W). The model batch is [uncond x n; cond x n], as the pipeline's."""
     n = plan.latents.shape[0]
-    cond = plan.cond.expand(n, -1, -1) if plan.cond.shape[0] == 1 else plan.cond
-    embeds = torch.cat([ctx.uncond.expand(n, -1, -1), cond])
+    cond = plan.cond.expand(n) if len(plan.cond) == 1 else plan.cond
     with torch.no_grad(), (plan.context() if plan.context else contextlib.nullcontext()):
-        x = ctx.model.sample(plan.latents, embeds, ctx.num_inference_steps, plan.guidance)
+        x = ctx.model.sample(plan.latents, cond, ctx.num_inference_steps, plan.guidance)
     if hasattr(plan.guidance, "report"):
         plan.record.update(plan.guidance.report())
     return x
@@ -207,8 +206,9 @@ def plan_sail(ctx, index, prompt, settings):
     order), then ordinary sampling."""
     n = ctx.noise.shape[0]
     cond = ctx.encode([prompt])
+    settings = resolve_alpha(settings, ctx.family.hparam("sail_alpha"))
     lat, info = ctx.search(index, cond, settings) if ctx.search else sail_latents(
-        ctx.model, cond, ctx.uncond, tuple(ctx.noise.shape[1:]), settings, dtype=ctx.noise.dtype,
+        ctx.model, cond, tuple(ctx.noise.shape[1:]), settings, dtype=ctx.noise.dtype,
         device=ctx.noise.device)
     rec = dict(seeds=info["seeds"], final_threshold=info["final_threshold"], rounds=info["rounds"],
                opt_steps=info["opt_steps"], unet_calls=info["unet_calls"],
@@ -224,10 +224,10 @@ def plan_sail(ctx, index, prompt, settings):
 
 # ----------------------------------------------------------------------------------------------- Wen et al.
 
-def wen_loss(model, t, x_in, embeds, settings):
-    """Wen's objective at the doubled, scaled model input x_in (2n, ...) and embeddings (2n, L, D): the norm of
+def wen_loss(model, t, x_in, cond, settings):
+    """Wen's objective at the doubled, scaled model input x_in (2n, ...) and a Conditioning of n rows: the norm of
     cond-minus-uncond (raw output or eps, per settings.space), jointly over the n images or their mean."""
-    out = model.output(x_in, t, embeds)
+    out = model.output(x_in, t, cond)
     if settings.space == "eps":
         out = model.eps(out, x_in, t)
     uc, c = out.chunk(2)
@@ -235,9 +235,10 @@ def wen_loss(model, t, x_in, embeds, settings):
     return d.norm() if settings.loss == "joint" else flat_norm(d).mean()
 
 
-def wen_embedding(model, cond, uncond, noise, settings, num_inference_steps=50):
-    """Wen et al.'s prompt-embedding optimization. cond, uncond: (1, L, D); noise: (n, C, H, W) the initial noise
-    that sampling will start from. Returns (embedding (1, L, D) detached, manifest record).
+def wen_embedding(model, cond, noise, settings, num_inference_steps=50):
+    """Wen et al.'s prompt-embedding optimization of the text embedding of cond (a Conditioning of one row; the
+    unconditional branch and any added conditions stay fixed); noise: (n, C, H, W) the initial noise that sampling
+    will start from. Returns (the Conditioning with the optimized embedding (one row, detached), manifest record).
 
     Each iteration evaluates the loss of the current embedding and stops if it is <= target_loss (at the first,
     the original embedding is returned unchanged); otherwise one optimizer step with the gradient at position 0
@@ -246,13 +247,13 @@ def wen_embedding(model, cond, uncond, noise, settings, num_inference_steps=50):
     st, n = settings, noise.shape[0]
     t = model.timesteps(num_inference_steps, device=noise.device)[0]
     x_in = model.scale_input(torch.cat([noise, noise]), t)
-    e = cond.detach().clone().requires_grad_(True)
+    e = cond.cond.detach().clone().requires_grad_(True)
     opt = (torch.optim.AdamW([e], lr=st.lr, weight_decay=st.weight_decay) if st.optimizer == "adamw"
            else torch.optim.Adam([e], lr=st.lr))
     losses, reached, updates = [], False, 0
     with frozen(model.unet), torch.enable_grad():
         for _ in range(st.max_iters):
-            loss = wen_loss(model, t, x_in, torch.cat([uncond.expand(n, -1, -1), e.expand(n, -1, -1)]), st)
+            loss = wen_loss(model, t, x_in, dataclasses.replace(cond, cond=e).expand(n), st)
             losses.append(float(loss.detach()))
             if losses[-1] <= st.target_loss:
                 reached = True
@@ -264,12 +265,12 @@ def wen_embedding(model, cond, uncond, noise, settings, num_inference_steps=50):
             updates += 1
     rec = dict(wen_losses=losses, wen_updates=updates, reached_target=reached,
                search_unet_calls=len(losses), search_backward_calls=updates, search_batch=2 * n)
-    return e.detach(), rec
+    return dataclasses.replace(cond, cond=e.detach()), rec
 
 
 def plan_wen(ctx, index, prompt, settings):
     n = ctx.noise.shape[0]
-    emb, rec = wen_embedding(ctx.model, ctx.encode([prompt]), ctx.uncond, ctx.noise, settings,
+    emb, rec = wen_embedding(ctx.model, ctx.encode([prompt]), ctx.noise, settings,
                              ctx.num_inference_steps)
     return Plan(ctx.noise, emb, ctx.guidance_scale, [prompt] * n, rec)
 
@@ -416,13 +417,13 @@ def _grid_transition(text):
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A mitigation method: its settings dataclass, plan function, and the hyperparameter a --grid value sets
-    (grid_field; grid_type parses one value into {field: value}, ValueError if malformed) with the paper's
-    five settings per model (grids: model label -> list of overrides of the settings)."""
+    (grid_field; grid_type parses one value into {field: value}, ValueError if malformed) with the papers' five
+    settings (grid: a list of overrides of the settings, used by every model family whose profile gives none)."""
     settings: type
     plan: Callable
     grid_field: Optional[str] = None
     grid_type: Optional[Callable] = None
-    grids: dict = dataclasses.field(default_factory=dict)
+    grid: tuple = ()
     label: Optional[Callable] = None   # settings dict -> short text naming the setting
 
 
@@ -435,40 +436,37 @@ _CFG_GRID = [{"rule": "static", "transition": 500.0, "w_pre": 0.0}, {"rule": "st
 
 METHODS = {
     "none": Method(NoSettings, plan_none, label=lambda s: "no mitigation"),
+    # SAIL and Wen et al.: the grids differ per model family and sit in the profiles (hparams 'grids')
     "sail": Method(SailSettings, plan_sail, "thres", lambda x: {"thres": _grid_float(x)},
-                   {"sd1": [{"thres": v} for v in (7.6, 7.8, 8.2, 8.6, 9.0)],
-                    "sd2": [{"thres": v} for v in (4.0, 4.5, 5.0, 5.5, 6.0)],
-                    "sddemo": [{"thres": v} for v in (0.5, 0.55, 0.6, 0.7, 0.8)]},
-                   lambda s: f"thres={s['thres']:g}"),
+                   label=lambda s: f"thres={s['thres']:g}"),
     "wen": Method(WenSettings, plan_wen, "target_loss", lambda x: {"target_loss": _grid_float(x)},
-                  {"sd1": [{"target_loss": v} for v in (1.0, 2.0, 3.0, 4.0, 5.0)],
-                   "sd2": [{"target_loss": v} for v in (1.0, 1.25, 1.5, 1.75, 2.0)],
-                   "sddemo": [{"target_loss": v} for v in (0.25, 0.5, 0.75, 1.0, 1.25)]},
-                  lambda s: f"l_target={s['target_loss']:g}"),
-    "rna": Method(AugmentSettings, plan_rna, "count", lambda x: {"count": _grid_count(x)},
-                  {"sd1": _COUNTS, "sd2": _COUNTS, "sddemo": _COUNTS}, lambda s: f"n={s['count']}"),
-    "rta": Method(AugmentSettings, plan_rta, "count", lambda x: {"count": _grid_count(x)},
-                  {"sd1": _COUNTS, "sd2": _COUNTS, "sddemo": _COUNTS}, lambda s: f"n={s['count']}"),
-    "cfg_delay": Method(CfgDelaySettings, plan_cfg_delay, "transition", _grid_transition,
-                        {"sd1": _CFG_GRID, "sd2": _CFG_GRID, "sddemo": _CFG_GRID},
+                  label=lambda s: f"l_target={s['target_loss']:g}"),
+    "rna": Method(AugmentSettings, plan_rna, "count", lambda x: {"count": _grid_count(x)}, _COUNTS,
+                  lambda s: f"n={s['count']}"),
+    "rta": Method(AugmentSettings, plan_rta, "count", lambda x: {"count": _grid_count(x)}, _COUNTS,
+                  lambda s: f"n={s['count']}"),
+    "cfg_delay": Method(CfgDelaySettings, plan_cfg_delay, "transition", _grid_transition, _CFG_GRID,
                         lambda s: "dynamic" if s["rule"] == "dynamic" else
                         f"t={s['transition']:g}, w={0.0 if s['w_pre'] is None else s['w_pre']:g}"),
     # the sharpness paper's Appendix D: the same five C values for SD v1.4 and v2.0 (the demo uses them too)
     "ren": Method(RenSettings, plan_ren, "factor", lambda x: {"factor": _grid_float(x)},
-                  {k: [{"factor": v} for v in (1.1, 1.2, 1.25, 1.3, 1.5)] for k in ("sd1", "sd2", "sddemo")},
+                  [{"factor": v} for v in (1.1, 1.2, 1.25, 1.3, 1.5)],
                   lambda s: f"C={s['factor']:g}" + ("" if s.get("mask", True) else ", no mask")),
 }
 
 
-def grid_settings(method, base, values=None, model_label=None, prediction_type="epsilon"):
+def grid_settings(method, base, values=None, family=None):
     """The settings of a grid: base with each override applied. values: list of strings (a ValueError names the
-    bad one) or None for the paper's grid of model_label (other models: SD v1.4's for epsilon models, SD v2.0's
-    for v-prediction models). Returns a list of settings objects (ValueError for invalid settings)."""
+    bad one) or None for the papers' grid for the model family (its profile's hparams 'grids', else the method's
+    own grid). Returns a list of settings objects (ValueError for invalid settings)."""
     m = METHODS[method]
     if m.grid_field is None:
         raise ValueError(f"{method} has no hyperparameter to grid over")
     if values is None:
-        overrides = m.grids.get(model_label) or m.grids["sd2" if prediction_type == "v_prediction" else "sd1"]
+        overrides = (family.hparam("grids", {}) if family else {}).get(method) or m.grid
+        if not overrides:
+            raise ValueError(f"{method} has no published grid for the {family.name if family else 'unknown'} family; "
+                             "give the values")
     else:
         overrides = []
         for v in values:

@@ -12,15 +12,17 @@ import contextlib
 
 import torch
 
+from ..models.conditioning import Conditioning
+
 FORMS = ("reference", "clean")
-DEFAULT_ALPHA = {"epsilon": 0.05, "v_prediction": 0.01}  # the reference's weights for SD v1.4 / SD v2.0
 
 
 @dataclasses.dataclass(frozen=True)
 class SailSettings:
     """Hyperparameters of one SAIL search (paper, Algorithm 2 and Appendix D; defaults = the reference's).
 
-    alpha=None means the reference's weight for the model's prediction type (DEFAULT_ALPHA).
+    alpha=None means the model family's weight (its profile's 'sail_alpha': the reference's 0.05 for SD v1.4 and
+    0.01 for SD v2.0); the search itself needs it resolved (resolve_alpha).
     """
     gen_num: int = 4              # latents to accept per prompt
     seed: int = 42                # torch seed of the first round's candidates
@@ -52,6 +54,11 @@ class SailSettings:
         return dataclasses.asdict(self)
 
 
+def resolve_alpha(settings, family_alpha):
+    """The settings with alpha set: its own, else the model family's (profile hparam 'sail_alpha')."""
+    return settings if settings.alpha is not None else dataclasses.replace(settings, alpha=family_alpha)
+
+
 @contextlib.contextmanager
 def frozen(module):
     """Weights without gradients inside (only the optimized inputs get them); restored afterwards."""
@@ -66,11 +73,11 @@ def frozen(module):
             p.requires_grad_(f)
 
 
-def sail_latents(model, cond, uncond, latent_shape, settings=SailSettings(), *, dtype=torch.float32, device="cpu"):
+def sail_latents(model, cond, latent_shape, settings=SailSettings(), *, dtype=torch.float32, device="cpu"):
     """Optimize initial latents until settings.gen_num of them reach SAIL loss <= threshold.
 
-    model: utils.scores.ScoreModel (its UNet's weights are not updated); cond, uncond: (1, L, D) prompt
-    embeddings; latent_shape: (C, H, W). Rounds draw `budget` candidates (torch seed `seed`, re-seeded each round
+    model: utils.models.denoisers.Denoiser (its weights are not updated); cond: Conditioning of the prompt (one
+    row); latent_shape: (C, H, W). Rounds draw `budget` candidates (torch seed `seed`, re-seeded each round
     as the reference does) and run at most `max_steps` Adam steps of sum(p + alpha*||x||). Every third failed
     round raises the threshold by 0.1 and draws a new seed with randint(0, 50000), as the reference. Stops after
     `max_rounds` rounds at the latest and then fills up with the lowest-loss candidates seen.
@@ -84,23 +91,23 @@ def sail_latents(model, cond, uncond, latent_shape, settings=SailSettings(), *, 
     """
     # One prompt through the batched search: with a single prompt it builds the very tensors of the one-prompt
     # reference loop (tests/test_sail.py: bit for bit, and against an independent re-implementation).
-    (lat, info), = sail_latents_batch(model, cond, uncond, latent_shape, settings, dtype=dtype, device=device)
+    (lat, info), = sail_latents_batch(model, cond, latent_shape, settings, dtype=dtype, device=device)
     for key in ("batch_prompts", "batch_search_seconds"):
         del info[key]
     return lat, info
 
 
-def sail_loss(model, t, embeds, lat, x_dir, alpha_w):
+def sail_loss(model, t, cond, lat, x_dir, alpha_w):
     """SAIL's loss per candidate, (B,): p(lat) + alpha*||lat||, with the direction d taken at x_dir.
 
     p(lat) = ||D(lat + d)||, d = D(x_dir)/||D(x_dir)||, D = model.sail_difference of the pair outputs; x_dir is
     the doubled model input [x; x] (2B, ...) at which the direction is computed. Two UNet calls.
     """
     b = lat.shape[0]
-    d = model.sail_difference(model.output(x_dir, t, embeds), x_dir, t)
+    d = model.sail_difference(model.output(x_dir, t, cond), x_dir, t)
     d = d / d.reshape(b, -1).norm(dim=1).view(-1, 1, 1, 1)
     x_mod = torch.cat([lat + d] * 2)
-    sharp = model.sail_difference(model.output(x_mod, t, embeds), x_mod, t).reshape(b, -1).norm(dim=1)
+    sharp = model.sail_difference(model.output(x_mod, t, cond), x_mod, t).reshape(b, -1).norm(dim=1)
     return sharp + alpha_w * lat.reshape(b, -1).norm(dim=1)
 
 
@@ -188,11 +195,10 @@ class _PromptSearch:
         return torch.stack(lats), info
 
 
-def sail_latents_batch(model, conds, uncond, latent_shape, settings=SailSettings(), *, dtype=torch.float32,
-                       device="cpu"):
+def sail_latents_batch(model, conds, latent_shape, settings=SailSettings(), *, dtype=torch.float32, device="cpu"):
     """SAIL for K prompts at once: every UNet call carries the candidates of all prompts still searching.
 
-    conds (K, L, D) prompt embeddings, uncond (1, L, D); the rest as sail_latents. Each prompt's search (seeds,
+    conds: Conditioning of K prompts; the rest as sail_latents. Each prompt's search (seeds,
     rounds, threshold raises, acceptance, filling after max_rounds) is exactly the one sail_latents makes for it
     alone: its own generators and Adam, and a UNet row depends only on its own input, so only the batch
     composition differs (results equal within float tolerance). A prompt that finishes leaves the batch at once.
@@ -202,9 +208,11 @@ def sail_latents_batch(model, conds, uncond, latent_shape, settings=SailSettings
     """
     st = settings
     device = torch.device(device)
-    alpha_w = DEFAULT_ALPHA[model.prediction_type] if st.alpha is None else st.alpha
+    if st.alpha is None:
+        raise ValueError("SAIL's alpha is not set: resolve the family's value first (resolve_alpha)")
+    alpha_w = st.alpha
     t = model.timesteps(st.num_inference_steps, device=device)[0]
-    searches = [_PromptSearch(st, device) for _ in range(conds.shape[0])]
+    searches = [_PromptSearch(st, device) for _ in range(len(conds))]
     results = [None] * len(searches)
     t0 = time.time()
     with frozen(model.unet):  # the model stays frozen: only the latents get gradients
@@ -212,7 +220,7 @@ def sail_latents_batch(model, conds, uncond, latent_shape, settings=SailSettings
         while active:
             for j in active:
                 searches[j].start_round(latent_shape, dtype, device, t, model)
-            _batch_round(model, t, conds, uncond, active, searches, alpha_w, st)
+            _batch_round(model, t, conds, active, searches, alpha_w, st)
             still = []
             for j in active:
                 if searches[j].finished or not searches[j].end_round():
@@ -225,7 +233,7 @@ def sail_latents_batch(model, conds, uncond, latent_shape, settings=SailSettings
     return results
 
 
-def _batch_round(model, t, conds, uncond, active, searches, alpha_w, st):
+def _batch_round(model, t, conds, active, searches, alpha_w, st):
     """One round for the prompts `active` (indices into searches and conds), all at step 0 of a fresh round: at
     most st.max_steps Adam steps, one pair of UNet calls per step for all prompts still in the round. Sets
     search.finished for prompts that accept gen_num candidates."""
@@ -237,8 +245,7 @@ def _batch_round(model, t, conds, uncond, active, searches, alpha_w, st):
                 return
             alone = len(group) == 1  # then the very tensors sail_latents uses (same graph, same bits)
             lat = searches[group[0]].lat if alone else torch.cat([searches[j].lat for j in group])
-            embeds = torch.cat([uncond.expand(b * len(group), -1, -1)]
-                               + [conds[j:j + 1].expand(b, -1, -1) for j in group]).detach()
+            embeds = Conditioning.cat([conds.rows([j] * b) for j in group]).detach()
             if st.form == "reference" and alone:
                 x_in = searches[group[0]].x_round
             elif st.form == "reference":  # [x_uncond rows of every prompt; x_cond rows of every prompt]
@@ -270,13 +277,13 @@ def _batch_round(model, t, conds, uncond, active, searches, alpha_w, st):
 class PromptBatches:
     """Hands out SAIL results prompt by prompt while searching `k` prompts at a time (sail_latents_batch).
 
-    order: the prompt indices in the order they will be asked for; encode(indices) -> (len, L, D) embeddings.
+    order: the prompt indices in the order they will be asked for; encode(indices) -> their Conditioning.
     Calling the object with index i returns (latents, info) for prompt i, searching the next k prompts of
     `order` (from i on) in one batch when i has not been searched yet.
     """
 
-    def __init__(self, model, encode, uncond, latent_shape, settings, order, k, **kwargs):
-        self.model, self.encode, self.uncond, self.latent_shape = model, encode, uncond, latent_shape
+    def __init__(self, model, encode, latent_shape, settings, order, k, **kwargs):
+        self.model, self.encode, self.latent_shape = model, encode, latent_shape
         self.settings, self.order, self.k, self.kwargs = settings, list(order), k, kwargs
         self.ready = {}
 
@@ -284,7 +291,7 @@ class PromptBatches:
         if i not in self.ready:
             pos = self.order.index(i)
             idx = self.order[pos:pos + self.k]
-            out = sail_latents_batch(self.model, self.encode(idx), self.uncond, self.latent_shape, self.settings,
+            out = sail_latents_batch(self.model, self.encode(idx), self.latent_shape, self.settings,
                                      **self.kwargs)
             self.ready.update(zip(idx, out))
         return self.ready.pop(i)

@@ -86,16 +86,25 @@ def token_text(tokenizer, token_id):
     return tokenizer.decode([int(token_id)])
 
 
+CLIP_LOADERS = {}  # CLIP-like models of this project: name -> loader(pretrained or None, device)
+
+
+def register_clip(name, loader):
+    """Make `name` loadable by load_clip: loader(pretrained, device) -> (model, preprocess, tokenizer)."""
+    CLIP_LOADERS[name] = loader
+
+
 def load_clip(model_name, pretrained, device="cpu", cache_dir=None, offline=None):
     """(model, preprocess, tokenizer) from open_clip, failing fast with a UserError instead of hanging offline.
 
     pretrained: a tag of model_name (e.g. 'laion2b_s32b_b79k') or a checkpoint file path. When the tag's weights
     are already in the Hugging Face cache they are loaded from there without any network access; otherwise,
     offline (HF_HUB_OFFLINE=1 or offline=True) is an immediate UserError, online they are downloaded.
-    model_name 'demo': the project's demo CLIP model (utils.demo_clip; pretrained: its folder, None = default).
+    A model_name registered with register_clip (the demo's 'demo') is loaded by its own loader (pretrained: its
+    folder, None = its default).
     """
-    if model_name == "demo":
-        return _load_demo_clip(pretrained, device)
+    if model_name in CLIP_LOADERS:
+        return CLIP_LOADERS[model_name](pretrained, device)
     import difflib
     try:
         import open_clip
@@ -137,24 +146,6 @@ def load_clip(model_name, pretrained, device="cpu", cache_dir=None, offline=None
         raise UserError(f"could not load CLIP {model_name} ({pretrained}): {one_line(e)[:300]}; "
                         "without internet, download the weights elsewhere and give the checkpoint file") from None
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
-
-
-def _load_demo_clip(folder, device):
-    """The demo CLIP model (utils.demo_clip, same interface as open_clip's), imported only when asked for."""
-    try:
-        from ..demo.clip import DEFAULT_DIR, load_demo_clip
-    except ImportError:
-        raise UserError("the demo CLIP model (utils/demo_clip.py) is not in this checkout") from None
-    folder = folder or DEFAULT_DIR
-    if not os.path.isdir(folder):
-        raise UserError(f"demo CLIP weights folder {folder!r} does not exist")
-    try:
-        model, preprocess, tokenizer = load_demo_clip(folder, device=device)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"could not load the demo CLIP model from {folder}: {one_line(e)[:300]}") from None
-    return model.eval(), preprocess, tokenizer
 
 
 def _cached_clip_weights(cfg, cache_dir=None):

@@ -37,6 +37,16 @@ class Conditioning:
                    {k: (torch.cat([p.added[k][0] for p in parts]), torch.cat([p.added[k][1] for p in parts]))
                     for k in names})
 
+    def expand(self, n):
+        """A one-row conditioning as n rows (views, as torch's expand: gradients sum over the n rows)."""
+        if len(self) != 1:
+            raise ValueError(f"expand needs one row, got {len(self)}")
+        return self.map(lambda t: t.expand(n, *t.shape[1:]))
+
+    def repeat_each(self, n):
+        """Each row n times in a row: K rows -> K*n (a prompt's n generations)."""
+        return self.map(lambda t: t.repeat_interleave(n, dim=0))
+
     def __len__(self):
         return self.cond.shape[0]
 
@@ -75,11 +85,3 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {k: v[pick] for k, v in self.added.items()}
         return kwargs
 
-
-def cfg_embeddings(cond, uncond, n):
-    """[uncond x K*n; cond_1 x n, ..., cond_K x n] for K prompts with n generations each.
-
-    cond: (K, L, D) prompt embeddings; uncond: (1, L, D) embedding of the empty prompt. Returns (2*K*n, L, D).
-    """
-    k = cond.shape[0]
-    return torch.cat([uncond.expand(k * n, -1, -1), cond.repeat_interleave(n, dim=0)])

@@ -1,8 +1,8 @@
-"""The foreign models, in one place: Stable Diffusion pipelines (by version, id, 'demo' or 'tiny'), prompt
-encoding, the forward-mode-AD policy (attention kernel, autocast, float32 JVP copy), CLIP and SSCD loaders, the
-offline CLIP tokenizer, and the Hugging Face timeouts. Every other module sees models only through this one and
-through utils.scores.ScoreModel.
+"""Finding and loading models: --sd_ver short names and model ids, devices and dtypes, the diffusers loader with
+its offline-first Hub access and short timeouts, and a model folder's config (model_index.json). Which pipeline
+class loads a model, and everything model-specific after that, is its family's (utils.models.families).
 """
+import json
 import os
 import re
 
@@ -25,9 +25,7 @@ SD_MODELS = {
     "2": "stabilityai/stable-diffusion-2",     # v-prediction, 768x768
     "demo": DEMO_MODEL_DIR,                    # the project's tiny digits model (CPU, offline)
 }
-TINY = "tiny"  # model id of utils.demo_model.tiny_pipeline(): random weights, for smoke tests
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def resolve_model_id(sd_ver, model_id=None):
@@ -77,38 +75,52 @@ def resolve_dtype(name, device):
     return DTYPES[name]
 
 
-def load_pipeline(model_id, device, dtype):
-    """A StableDiffusionPipeline (safety checker off) with a DDIM scheduler built from its own config.
+def load_diffusers(cls, model_id, kwargs):
+    """cls.from_pretrained(model_id, **kwargs) for a local folder or a Hub id. Looks in the local cache first, so
+    an offline machine with the weights cached never touches the network; a model that is neither local nor
+    reachable, or that does not load, is a UserError."""
+    local_dir = os.path.isdir(model_id)
+    if not local_dir and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise UserError(f"model folder {model_id!r} does not exist")
+    try:
+        return cls.from_pretrained(model_id, **kwargs) if local_dir else _from_hub(cls, model_id, kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # diffusers raises many types (OSError, ValueError, HTTP errors) for the same causes
+        raise UserError(f"could not load model {model_id!r}: {one_line(e)}") from None
 
-    model_id: a Hub id, a local folder, or 'tiny' (utils.demo_model.tiny_pipeline, random weights). Looks in the
-    local cache first, so an offline machine with the weights cached never touches the network; a model that is
-    neither local nor reachable, or whose prediction type is neither epsilon nor v_prediction, is a UserError.
-    """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    if model_id == TINY:
-        from ..demo.model import tiny_pipeline
-        pipe = tiny_pipeline().to(device, dtype)
+
+def read_model_index(model_id):
+    """(pipeline class name, scheduler prediction type) from a model's model_index.json and scheduler config: a
+    local folder's, or a Hub id's copy in the local cache; None when the folder has no model_index.json or the id
+    is not cached (then the load itself decides). A damaged file is a UserError."""
+    if os.path.isdir(model_id):
+        paths = [os.path.join(model_id, "model_index.json"),
+                 os.path.join(model_id, "scheduler", "scheduler_config.json")]
     else:
-        kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
-        local_dir = os.path.isdir(model_id)
-        if not local_dir and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-            raise UserError(f"model folder {model_id!r} does not exist")
-        try:
-            if local_dir:
-                pipe = StableDiffusionPipeline.from_pretrained(model_id, **kwargs)
-            else:
-                pipe = _from_hub(StableDiffusionPipeline, model_id, kwargs)
-        except UserError:
-            raise
-        except Exception as e:  # diffusers raises many types (OSError, ValueError, HTTP errors) for the same causes
-            raise UserError(f"could not load model {model_id!r}: {one_line(e)}") from None
-    pred = pipe.scheduler.config.prediction_type
-    if pred not in PREDICTION_TYPES:
-        raise UserError(f"model {model_id} has prediction_type {pred!r}; only {' and '.join(PREDICTION_TYPES)} "
-                        "are supported")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+        from huggingface_hub import try_to_load_from_cache
+        paths = [try_to_load_from_cache(model_id, name) for name in
+                 ("model_index.json", "scheduler/scheduler_config.json")]
+        paths = [p if isinstance(p, str) else "" for p in paths]
+    if not os.path.isfile(paths[0]):
+        return None
+    index = _json_object(paths[0])
+    pred = _json_object(paths[1]).get("prediction_type", "epsilon") if os.path.isfile(paths[1]) else "epsilon"
+    return index.get("_class_name"), pred
+
+
+def _json_object(path, max_bytes=1 << 20):
+    """A small JSON object file (a model config); UserError if it is not one."""
+    try:
+        if os.path.getsize(path) > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes")
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable model config ({one_line(e)[:160]})") from None
+    return obj
 
 
 def _from_hub(cls, model_id, kwargs):
@@ -131,29 +143,3 @@ def _from_hub(cls, model_id, kwargs):
         elif "404" in msg or "not found" in msg.lower():
             hint = "no such repository on the Hub; check the id or pass a local folder"
         raise UserError(f"could not load model {model_id!r}: {hint} ({msg[:300]})") from None
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts, device=None):
-    """Text embeddings (K, L, D) of a prompt or list of K prompts, without classifier-free doubling."""
-    return pipe.encode_prompt(prompts, device or pipe.device, 1, False)[0]
-
-
-@torch.no_grad()
-def decode_latents(pipe, latents):
-    """PIL images of final latents (B, C, h, w), exactly as StableDiffusionPipeline's output_type='pil' path
-    (VAE decode of latents / scaling_factor, then the pipeline's image post-processing)."""
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
-
-
-def initial_latents(pipe, n, seed, height=None, width=None, dtype=None, device=None):
-    """Initial noise exactly as the pipeline draws it with no generator, after torch.manual_seed(seed).
-
-    Returns (n, C, H/f, W/f) latents scaled by the scheduler's init_noise_sigma.
-    """
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    torch.manual_seed(seed)
-    return pipe.prepare_latents(n, pipe.unet.config.in_channels, height, width,
-                                dtype or pipe.unet.dtype, device or pipe.unet.device, None)

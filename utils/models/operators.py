@@ -13,27 +13,26 @@ from .denoisers import score_difference
 BRANCHES = ("cond", "uncond", "delta")
 
 
-def branch_score_fn(model, t, embeds, which="cond"):
+def branch_score_fn(model, t, cond, which="cond"):
     """x (B, C, H, W) -> the score whose Jacobian we probe, (B, C, H, W).
 
-    model: utils.scores.ScoreModel; embeds: (2B, L, D) = [uncond; cond]. which='cond' or 'uncond' runs the UNet
+    model: utils.models.denoisers.Denoiser; cond: Conditioning of B rows. which='cond' or 'uncond' runs the model
     on that branch only (half the cost of the pair); 'delta' runs both branches in one batch and returns
     s(x, c) - s(x, uncond).
     """
     if which == "delta":
-        pair = model.pair_score_fn(t, embeds)
+        pair = model.pair_score_fn(t, cond)
         return lambda x: score_difference(pair(x))
     if which not in BRANCHES:
         raise ValueError(f"which must be one of {BRANCHES}, got {which!r}")
-    emb = embeds.chunk(2)[1 if which == "cond" else 0]
-    return lambda x: model.score(model.output(x, t, emb), x, t)
+    return model.branch_score_fn(t, cond, which)
 
 
 class ScoreJacobian:
     """J = grad_x s(x, c) (which="cond"), grad_x s(x, uncond) ("uncond") or H_delta = J_cond - J_uncond ("delta")
     at one latent x (1, C, H, W), as an operator on flattened vectors of n = C*H*W entries.
 
-    model: utils.scores.ScoreModel; t: timestep; embeds: (2, L, D) = [uncond; cond] text embeddings.
+    model: utils.models.denoisers.Denoiser; t: timestep; cond: a Conditioning of one row.
     Calling the object maps v (n,) -> J v (n,) with ONE forward-mode JVP (through one UNet branch, or for 'delta'
     through both branches in one batch, like the detection metric); rmatvec(u) = J^T u uses one reverse-mode VJP
     (its graph is built once and reused); symmetrized() is v -> (J v + J^T v) / 2 for Lanczos; dense() stacks
@@ -41,15 +40,15 @@ class ScoreJacobian:
     Vectors come back in out_dtype (float64 by default, for the Krylov solvers) on the UNet's device.
     """
 
-    def __init__(self, model, t, embeds, x, *, which="cond", out_dtype=torch.float64):
-        if x.shape[0] != 1 or embeds.shape[0] != 2:
-            raise ValueError(f"expected one latent (1, C, H, W) and [uncond; cond] embeddings (2, L, D), got "
-                             f"{tuple(x.shape)} and {tuple(embeds.shape)}")
-        self.model, self.t, self.embeds, self.x = model, t, embeds, x.detach()
+    def __init__(self, model, t, cond, x, *, which="cond", out_dtype=torch.float64):
+        if x.shape[0] != 1 or len(cond) != 1:
+            raise ValueError(f"expected one latent (1, C, H, W) and a Conditioning of one row, got "
+                             f"{tuple(x.shape)} and {len(cond)} rows")
+        self.model, self.t, self.cond, self.x = model, t, cond, x.detach()
         self.which, self.out_dtype = which, out_dtype
         self.shape = tuple(x.shape[1:])
         self.n = int(x[0].numel())
-        self.fn = branch_score_fn(model, t, embeds, which)
+        self.fn = branch_score_fn(model, t, cond, which)
         self._vjp_fn = None
 
     def _to_latent(self, v, batch=1):
@@ -78,11 +77,9 @@ class ScoreJacobian:
         unit tangents is one batched JVP (the UNet treats batch entries independently)."""
         cols = []
         eye = torch.eye(self.n, dtype=self.x.dtype, device=self.x.device)
-        uncond, cond = self.embeds.chunk(2)
         for start in range(0, self.n, chunk):
             b = min(chunk, self.n - start)
-            emb = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-            fn = branch_score_fn(self.model, self.t, emb, self.which)
+            fn = branch_score_fn(self.model, self.t, self.cond.rows([0] * b), self.which)
             xs = self.x.expand(b, *self.shape).contiguous()
             with torch.no_grad(), forward_ad(xs):
                 _, tangent = jvp(fn, (xs,), (eye[start:start + b].reshape(b, *self.shape),))
@@ -90,13 +87,13 @@ class ScoreJacobian:
         return torch.cat(cols).T.contiguous()
 
 
-def sampling_spectra(model, cond, uncond, latents, *, steps=(0,), k=10, krylov_dim=None,
+def sampling_spectra(model, cond, latents, *, steps=(0,), k=10, krylov_dim=None,
                      num_inference_steps=50, guidance_scale=7.5, which="cond", method="arnoldi", dense=False,
                      start_seed=0):
     """Leading-k eigenvalues of the score Jacobian H(x_t, c) of one prompt at chosen DDIM sampling steps.
 
-    model: utils.scores.ScoreModel (its scheduler's timesteps are set here); cond, uncond: (1, L, D) text
-    embeddings; latents: (1, C, H, W) initial noise x_T. Step i = 0 is x_T; between steps x advances by a
+    model: utils.models.denoisers.Denoiser (its scheduler's timesteps are set here); cond: Conditioning of the
+    prompt (one row); latents: (1, C, H, W) initial noise x_T. Step i = 0 is x_T; between steps x advances by a
     classifier-free-guided DDIM step (eta = 0), exactly as utils.detection does; no UNet call follows the last
     measured step. method 'arnoldi' takes J as it is, 'lanczos' its symmetric part (J + J^T)/2; the Krylov start
     vector is seeded by start_seed. dense=True also forms the n x n matrix (n JVPs, batched) and its full
@@ -109,7 +106,7 @@ def sampling_spectra(model, cond, uncond, latents, *, steps=(0,), k=10, krylov_d
     if not steps or steps[0] < 0 or steps[-1] >= num_inference_steps:
         raise ValueError(f"steps must lie in [0, {num_inference_steps - 1}], got {steps}")
     timesteps = model.timesteps(num_inference_steps, device=latents.device)
-    embeds = torch.cat([uncond, cond])
+    embeds = cond
     x, out = latents, []
     for i, t in enumerate(timesteps[:steps[-1] + 1]):
         xin = model.scale_input(x, t)

@@ -1,0 +1,211 @@
+"""Model families as profiles: what the harness needs to know about a kind of model, in one object.
+
+A profile knows how to load its pipeline, encode prompts into a Conditioning, draw the initial noise, decode
+latents, which attention layers the attention instruments use, and the papers' per-family hyperparameters
+(`hparams`, each with its source). Adding a family is one file that defines a Family subclass and calls
+register(); the family of a model is read from its folder's model_index.json (the diffusers pipeline class) and
+its scheduler's prediction type, so `--model_id` needs no extra flag.
+
+Registered here: Stable Diffusion 1.x (epsilon) and 2.x (v-prediction), both StableDiffusionPipeline. Other
+families register themselves from their own modules (the bundled demo: utils.demo).
+"""
+import dataclasses
+import os
+
+import torch
+
+from ..cli import UserError
+from .conditioning import Conditioning
+from .denoisers import PREDICTIONS, denoiser
+from .loading import load_diffusers, read_model_index
+
+FAMILIES = {}   # name -> Family
+BUILDERS = {}   # model ids built in code (e.g. 'tiny') -> (family name, builder(prediction_type=...) -> pipeline)
+
+
+def register(family):
+    """Add a family profile to the registry (its name must be new)."""
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+def register_builder(model_id, family_name, build):
+    """A model built in code instead of loaded (tests and smoke runs), reachable as --model_id MODEL_ID."""
+    BUILDERS[model_id] = (family_name, build)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family's profile. Subclasses implement load/encode; hparams holds the papers' values for it."""
+    name: str                       # short name, used in result files and output folders
+    title: str                      # what a person calls it
+    prediction_type: str            # the scheduler prediction the family's published defaults are for
+    pipeline_class: str = ""        # the diffusers pipeline class in model_index.json
+    hparams: dict = dataclasses.field(default_factory=dict)  # per-family hyperparameters, with their sources
+    paths: tuple = ()               # local folders that are this family whatever their config says
+
+    def matches(self, pipeline_class, prediction_type):
+        return pipeline_class == self.pipeline_class and prediction_type == self.prediction_type
+
+    def hparam(self, key, default=None):
+        return self.hparams.get(key, default)
+
+    # ---- what a subclass provides
+
+    def load(self, model_id, device, dtype):
+        raise NotImplementedError
+
+    def encode(self, pipe, prompts, device=None):
+        """Conditioning of K prompts (K rows; the unconditional branch's rows as the pipeline builds them)."""
+        raise NotImplementedError
+
+    def denoiser(self, pipe, **kwargs):
+        """The pipeline's denoiser as a utils.models.denoisers.Denoiser (subclass by prediction type)."""
+        return denoiser(pipe.unet, pipe.scheduler, **kwargs)
+
+    def tokenizer(self, pipe):
+        return pipe.tokenizer
+
+    def initial_latents(self, pipe, n, seed, height=None, width=None, dtype=None, device=None):
+        raise NotImplementedError
+
+    def decode(self, pipe, latents):
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusion(Family):
+    """StableDiffusionPipeline: one CLIP text encoder, a UNet2DConditionModel, DDIM from the pipeline's own config.
+    The unconditional branch is the empty prompt's embedding, as the pipeline's."""
+    pipeline_class: str = "StableDiffusionPipeline"
+
+    def load(self, model_id, device, dtype):
+        """The pipeline (safety checker off) with a DDIM scheduler built from its own config (UserError if it
+        cannot be loaded or its prediction type is not supported)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        if model_id in BUILDERS:
+            pipe = BUILDERS[model_id][1]().to(device, dtype)
+        else:
+            pipe = load_diffusers(StableDiffusionPipeline, model_id,
+                                  dict(dtype=dtype, safety_checker=None, requires_safety_checker=False))
+        pred = pipe.scheduler.config.prediction_type
+        if pred not in PREDICTIONS:
+            raise UserError(f"model {model_id} has prediction_type {pred!r}; only {' and '.join(PREDICTIONS)} "
+                            "are supported")
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    @torch.no_grad()
+    def embed(self, pipe, prompts, device=None):
+        """Text embeddings (K, L, D) of a prompt or list of K prompts, without classifier-free doubling."""
+        return pipe.encode_prompt(prompts, device or pipe.device, 1, False)[0]
+
+    def encode(self, pipe, prompts, device=None):
+        cond = self.embed(pipe, prompts, device)
+        return Conditioning.of(cond, self.embed(pipe, "", device))
+
+    def initial_latents(self, pipe, n, seed, height=None, width=None, dtype=None, device=None):
+        """Initial noise exactly as the pipeline draws it with no generator, after torch.manual_seed(seed).
+
+        Returns (n, C, H/f, W/f) latents scaled by the scheduler's init_noise_sigma."""
+        height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        torch.manual_seed(seed)
+        return pipe.prepare_latents(n, pipe.unet.config.in_channels, height, width,
+                                    dtype or pipe.unet.dtype, device or pipe.unet.device, None)
+
+    @torch.no_grad()
+    def decode(self, pipe, latents):
+        """PIL images of final latents (B, C, h, w), exactly as the pipeline's output_type='pil' path (VAE decode of
+        latents / scaling_factor, then the pipeline's image post-processing)."""
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+# Hyperparameters shared by the SD families; each family below overrides what its papers publish for it.
+_SD_COMMON = {
+    "le_layer": 3,                 # Ren et al.'s layer: forward index 3 = down_blocks.1.attentions.1 (SD v1.4)
+    "be_block": "down_blocks.0.",  # Chen et al.'s mask layers: the first down block's cross-attention (64x64)
+}
+
+SD1 = register(StableDiffusion(
+    name="sd1", title="Stable Diffusion 1.x (epsilon, 512 px)", prediction_type="epsilon",
+    hparams=dict(_SD_COMMON,
+                 aniso_weights=(1.0, 2.0),   # Asthana & Belagiannis's evaluation script, SD v1.4
+                 sail_alpha=0.05,            # the sharpness paper's code, SD v1.4
+                 grids={"sail": [{"thres": v} for v in (7.6, 7.8, 8.2, 8.6, 9.0)],            # paper, App. D
+                        "wen": [{"target_loss": v} for v in (1.0, 2.0, 3.0, 4.0, 5.0)]},      # paper, App. D
+                 eval_keywords=(),           # SSCD against the prompt's own training image
+                 paper_usable=("sd1_mem.jsonl", 454, 500))))  # records with a training image in the paper
+SD2 = register(StableDiffusion(
+    name="sd2", title="Stable Diffusion 2.x (v-prediction, 768 px)", prediction_type="v_prediction",
+    hparams=dict(_SD_COMMON,
+                 aniso_weights=(1.0, 0.1),   # Asthana & Belagiannis's evaluation script, SD v2.0
+                 sail_alpha=0.01,            # the sharpness paper's code, SD v2.0
+                 grids={"sail": [{"thres": v} for v in (4.0, 4.5, 5.0, 5.5, 6.0)],            # paper, App. D
+                        "wen": [{"target_loss": v} for v in (1.0, 1.25, 1.5, 1.75, 2.0)]},    # paper, App. D
+                 eval_keywords=("paper",),   # the reference's keyword rule for template-like prompts
+                 paper_usable=("sd2_mem.jsonl", 202, 219))))
+
+
+def family_names():
+    return ", ".join(f"{f.name} ({f.pipeline_class}, {f.prediction_type})" for f in FAMILIES.values())
+
+
+def _for_path(model_id):
+    if not os.path.isdir(model_id):
+        return None
+    for f in FAMILIES.values():
+        if any(os.path.isdir(p) and os.path.samefile(model_id, p) for p in f.paths):
+            return f
+    return None
+
+
+def family_of(model_id, pipeline_class=None, prediction_type=None):
+    """The family of a model id: a registered builder or folder, else the pipeline class and prediction type
+    (read from model_index.json and the scheduler config when not given). UserError for a class no family has;
+    None when nothing can be read yet (a Hub id not in the cache: the load decides)."""
+    if model_id in BUILDERS:
+        return FAMILIES[BUILDERS[model_id][0]]
+    fam = _for_path(model_id)
+    if fam is not None:
+        return fam
+    if pipeline_class is None:
+        index = read_model_index(model_id)
+        if index is None:
+            return None
+        pipeline_class, prediction_type = index
+    known = [f for f in FAMILIES.values() if f.pipeline_class == pipeline_class]
+    if not known:
+        raise UserError(f"{model_id} is a {pipeline_class}; supported families: {family_names()}")
+    fam = next((f for f in known if f.prediction_type == prediction_type), None)
+    if fam is None:
+        preds = " and ".join(sorted({f.prediction_type for f in known}))
+        raise UserError(f"model {model_id} has prediction_type {prediction_type!r}; only {preds} are supported for "
+                        f"{pipeline_class}")
+    return fam
+
+
+def load(model_id, device, dtype):
+    """(family, pipeline) of a model id: the family from its config, then that family's loader. A model whose
+    config cannot be read before loading (a Hub id not cached yet) loads as a StableDiffusionPipeline, and its
+    family is then taken from the loaded scheduler."""
+    fam = family_of(model_id)
+    pipe = (fam or SD1).load(model_id, device, dtype)
+    if fam is None:
+        fam = family_of(model_id, type(pipe).__name__, pipe.scheduler.config.prediction_type)
+    return fam, pipe
+
+
+def describe(family):
+    """A JSON-safe description of a family for result files."""
+    return dict(name=family.name, title=family.title, pipeline_class=family.pipeline_class,
+                prediction_type=family.prediction_type)
+
+
+def load_pipeline(model_id, device, dtype):
+    """The pipeline of a model id, loaded by its family (see load)."""
+    return load(model_id, device, dtype)[1]
