@@ -4,17 +4,17 @@
     python benchmarks/bench.py --device cuda --unet sd14 --dtypes bfloat16,float32      # full SD v1.4 shape (64 x 64)
     python benchmarks/bench.py --device cuda --unet sd2 --dtypes bfloat16,float32       # SD v2.0 shape (96 x 96, v)
 
-The UNet has Stable Diffusion's architecture (utils.demo_model.sd_shaped_unet) with random weights, which costs
+The UNet has Stable Diffusion's architecture (utils.demo.model.sd_shaped_unet) with random weights, which costs
 what the real one does; the prompts are random embeddings and the latents seeded noise, the same for every item.
 Items (each the median of --repeats runs after a warm-up run; the long ones, SAIL and generation, --long_repeats
 runs after a cheap warm-up of the same shapes):
 
   forward        one UNet call on the [uncond; cond] batch of 2n rows: the unit of every ratio
-  wen            utils.detectors.run_detectors, metric wen at step 1 (Wen et al.): that forward and a norm
+  wen            utils.detection.loop.run_detectors, metric wen at step 1 (Wen et al.): that forward and a norm
   anisotropy     the anisotropy detector (2 forwards)
   jvp            sharpness, exact: the step's forward + one forward-mode JVP (the default --hvp jvp; attention
                  by JvpMemory 'auto' with --max_memory_gb)
-  jvp_chunked    the same JVP forced through the fused-forward, query-chunked attention (utils/jvp_memory.py)
+  jvp_chunked    the same JVP forced through the fused-forward, query-chunked attention (utils/models/jvp_memory.py)
   jvp_f32copy    (half dtypes) the JVP on a float32 copy of the UNet (detect_mem --jvp_dtype float32)
   fd             sharpness, fast: --hvp fd with the default float32 differences (a float32 copy for half dtypes)
   fd_model       --hvp fd --fd_precision model (differences in the model's dtype)
@@ -47,15 +47,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
 from utils.detection.loop import DetectSettings, run_detectors
+from utils.models.conditioning import Conditioning
 from utils.models.jvp_memory import JvpMemory
 from utils.models.autodiff import jvp_unet_copy
 from utils.mitigation.sail import SailSettings, sail_latents, sail_latents_batch
-from utils.models.denoisers import ScoreModel
+from utils.models.denoisers import denoiser
+from utils.models.families import SD1, SD2
 
 ITEMS = ("forward", "wen", "anisotropy", "jvp", "jvp_chunked", "jvp_f32copy", "fd", "fd_model", "fd_tf32",
          "sail_round", "sail_batch", "sail_search", "generation")
 LONG = ("sail_round", "sail_batch", "sail_search", "generation")
 CPU_DEFAULT = ("forward", "wen", "anisotropy", "jvp", "jvp_chunked", "fd", "sail_round", "sail_batch", "generation")
+# SAIL's alpha by prediction type: the reference's weights for SD v1.4 (epsilon) and SD v2.0 (v-prediction)
+SAIL_ALPHA = {SD1.prediction_type: SD1.hparam("sail_alpha"), SD2.prediction_type: SD2.hparam("sail_alpha")}
 
 
 def parse_args(argv=None):
@@ -137,7 +141,8 @@ def timed(fn, device, repeats, warmup):
 
 class Bench:
     """The benchmark's model, inputs and items for one dtype. Shapes: conds (K, 77, D), uncond (1, 77, D),
-    latents (n, 4, S, S); prompt 0 is used by every item, prompts 0..K-1 by sail_batch."""
+    latents (n, 4, S, S); prompt 0 is used by every item (cond0: its Conditioning, one row), prompts 0..K-1 by
+    sail_batch (cond_all: K rows)."""
 
     def __init__(self, args, dtype):
         self.args, self.dtype = args, dtype
@@ -154,9 +159,12 @@ class Bench:
         self.conds = torch.randn(k, 77, dim, generator=g).to(self.device, dtype)
         self.uncond = torch.randn(1, 77, dim, generator=g).to(self.device, dtype)
         self.latents = torch.randn(args.gen_num, 4, args.size, args.size, generator=g).to(self.device, dtype)
+        self.cond0 = Conditioning.of(self.conds[:1], self.uncond)
+        self.cond_all = Conditioning.of(self.conds, self.uncond)
         cap = None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30)
         self.memory = JvpMemory(cap)
-        self.model = ScoreModel(self.unet, self.sched, jvp_memory=self.memory)
+        self.model = denoiser(self.unet, self.sched, jvp_memory=self.memory)
+        self.sail_alpha = SAIL_ALPHA[self.model.prediction_type]
         self._f32 = None
         self.warmup = None
 
@@ -167,7 +175,7 @@ class Bench:
         return self._f32
 
     def detect(self, metric, model=None, **settings):
-        return lambda: run_detectors(model or self.model, self.conds[:1], self.uncond, self.latents, [metric],
+        return lambda: run_detectors(model or self.model, self.cond0, self.latents, [metric],
                                      DetectSettings(**settings))
 
     def item(self, name):
@@ -177,7 +185,7 @@ class Bench:
         if name == "forward":
             self.sched.set_timesteps(50)
             t = self.sched.timesteps[0]
-            emb = torch.cat([self.uncond.expand(n, -1, -1), self.conds[:1].expand(n, -1, -1)])
+            emb = Conditioning.of(self.conds[:1], self.uncond, n)
             x2 = torch.cat([self.latents, self.latents])
 
             def forward():
@@ -191,40 +199,39 @@ class Bench:
         if name == "jvp":
             return self.detect("sharpness"), "forward + exact JVP (JvpMemory auto)"
         if name == "jvp_chunked":
-            m = ScoreModel(self.unet, self.sched, jvp_memory=JvpMemory(self.memory.max_bytes, "chunked"))
+            m = denoiser(self.unet, self.sched, jvp_memory=JvpMemory(self.memory.max_bytes, "chunked"))
             return self.detect("sharpness", m), "forward + exact JVP, fused forward + chunked tangent"
         if name == "jvp_f32copy":
             if not half:
                 return None
-            m = ScoreModel(self.unet, self.sched, jvp_unet=self.f32_copy(), jvp_memory=self.memory)
+            m = denoiser(self.unet, self.sched, jvp_unet=self.f32_copy(), jvp_memory=self.memory)
             return self.detect("sharpness", m), "forward + exact JVP on a float32 copy"
         if name in ("fd", "fd_model", "fd_tf32"):
             precision = {"fd": "float32", "fd_model": "model", "fd_tf32": "tf32"}[name]
             if (precision == "tf32" and not cuda) or (precision == "model" and not half):
                 return None
             fd_unet = self.f32_copy() if precision != "model" else None
-            m = ScoreModel(self.unet, self.sched, fd_unet=fd_unet, fd_precision=precision)
+            m = denoiser(self.unet, self.sched, fd_unet=fd_unet, fd_precision=precision)
             return self.detect("sharpness", m, hvp="fd", fd_precision=precision), f"forward + fd ({precision})"
         if name in ("sail_round", "sail_batch", "sail_search"):
             rounds = self.args.search_rounds if name == "sail_search" else 1
             st = SailSettings(gen_num=n, thres=-1e9, budget=self.args.budget, max_steps=self.args.max_steps,
-                              max_rounds=rounds)
+                              max_rounds=rounds, alpha=self.sail_alpha)
             shape = tuple(self.latents.shape[1:])
-            conds = self.conds if name == "sail_batch" else self.conds[:1]
+            conds = self.cond_all if name == "sail_batch" else self.cond0
 
             def search(settings=st):
-                return sail_latents_batch(self.model, conds, self.uncond, shape, settings, dtype=self.dtype,
-                                          device=self.device)
+                return sail_latents_batch(self.model, conds, shape, settings, dtype=self.dtype, device=self.device)
             # the untimed warm-up: one step of the same shapes (the first backward selects its kernels)
             self.warmup = lambda: search(SailSettings(gen_num=n, thres=-1e9, budget=self.args.budget, max_steps=1,
-                                                      max_rounds=1))
+                                                      max_rounds=1, alpha=self.sail_alpha))
             if name == "sail_batch":
-                return search, f"{conds.shape[0]} prompts per call (sail_latents_batch); seconds per prompt"
-            return (lambda: sail_latents(self.model, conds, self.uncond, shape, st, dtype=self.dtype,
+                return search, f"{len(conds)} prompts per call (sail_latents_batch); seconds per prompt"
+            return (lambda: sail_latents(self.model, conds, shape, st, dtype=self.dtype,
                                          device=self.device)), f"{rounds} round(s), 1 prompt (sail_latents)"
         if name == "generation":
             self.warmup = self.item("forward")[0]
-            emb = torch.cat([self.uncond.expand(n, -1, -1), self.conds[:1].expand(n, -1, -1)])
+            emb = Conditioning.of(self.conds[:1], self.uncond, n)
 
             def generate():
                 x = self.latents

@@ -6,7 +6,7 @@
 
 For every measured sampling step it computes, on the same latents and embeddings, the exact metric
 ||H_delta s_delta|| (one forward-mode JVP through a float32 UNet) and the finite-difference estimates of
-utils.scores.ScoreModel.hvp_delta_fd for each precision (float32, bfloat16, tf32 on CUDA), scheme (forward,
+utils.models.denoisers.Denoiser.hvp_delta_fd for each precision (float32, bfloat16, tf32 on CUDA), scheme (forward,
 central) and step h (the displacement's norm along u = s_delta/||s_delta||; `--h_unit rms` reads the listed steps
 as per-entry RMS, h = step * sqrt(C*H*W)). Reported per setting: Spearman's rho of the per-generation metric and of
 the per-prompt mean against the exact one, the AUC of the per-prompt mean (demo: memorized vs non-memorized;
@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.models.jvp_memory import JvpMemory
 from utils.metrics import detection_metrics
-from utils.models.denoisers import FD_SCHEMES, ScoreModel, flat_norm
+from utils.models.conditioning import Conditioning
+from utils.models.denoisers import FD_SCHEMES, denoiser, flat_norm
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
 
@@ -64,17 +65,18 @@ def build(args, device):
     """(float32 UNet, scheduler, cond (K, L, D), uncond (1, L, D), labels (K,) or None, latents (n, C, H, W))."""
     from utils.demo.model import ddim_scheduler
     if args.model == "demo":
-        from utils.models.loading import initial_latents
-        from utils.models.loading import DEMO_MODEL_DIR, encode_prompts, load_pipeline
+        import utils.demo  # noqa: F401  (registers the demo model's family)
+        from utils.models.families import load
+        from utils.models.loading import DEMO_MODEL_DIR
         from utils.prompts import read_prompts
-        pipe = load_pipeline(DEMO_MODEL_DIR, device, torch.float32)
+        family, pipe = load(DEMO_MODEL_DIR, device, torch.float32)
         root = os.path.dirname(DEMO_MODEL_DIR)
         mem = read_prompts(os.path.join(root, "prompts", "demo_mem.txt"))
         nmem = read_prompts(os.path.join(root, "prompts", "demo_nmem.txt"))
-        cond = encode_prompts(pipe, mem + nmem, device)
+        cond = family.embed(pipe, mem + nmem, device)
         labels = torch.tensor([1] * len(mem) + [0] * len(nmem))
-        return (pipe.unet, pipe.scheduler, cond, encode_prompts(pipe, "", device), labels,
-                initial_latents(pipe, args.gen_num, 42))
+        return (pipe.unet, pipe.scheduler, cond, family.embed(pipe, "", device), labels,
+                family.initial_latents(pipe, args.gen_num, 42))
     from utils.demo.model import sd_shaped_unet
     unet, pred, dim = sd_shaped_unet(args.model, args.size, device, torch.float32, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -109,8 +111,8 @@ def run(args):
         copies["bfloat16"] = copy.deepcopy(unet).to(torch.bfloat16)
     if "tf32" in precisions:
         copies["tf32"] = unet  # float32 weights, TF32 math
-    base = ScoreModel(unet, sched, jvp_memory=JvpMemory())  # the exact JVP within the free memory
-    models = {p: ScoreModel(unet, sched, fd_unet=copies.get(p), fd_precision="tf32" if p == "tf32" else "model")
+    base = denoiser(unet, sched, jvp_memory=JvpMemory())  # the exact JVP within the free memory
+    models = {p: denoiser(unet, sched, fd_unet=copies.get(p), fd_precision="tf32" if p == "tf32" else "model")
               for p in precisions}
     timesteps = base.timesteps(50, device=device)
     k, n = cond.shape[0], lat.shape[0]
@@ -119,15 +121,15 @@ def run(args):
     exact = {i: [] for i in steps}
     fd = {(i, p, s, h): [] for i in steps for p in precisions for s in schemes for h in hs[p]}
     if "bfloat16" in precisions:  # context: the exact JVP itself in bfloat16 (the reference's default on CUDA)
-        bf16 = ScoreModel(copies["bfloat16"], sched, jvp_memory=JvpMemory())
+        bf16 = denoiser(copies["bfloat16"], sched, jvp_memory=JvpMemory())
         hs["bfloat16 jvp"] = [0.0]
         fd.update({(i, "bfloat16 jvp", "jvp", 0.0): [] for i in steps})
     rows = [(j, g) for j in range(k) for g in range(n)]
+    conds = Conditioning.of(cond, uncond)  # one row per prompt
     t0 = time.time()
     for start in range(0, len(rows), args.batch):
         chunk = rows[start:start + args.batch]
-        c = cond[torch.tensor([j for j, _ in chunk])]
-        emb = torch.cat([uncond.expand(len(chunk), -1, -1), c])
+        emb = conds.rows(torch.tensor([j for j, _ in chunk]))
         x = lat[torch.tensor([g for _, g in chunk])]
         x0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
         for i, t in enumerate(timesteps[:max(steps) + 1]):

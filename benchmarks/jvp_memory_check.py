@@ -3,12 +3,13 @@
     python benchmarks/jvp_memory_check.py --device cuda --unet sd2 --gen_num 4 --cap_gb 24 --dtypes bfloat16,float32
     python benchmarks/jvp_memory_check.py --unet tiny --size 8 --cap_gb 0.001     # CPU smoke run
 
-For each dtype: one H_delta s_delta (ScoreModel.hvp_delta at the first DDIM step, random SD-shaped UNet, random
+For each dtype: one H_delta s_delta (Denoiser.hvp_delta at the first DDIM step, random SD-shaped UNet, random
 embeddings, seeded latents) (a) uncapped, as detect_mem runs it on a large GPU (JvpMemory 'auto' with the free
-memory: the math kernel when it fits), (b) under --cap_gb (the plan utils.jvp_memory chooses), (c) forced through the
-chunked attention with the largest chunk that fits the free memory. Reported per run: the plan, the estimate
-(utils.jvp_memory.estimate_bytes) and the measured CUDA allocator peak (absolute, weights included, and the increase
-during the JVP), seconds (median of --repeats), and the relative difference ||a - b|| / ||a|| to the uncapped one.
+memory: the math kernel when it fits), (b) under --cap_gb (the plan utils.models.jvp_memory chooses), (c) forced
+through the chunked attention with the largest chunk that fits the free memory. Reported per run: the plan, the
+estimate (utils.models.jvp_memory.estimate_bytes) and the measured CUDA allocator peak (absolute, weights included,
+and the increase during the JVP), seconds (median of --repeats), and the relative difference ||a - b|| / ||a|| to
+the uncapped one.
 """
 import argparse
 import json
@@ -22,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench import peak_memory  # noqa: E402
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
-from utils.models.conditioning import cfg_embeddings
+from utils.models.conditioning import Conditioning
 from utils.models.jvp_memory import JvpMemory, estimate_bytes
-from utils.models.denoisers import ScoreModel
+from utils.models.denoisers import denoiser
 
 
 def parse_args(argv=None):
@@ -50,7 +51,7 @@ def build(args, dtype, device):
     return sd_shaped_unet(args.unet, args.size, device, dtype, seed=0)
 
 
-def one(model, x, t, emb, v, device, repeats):
+def one(model, x, t, cond, v, device, repeats):
     """(result, dict of seconds (median), peak_bytes, peak_increase_bytes, reserved_peak_bytes) of
     model.hvp_delta; on the CPU the peak resident set and its increase over the call."""
     cuda = device.type == "cuda"
@@ -63,11 +64,11 @@ def one(model, x, t, emb, v, device, repeats):
             before = torch.cuda.memory_allocated(device)
         t0 = time.perf_counter()
         if cuda:
-            out = model.hvp_delta(x, t, emb, v)
+            out = model.hvp_delta(x, t, cond, v)
         else:  # peak resident set over the call (benchmarks/bench.py's peak_memory)
             cpu = {}
             with peak_memory(device, cpu):
-                out = model.hvp_delta(x, t, emb, v)
+                out = model.hvp_delta(x, t, cond, v)
             rec.update(peak_bytes=cpu["peak_bytes"], peak_increase_bytes=cpu["peak_increase_bytes"])
         if cuda:
             torch.cuda.synchronize(device)
@@ -90,8 +91,9 @@ def run(args):
         sched = ddim_scheduler(pred)
         g = torch.Generator().manual_seed(1)
         n = args.gen_num
-        emb = cfg_embeddings(torch.randn(1, 77, dim, generator=g), torch.randn(1, 77, dim, generator=g), n)
-        emb = emb.to(device, dtype)
+        c = torch.randn(1, 77, dim, generator=g)  # the prompt's embedding, then the unconditional one
+        u = torch.randn(1, 77, dim, generator=g)
+        cond = Conditioning.of(c.to(device, dtype), u.to(device, dtype), n)
         x = torch.randn(n, 4, args.size, args.size, generator=g).to(device, dtype)
         v = torch.randn(n, 4, args.size, args.size, generator=g).to(device, dtype)
         sched.set_timesteps(50)
@@ -102,13 +104,13 @@ def run(args):
         if args.skip_uncapped:
             cases = cases[1:]
         for label, mem in cases:
-            model = ScoreModel(unet, sched, jvp_memory=mem)
-            plan = model.jvp_plan(x, emb)
+            model = denoiser(unet, sched, jvp_memory=mem)
+            plan = model.jvp_plan(x, cond)
             rec = dict(dtype=dname, case=label, per_call=plan.per_call, query_chunk=plan.query_chunk,
                        estimate_bytes=plan.estimate, budget_bytes=plan.budget,
                        math_estimate_bytes=estimate_bytes(unet, n, (args.size, args.size), 77, dtype, device))
             try:
-                out, measured = one(model, x, t, emb, v, device, args.repeats)
+                out, measured = one(model, x, t, cond, v, device, args.repeats)
             except Exception as e:  # out of memory in particular: reported, the rest still runs
                 rec.update(error=" ".join(str(e).split())[:300])
                 res["runs"].append(rec)
