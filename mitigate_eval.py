@@ -25,6 +25,7 @@ from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, de
 from utils.evaluation.images import MIN_SIDE
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, write_sidecar
 from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_weights
+from utils.mitigation import methods
 from utils.models.loading import resolve_device
 from utils.prompts import read_jsonl
 
@@ -200,7 +201,7 @@ def run_plot(a):
     thresholds = sorted({t for r in results for t in r["thresholds"]})
     if any(r["thresholds"] != results[0]["thresholds"] for r in results):
         raise UserError("the results were scored with different --thresholds; score them alike")
-    rows = E.figure6_rows(results, paths)
+    rows = E.figure6_rows(results, paths, methods)
     y = "mean_clip" if a.y == "clip" else "not_blank"
     for r in rows:
         r["not_blank"] = None if r["frac_blank"] is None else 1 - r["frac_blank"]
@@ -217,7 +218,7 @@ def run_plot(a):
         picks = dict(p.split("=", 1) for p in a.grid_pick if "=" in p)
         if len(picks) != len(a.grid_pick):
             raise UserError("--grid_pick takes METHOD=SETTING pairs")
-        atomic_write_bytes(a.out + "_grid.png", E.image_grid(results, a.grid_prompts, picks, a.gt))
+        atomic_write_bytes(a.out + "_grid.png", E.image_grid(results, a.grid_prompts, methods, picks, a.gt))
         print(f"image grid: {a.out}_grid.png")
 
 

@@ -257,11 +257,12 @@ def run_cost(manifest):
                 generate_seconds=mean("generate_seconds"), search_unet_calls=mean("search_unet_calls", "unet_calls"))
 
 
-def figure6_rows(results, paths):
+def figure6_rows(results, paths, naming):
     """One row per score result (a generation folder): method, setting and gating from its generation header, the
     summary numbers exactly as in the JSON, and the mean cost from its manifest. Sorted: method registry order
-    (none first), then setting. frac_above is {threshold: fraction}."""
-    from ..mitigation.methods import METHODS, describe_run, setting_sort_key
+    (none first), then setting. frac_above is {threshold: fraction}. naming: the method registry's run naming
+    (utils.mitigation.methods), passed in so that evaluation does not import method code."""
+    METHODS, describe_run, setting_sort_key = naming.METHODS, naming.describe_run, naming.setting_sort_key
     rows = []
     for res, path in zip(results, paths):
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
@@ -326,17 +327,18 @@ def figure6_plot(rows, xlabel, ylabel, y="mean_clip", title=None):
     return figure_png(fig)
 
 
-def image_grid(results, prompt_indices, picks=None, gt_dir=None):
+def image_grid(results, prompt_indices, naming, picks=None, gt_dir=None):
     """Figures 7-8: one row per chosen prompt index, one column per method, each cell the prompt's first image
     (k = 0: the same initial noise under every method but SAIL); the training image first when gt_dir is given.
     picks: {method: setting label or folder tag}; default the middle setting of the method's non-gated runs.
-    results: score results (their manifests locate the images). Returns PNG bytes."""
+    results: score results (their manifests locate the images); naming as in figure6_rows. Returns PNG bytes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..io import figure_png
-    from ..mitigation.methods import METHODS, describe_run, folder_tag, setting_sort_key
+    METHODS, describe_run, setting_sort_key = naming.METHODS, naming.describe_run, naming.setting_sort_key
+    folder_tag = naming.folder_tag
     runs = {}
     for res in results:
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
