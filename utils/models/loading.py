@@ -80,14 +80,20 @@ def load_diffusers(cls, model_id, kwargs):
     an offline machine with the weights cached never touches the network; a model that is neither local nor
     reachable, or that does not load, is a UserError."""
     local_dir = os.path.isdir(model_id)
-    if not local_dir and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-        raise UserError(f"model folder {model_id!r} does not exist")
+    _check_folder(model_id)
     try:
         return cls.from_pretrained(model_id, **kwargs) if local_dir else _from_hub(cls, model_id, kwargs)
     except UserError:
         raise
     except Exception as e:  # diffusers raises many types (OSError, ValueError, HTTP errors) for the same causes
         raise UserError(f"could not load model {model_id!r}: {one_line(e)}") from None
+
+
+def _check_folder(model_id):
+    """UserError for an id that names a folder (a path, not owner/name) that does not exist: such an id is not a
+    Hub id either, and huggingface_hub would reject it with a traceback."""
+    if not os.path.isdir(model_id) and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise UserError(f"model folder {model_id!r} does not exist")
 
 
 def read_model_index(model_id):
@@ -98,6 +104,7 @@ def read_model_index(model_id):
         paths = [os.path.join(model_id, "model_index.json"),
                  os.path.join(model_id, "scheduler", "scheduler_config.json")]
     else:
+        _check_folder(model_id)
         from huggingface_hub import try_to_load_from_cache
         paths = [try_to_load_from_cache(model_id, name) for name in
                  ("model_index.json", "scheduler/scheduler_config.json")]
