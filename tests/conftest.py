@@ -18,6 +18,27 @@ if os.path.isdir(SHARED_PROMPTS):
     os.environ.setdefault("MEMSHARP_PROMPT_MIRROR", SHARED_PROMPTS)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (long end-to-end runs; or set MEMSHARP_SLOW=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long end-to-end run whose property a faster test also covers "
+                            "in part; skipped unless --runslow or MEMSHARP_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The default run (CI, the README's command) stays within its time budget on 2 cores; the slow runs are
+    # kept for release checks and for changes to the code they cover.
+    if config.getoption("--runslow") or os.environ.get("MEMSHARP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end run: use --runslow or MEMSHARP_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def prompt_mirror():
     """The verified copy of the paper's prompt files beside the checkout (CI lays ../shared beside it)."""

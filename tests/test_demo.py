@@ -138,6 +138,7 @@ def test_too_many_shared_pairs_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_stopping_early_equals_the_snapshot_of_the_full_schedule(tmp_path):
     # The committed model is "1,500 of 2,500 steps": rebuilding it with --stop_frac must give the same weights as
     # the snapshot of the full run at that step (same RNG stream, same lr schedule).

@@ -112,6 +112,7 @@ def test_two_processes_merge_to_the_single_process_files(tiny_eps_dir, prompts, 
         "p_wen_gen2.progress.1.jsonl"]
 
 
+@pytest.mark.slow
 def test_killed_process_then_resume_with_one_process(tiny_eps_dir, prompts, tmp_path):
     argv = ["--model_id", tiny_eps_dir, "--data_path", str(prompts), *DETECT, "--wen_steps", "25",
             "--out_dir", str(tmp_path / "run")]
@@ -150,6 +151,7 @@ def _manifest(folder):
     return lines[0], [{k: v for k, v in r.items() if k not in drop} for r in lines[1:]]
 
 
+@pytest.mark.slow
 def test_sail_and_scoring_with_two_processes_equal_one_process(tiny_eps_dir, prompts, tmp_path):
     sail = ["mitigate_mem.py", "--model_id", tiny_eps_dir, "--data_path", str(prompts), "--gen_num", "2",
             "--device", "cpu", "--num_inference_steps", "10", "--miti_thres", "0.8", "--miti_lr", "0.2",

@@ -265,6 +265,7 @@ def _load_script():
     return mod
 
 
+@pytest.mark.slow
 def test_eigen_analysis_end_to_end_on_tiny_model(tiny, tmp_path, monkeypatch, capsys):
     script = _load_script()
     # tiny_pipeline() is seeded, so the module fixture IS what --model_id tiny builds; reuse it to save ~5 s

@@ -284,6 +284,7 @@ def test_script_prompt_batch_equals_one_at_a_time(tiny_eps_dir, tmp_path):
     assert _run([*base, "--out_dir", str(tmp_path / "3"), "--miti_prompt_batch", "0"]) == 2
 
 
+@pytest.mark.slow
 def test_gated_prompt_batch_searches_only_the_flagged_prompts_as_alone(tiny_eps_dir, tmp_path):
     """--miti_prompt_batch with --flagged_by: the flagged prompts (not adjacent here) are searched together, each
     as it is searched one at a time; the unflagged prompt is sampled normally in both runs."""
