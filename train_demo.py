@@ -18,21 +18,16 @@ the previous model whole, never a new autoencoder beside an old UNet.
 """
 import argparse
 import os
-import time
 
 import torch
 
 from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, guarded, nonneg_int, positive_float,
     positive_int, quiet_library_warnings, seed_int)
-from utils.demo.data import build_dataset, write_benchmark
-from utils.demo.model import (assemble_pipeline, build_components, ddim_scheduler, encode_latents, make_pairs,
-    train_unet, train_vae)
-from utils.io import atomic_write_json, check_outputs, check_replaceable, library_versions, staged_dir, writing
+from utils.demo.train import MODEL_MARKER, train_demo
+from utils.io import check_outputs, check_replaceable
 from utils.models.loading import DEMO_MODEL_DIR, REPO_ROOT
-from utils.models.clip import offline_clip_tokenizer
 
 COMMITTED_PROMPTS = os.path.join(REPO_ROOT, "prompts")
-MODEL_MARKER = "model_index.json"  # an existing --out_dir is replaced only if it holds a saved pipeline
 MAX_STEPS = 10_000_000
 LR = bounded_float(0, 10, low_open=True)  # larger learning rates only diverge
 
@@ -119,72 +114,15 @@ def main(argv=None):
     # arithmetic by orders of magnitude; flushing them to zero changes no result that matters.
     torch.set_flush_denormal(True)
     try:
-        train(args)
+        log = train_demo(args.out_dir, seed=args.seed, steps=args.steps, stop_after=args.stop_after,
+                         vae_steps=args.vae_steps, batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,
+                         lr=args.lr, vae_lr=args.vae_lr, kl_weight=args.kl_weight, dup=args.dup, shared=args.shared,
+                         generic=args.generic, p_uncond=args.p_uncond, prompts_dir=args.prompts_dir,
+                         token_init_std=args.token_init_std, snapshot_every=args.snapshot_every, record=vars(args))
+        print(f"saved {args.out_dir} in {log['total_seconds']:.0f} s; last losses: {log['unet'][-1]}")
     finally:  # leave the process as we found it (the tests call main in-process)
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
-
-
-def train(args):
-    t0 = time.time()
-    gen = torch.Generator().manual_seed(args.seed)
-    try:
-        data = build_dataset(seed=args.seed, n_shared=args.shared, generic=args.generic)
-    except ValueError as e:  # --shared too large for 1,797 images
-        raise UserError(f"--shared {args.shared}: {e}") from None
-    if args.prompts_dir:
-        write_benchmark(args.prompts_dir, data, seed=args.seed)
-    tokenizer = offline_clip_tokenizer()
-    vae, unet, text_encoder = build_components(args.seed, tokenizer, args.token_init_std)
-
-    log = {"args": vars(args), "versions": library_versions(), "vae": [], "unet": []}
-    train_vae(vae, data["images"], args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, gen, log["vae"])
-    raw = encode_latents(vae, data["images"])
-    # SD's convention: latents are scaled to unit variance by the VAE config's scaling_factor.
-    scaling = float(1.0 / raw.std())
-    vae.register_to_config(scaling_factor=scaling)
-    latents = raw * scaling
-    t_vae = time.time() - t0
-
-    captions = sorted({c for caps in data["captions"] for c in caps} | {c for c, _ in data["memorized"]}
-                      | set(data["generic"]))
-    caption_index = {c: i for i, c in enumerate(captions)}
-    tok = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-    caption_ids, empty_id = tok(captions), tok([""])[0]
-    pairs = make_pairs(data, caption_index, args.dup)
-
-    def pipeline():
-        return assemble_pipeline(vae, unet, text_encoder, tokenizer, ddim_scheduler())
-
-    def snapshot(step):
-        if args.snapshot_every and step % args.snapshot_every == 0 and step < args.stop_after:
-            save_model(pipeline(), log, f"{args.out_dir.rstrip(os.sep)}_step{step}", step)
-
-    train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, args.steps, args.batch_size, args.lr,
-               args.p_uncond, gen, log["unet"], on_step=snapshot, stop_after=args.stop_after)
-    with torch.no_grad():
-        rec = vae.decode(raw[:256]).sample
-    log.update(
-        vae_scaling_factor=scaling, vae_recon_mse=torch.nn.functional.mse_loss(rec, data["images"][:256]).item(),
-        n_pairs=len(pairs), n_memorized_pairs=int((pairs[:, 2] == 1).sum()), memorized=data["memorized"],
-        shared=data["shared"],
-        vae_seconds=round(t_vae, 1), total_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads())
-    save_model(pipeline(), log, args.out_dir, args.stop_after)
-    print(f"saved {args.out_dir} in {log['total_seconds']:.0f} s; last losses: {log['unet'][-1]}")
-
-
-def save_model(pipe, log, folder, step):
-    """Save the pipeline and its training log as one folder, replaced only when complete (staged_dir); diverged
-    (non-finite) weights are refused instead of saved."""
-    for name in ("vae", "unet", "text_encoder"):
-        if not all(torch.isfinite(t).all() for t in getattr(pipe, name).state_dict().values()):
-            raise UserError(f"training diverged by step {step}: the {name} has non-finite weights; nothing saved "
-                            "(lower --lr or --vae_lr)")
-    with staged_dir(folder, marker=MODEL_MARKER) as tmp:
-        with writing(folder, "model folder"):
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(os.path.join(tmp, "train_log.json"), log)
 
 
 if __name__ == "__main__":

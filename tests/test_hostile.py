@@ -394,14 +394,14 @@ def test_train_demo_bad_inputs(world, argv, code, fragment):
 def test_diverged_weights_are_never_saved(tmp_path):
     import torch
 
-    import train_demo
     from utils.cli import UserError
     from utils.demo.model import tiny_pipeline
+    from utils.demo.train import save_model
     pipe = tiny_pipeline()
     with torch.no_grad():
         next(pipe.unet.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(UserError, match="diverged"):
-        train_demo.save_model(pipe, {}, str(tmp_path / "m"), 3)
+        save_model(pipe, {}, str(tmp_path / "m"), 3)
     assert os.listdir(tmp_path) == []
 
 
