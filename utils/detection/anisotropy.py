@@ -29,10 +29,13 @@ def weight_pair(text):
 @dataclasses.dataclass(frozen=True)
 class AnisotropySettings:
     """Options of the anisotropy detector (the authors' defaults)."""
-    aniso_mode: str = option("x,c|x", choices=ANISO_MODES)  # anisotropy: pair of the cosine term (the authors' default: uncond vs guidance)
-    aniso_space: str = option("output", choices=ANISO_SPACES)  # anisotropy: output = the authors' code; score = norm of s_delta and cosine of eps
-    aniso_low_index: int = option(-3, cli=False)  # schedule index of the low-noise timestep (code: timesteps[-3], t = 41)
-    aniso_weights: tuple = option(None, type=weight_pair)  # anisotropy: 'g_norm,g_cos' (default: the model family's aniso_weights, the authors' 1,2 for SD v1.4 / epsilon models, 1,0.1 for SD v2.0 / v-prediction models)
+    aniso_mode: str = option("x,c|x", choices=ANISO_MODES)  # anisotropy: pair of the cosine term
+    aniso_space: str = option("output", choices=ANISO_SPACES, help=(  # anisotropy: space of both terms
+        "anisotropy: output = the authors' code; score = norm of s_delta and cosine of eps"))
+    aniso_low_index: int = option(-3, cli=False)  # low-noise timestep's schedule index (code: timesteps[-3], t = 41)
+    aniso_weights: tuple = option(None, type=weight_pair, help=(  # (norm, cosine) weights; None: the family's
+        "anisotropy: 'g_norm,g_cos' (default: the model family's aniso_weights, the authors' 1,2 for SD v1.4 / "
+        "epsilon models, 1,0.1 for SD v2.0 / v-prediction models)"))
 
     def __post_init__(self):
         problems = [f"{k} must be one of {allowed}" for k, allowed in

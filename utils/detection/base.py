@@ -11,6 +11,7 @@ embeddings, and on_step() of each detector that still measures (i < trajectory()
 once if a detector wants them, and finish() of every detector. Hooks run in registration order, so the detectors'
 own model calls (a JVP, one more forward) keep their order whichever detectors are requested.
 """
+import contextlib
 import dataclasses
 
 import torch
@@ -57,7 +58,9 @@ class NoSettings:
 @dataclasses.dataclass(frozen=True)
 class DifferenceSpace:
     """The space of the conditional-minus-unconditional output (shared by wen and be: one flag)."""
-    wen_space: str = option("output", choices=SPACES)  # wen, be: output = raw model output as Wen et al.'s code (v for v-prediction models); eps = noise prediction
+    wen_space: str = option("output", choices=SPACES, help=(  # wen, be: raw model output or noise prediction
+        "wen, be: output = raw model output as Wen et al.'s code (v for v-prediction models); eps = noise prediction "
+        "(README, 'Comparing detectors')"))
 
     def __post_init__(self):
         if self.wen_space not in SPACES:
@@ -109,7 +112,6 @@ class Pass:
 
     def paused(self):
         """Context in which a detector's own model calls are not recorded by the attention instrument."""
-        import contextlib
         return self.instrument.paused() if self.instrument else contextlib.nullcontext()
 
     def split(self, rows):

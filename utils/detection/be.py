@@ -24,7 +24,9 @@ def index_list(text):
 @dataclasses.dataclass(frozen=True)
 class BeSettings(DifferenceSpace):
     """Options of Chen et al.'s Bright Ending (and wen_space, shared with wen)."""
-    be_layers: tuple = option((), type=index_list)  # be: forward indices of the end-token mask layers (default: the first down block's, as Chen et al.'s two 64x64 layers of SD v1.4)
+    be_layers: tuple = option((), type=index_list, help=(  # be: mask layers; (): the first down block's
+        "be: forward indices of the end-token mask layers (default: the first down block's, as Chen et al.'s two "
+        "64x64 layers of SD v1.4)"))
 
 
 @register

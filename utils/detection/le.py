@@ -10,7 +10,7 @@ from .base import Detector, attention_layers, option, register
 @dataclasses.dataclass(frozen=True)
 class LeSettings:
     """Options of Ren et al.'s layer entropy."""
-    le_layer: int = option(3, type=nonneg_int)  # le: forward index of the cross-attention layer (Ren et al.'s 3 = down_blocks.1.attentions.1)
+    le_layer: int = option(3, type=nonneg_int)  # le: forward index of the layer (Ren's 3 = down_blocks.1.attentions.1)
 
     def __post_init__(self):
         if not isinstance(self.le_layer, int) or self.le_layer < 0:

@@ -9,6 +9,7 @@ ae, be) read the UNet's cross-attention through one utils.models.attention.Cross
 the UNet's outputs bit-identical, so they share the trajectory with the others. Shapes: K prompts x n generations.
 """
 import contextlib
+import dataclasses
 import time
 
 import torch

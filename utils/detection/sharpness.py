@@ -14,11 +14,16 @@ FD_STEP = 1e-3  # default fd step: per-entry RMS of the displacement along s_del
 @dataclasses.dataclass(frozen=True)
 class SharpnessSettings:
     """Options of the sharpness detector."""
-    hvp_sampling_num: int = option(1, type=positive_int, steps=True)  # sharpness: number of first sampling steps measured
-    hvp: str = option("jvp", choices=HVP_METHODS)  # sharpness: jvp = H_delta s_delta by one exact forward-mode JVP (default); fd = finite differences of s_delta along itself: 1 extra forward that can use the fused attention kernels (README 'Cost')
-    fd_step: float = option(FD_STEP, type=positive_float)  # fd: per-entry RMS of the displacement along s_delta/||s_delta||
-    fd_precision: str = option("float32", choices=FD_PRECISIONS)  # fd: float32 = the difference forwards in float32 (a float32 UNet copy of a bfloat16 model); model = in the model's dtype (bfloat16 fails the agreement targets); tf32 = float32 weights, TF32 math (CUDA)
-    fd_scheme: str = option("forward", choices=FD_SCHEMES)  # fd: forward = 1 displaced forward; central = 2 (x +- h u), second-order accurate
+    hvp_sampling_num: int = option(1, type=positive_int, steps=True)  # sharpness: first sampling steps measured
+    hvp: str = option("jvp", choices=HVP_METHODS, help=(  # sharpness: exact JVP or finite differences
+        "sharpness: jvp = H_delta s_delta by one exact forward-mode JVP (default); fd = finite differences of "
+        "s_delta along itself: 1 extra forward that can use the fused attention kernels (README 'Cost')"))
+    fd_step: float = option(FD_STEP, type=positive_float)  # fd: per-entry RMS of the displacement along s_delta
+    fd_precision: str = option("float32", choices=FD_PRECISIONS, help=(  # fd: precision of the difference forwards
+        "fd: float32 = the difference forwards in float32 (a float32 UNet copy when the model runs in bfloat16: 2 "
+        "float32 forwards); model = in the model's dtype (bfloat16 fails the agreement targets); tf32 = float32 "
+        "weights with TF32 math (CUDA)"))
+    fd_scheme: str = option("forward", choices=FD_SCHEMES)  # fd: forward = 1 displaced forward; central = 2 (x +- h u)
 
     def __post_init__(self):
         positive_fields(self, ("hvp_sampling_num",))

@@ -16,7 +16,7 @@ TILED_AGGS = ("mean", "min")
 class TiledL2Settings:
     """Options of the tiled l2 distance."""
     tile_px: int = option(128, type=positive_int)  # tiled_l2: tile side in pixels (8 for the demo)
-    tiled_agg: str = option("mean", choices=TILED_AGGS)  # tiled_l2: aggregate of the pairwise distances (mean; min = the closest pair)
+    tiled_agg: str = option("mean", choices=TILED_AGGS)  # tiled_l2: aggregate of the pair distances (min: closest pair)
 
     def __post_init__(self):
         positive_fields(self, ("tile_px",))

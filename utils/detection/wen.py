@@ -10,7 +10,7 @@ from .base import DifferenceSpace, Detector, option, output_difference, positive
 @dataclasses.dataclass(frozen=True)
 class WenSettings(DifferenceSpace):
     """Options of Wen et al.'s detector (and wen_space, shared with be)."""
-    wen_steps: int = option(50, type=positive_int, steps=True)  # wen: first sampling steps measured (Table 1 averages the first 1, 5 or 50)
+    wen_steps: int = option(50, type=positive_int, steps=True)  # wen: first steps measured (Table 1: first 1, 5 or 50)
 
     def __post_init__(self):
         super().__post_init__()
