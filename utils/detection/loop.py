@@ -21,7 +21,6 @@ from .base import DETECTORS, Pass, Sampling, Step
 def settings_for(**options):
     """{detector name: its settings} for every registered detector, each from the options that are its fields
     (e.g. settings_for(wen_steps=3, tile_px=4)); ValueError for an option no detector has."""
-    import dataclasses
     out, used = {}, set()
     for name, cls in DETECTORS.items():
         fields = {f.name for f in dataclasses.fields(cls.Settings)}
