@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
-from utils.detection.loop import METRICS
+from utils.detection import DETECTORS
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
 from utils.detection.tables import (TABLE_STEPS, build_table, discover, load_paper, load_result, markdown,
@@ -112,7 +112,7 @@ def run_table(args):
     if not os.path.isdir(args.table):
         raise UserError(f"--table {args.table} is not a folder")
     steps = parse_int_list(args.table_steps, 1, None, "--table_steps")
-    results = discover(args.table, METRICS)
+    results = discover(args.table, tuple(DETECTORS))
     pairs = [tuple(args.sets)] if args.sets else set_pairs(results)
     if not pairs:
         raise UserError(f"no pair of <x>_mem / <x>_nmem results in {args.table}; name the sets with --sets")

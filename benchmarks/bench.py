@@ -10,7 +10,7 @@ Items (each the median of --repeats runs after a warm-up run; the long ones, SAI
 runs after a cheap warm-up of the same shapes):
 
   forward        one UNet call on the [uncond; cond] batch of 2n rows: the unit of every ratio
-  wen            utils.detection.loop.run_detectors, metric wen at step 1 (Wen et al.): that forward and a norm
+  wen            utils.detection.loop.run_detectors, detector wen at step 1 (Wen et al.): that forward and a norm
   anisotropy     the anisotropy detector (2 forwards)
   jvp            sharpness, exact: the step's forward + one forward-mode JVP (the default --hvp jvp; attention
                  by JvpMemory 'auto' with --max_memory_gb)
@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
-from utils.detection.loop import DetectSettings, run_detectors
+from utils.detection.loop import run_detectors, settings_for
 from utils.models.conditioning import Conditioning
 from utils.models.jvp_memory import JvpMemory
 from utils.models.autodiff import jvp_unet_copy
@@ -176,7 +176,7 @@ class Bench:
 
     def detect(self, metric, model=None, **settings):
         return lambda: run_detectors(model or self.model, self.cond0, self.latents, [metric],
-                                     DetectSettings(**settings))
+                                     settings_for(**settings))
 
     def item(self, name):
         """(callable, note) of a benchmark item, or None when it does not apply to this dtype/device."""
@@ -195,7 +195,7 @@ class Bench:
         if name == "wen":
             return self.detect("wen", wen_steps=1), "run_detectors wen, step 1"
         if name == "anisotropy":
-            return self.detect("anisotropy"), "run_detectors anisotropy (2 forwards)"
+            return self.detect("anisotropy", aniso_weights=(1.0, 2.0)), "run_detectors anisotropy (2 forwards)"
         if name == "jvp":
             return self.detect("sharpness"), "forward + exact JVP (JvpMemory auto)"
         if name == "jvp_chunked":

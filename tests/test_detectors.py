@@ -11,7 +11,10 @@ from cli_run import exit_code
 import detect_eval
 import detect_mem
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
-from utils.detection.loop import DetectSettings, pairwise_tiled_l2, run_detectors
+from utils.detection.loop import run_detectors, settings_for
+from utils.detection.sharpness import Sharpness, SharpnessSettings
+from utils.detection.tiled_l2 import pairwise_tiled_l2
+from utils.detection.wen import Wen
 from utils.models.denoisers import denoiser
 from utils.models.families import SD1
 from utils.models.conditioning import Conditioning
@@ -49,7 +52,7 @@ def _plain_trajectory(pipe, prompt, lat, steps):
 def test_wen_equals_plain_diffusers_loop(setup):
     pipe, cond, uncond, lat = setup
     vals, _, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["wen"],
-                                  DetectSettings(wen_steps=4))
+                                  settings_for(wen_steps=4))
     assert vals["wen"].shape == (2, 3, 4)
     for k, prompt in enumerate(PROMPTS):
         want = torch.stack([(e_c - e_u).flatten(1).norm(dim=1) for _, _, e_u, e_c in
@@ -59,7 +62,7 @@ def test_wen_equals_plain_diffusers_loop(setup):
 
 def test_anisotropy_equals_plain_computation(setup):
     pipe, cond, uncond, lat = setup
-    st = DetectSettings(aniso_weights=(1.0, 2.0))
+    st = settings_for(aniso_weights=(1.0, 2.0))
     vals, extras, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["anisotropy"], st)
     sched = pipe.scheduler
     for k, prompt in enumerate(PROMPTS):
@@ -81,7 +84,7 @@ def test_anisotropy_equals_plain_computation(setup):
 
 def test_tiled_l2_equals_pipeline_images_and_numpy_tiles(setup):
     pipe, cond, uncond, lat = setup
-    st = DetectSettings(tile_px=4)  # the tiny pipeline makes 16x16 images: a 4x4 grid of 4-pixel tiles
+    st = settings_for(tile_px=4)  # the tiny pipeline makes 16x16 images: a 4x4 grid of 4-pixel tiles
     vals, extras, images, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["tiled_l2"],
                                             st, decode=lambda z: SD1.decode(pipe, z))
     for k, prompt in enumerate(PROMPTS):
@@ -102,7 +105,7 @@ def test_tiled_l2_equals_pipeline_images_and_numpy_tiles(setup):
 def test_one_pass_equals_each_metric_alone(setup):
     pipe, cond, uncond, lat = setup
     model = denoiser(pipe.unet, pipe.scheduler)
-    st = DetectSettings(hvp_sampling_num=2, wen_steps=3, tile_px=4)
+    st = settings_for(hvp_sampling_num=2, wen_steps=3, tile_px=4, aniso_weights=(1.0, 2.0))
     dec = lambda z: SD1.decode(pipe, z)
     together, ex, _, meter = run_detectors(model, Conditioning.of(cond, uncond), lat, ["sharpness", "wen", "anisotropy", "tiled_l2"],
                                            st, decode=dec)
@@ -125,19 +128,19 @@ def test_fd_sharpness_agrees_with_the_jvp_and_costs_forwards(setup):
     pipe, cond, uncond, lat = setup
     model = denoiser(pipe.unet, pipe.scheduler)
     metrics = ["sharpness", "wen"]
-    exact, _, _, _ = run_detectors(model, Conditioning.of(cond, uncond), lat, metrics, DetectSettings(hvp_sampling_num=2, wen_steps=2))
+    exact, _, _, _ = run_detectors(model, Conditioning.of(cond, uncond), lat, metrics, settings_for(hvp_sampling_num=2, wen_steps=2))
     for scheme, extra in (("forward", 1), ("central", 2)):
-        st = DetectSettings(hvp_sampling_num=2, wen_steps=2, hvp="fd", fd_scheme=scheme)
+        st = settings_for(hvp_sampling_num=2, wen_steps=2, hvp="fd", fd_scheme=scheme)
         fd, _, _, meter = run_detectors(model, Conditioning.of(cond, uncond), lat, metrics, st)
         torch.testing.assert_close(fd["sharpness"], exact["sharpness"], rtol=1e-2, atol=0)
         assert torch.equal(fd["wen"], exact["wen"])
         cost = meter.summary(metrics)["sharpness"]
         assert (cost["unet_forwards"], cost["fd_forwards"], cost["jvps"]) == (2 + 2 * extra, 2 * extra, 0)
-    assert "hvp" not in DetectSettings().for_metric("sharpness")
-    assert st.for_metric("sharpness")["fd_scheme"] == "central" and "hvp" not in st.for_metric("wen")
+    assert "hvp" not in Sharpness().identity()
+    assert Sharpness(st["sharpness"]).identity()["fd_scheme"] == "central" and "hvp" not in Wen(st["wen"]).identity()
     for bad in (dict(hvp="hessian"), dict(fd_step=0.0), dict(fd_precision="fp8"), dict(fd_scheme="backward")):
         with pytest.raises(ValueError):
-            DetectSettings(**bad)
+            SharpnessSettings(**bad)
 
 
 def test_wen_and_anisotropy_norm_on_gaussian_closed_form():
@@ -152,7 +155,7 @@ def test_wen_and_anisotropy_norm_on_gaussian_closed_form():
         uncond = gaussian_embedding(torch.zeros(1, *shape), torch.zeros(1, *shape))
         lat = torch.randn(3, *shape, generator=g, dtype=torch.float64)
         vals, ext, _, _ = run_detectors(denoiser(model, sched), Conditioning.of(cond.double(), uncond.double()), lat,
-                                        ["wen", "anisotropy"], DetectSettings(wen_steps=1))
+                                        ["wen", "anisotropy"], settings_for(wen_steps=1, aniso_weights=(1.0, 2.0)))
         t = int(sched.timesteps[0])
         alpha, sigma, mu, var_c = model.marginal(t, cond.double().repeat_interleave(3, 0))
         _, _, _, var_u = model.marginal(t, uncond.double().expand(6, -1, -1))
@@ -258,7 +261,7 @@ def test_attention_metrics_equal_diffusers_attention_scores(setup):
     pipe, cond, uncond, lat = setup
     n, steps = lat.shape[0], 50
     vals, extras, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["le", "ae", "be"],
-                                       DetectSettings(le_layer=1), prompt_lengths=[
+                                       settings_for(le_layer=1), prompt_lengths=[
                                            len(pipe.tokenizer(p).input_ids) for p in PROMPTS])
     calls = []
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
-from utils.detection.loop import sharpness_scores
+from utils.detection import sharpness_scores
 from utils.models.denoisers import alpha_sigma, score_difference
 from utils.models.denoisers import denoiser
 from utils.models.conditioning import Conditioning

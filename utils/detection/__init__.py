@@ -1,0 +1,5 @@
+"""Memorization detectors as plug-ins: DETECTORS (name -> Detector class) and `register` (utils/detection/base.py);
+one file per detector registers itself when imported. The built-in seven, in the order their hooks run:"""
+from .base import DETECTORS, Detector, Sampling, register  # noqa: F401
+from . import sharpness, wen, anisotropy, tiled_l2, le, ae, be  # noqa: F401,E402  (each registers itself)
+from .sharpness import sharpness_scores  # noqa: F401,E402
