@@ -25,7 +25,6 @@ from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, gua
 from utils.io import (atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir,
                       safe_filename, safe_join, sha256_file, write_sidecar)
 from utils.mitigation import gating, methods as MI
-from utils.mitigation.sail import PromptBatches, resolve_alpha
 from utils.models.loading import model_label
 from utils.prompts import read_prompts, truncated_prompts
 from utils.startup import add_model_arguments, load_model, model_id_of, start_process
@@ -75,7 +74,7 @@ def parse_args(argv=None):
         p.error("--flag_threshold / --flag_fpr / --flag_nmem need --flagged_by")
     if a.flag_fpr is not None and not a.flag_nmem:
         p.error("--flag_fpr needs --flag_nmem (detection scores of non-memorized prompts)")
-    if a.miti_prompt_batch > 1 and a.method != "sail":
+    if a.miti_prompt_batch > 1 and MI.METHODS[a.method].batch is None:
         p.error("--miti_prompt_batch batches SAIL's search; --method %s has none" % a.method)
     mine = {dest for _, dest in flags[a.method]}
     foreign = [d for added in flags.values() for _, d in added if d not in mine and getattr(a, d) != p.get_default(d)]
@@ -101,14 +100,6 @@ def gate(a, prompts, model_id):
         return None, None, None
     return gating.gate_prompts(prompts, a.flagged_by, model_id, threshold=a.flag_threshold, fpr=a.flag_fpr,
                            nmem=a.flag_nmem)
-
-
-def folder_name(prompt_type, method, label, gridded, gated):
-    """Output folder of one run (SAIL and none keep the reference's names)."""
-    name = {"none": prompt_type + "_nomiti", "sail": prompt_type}.get(method, f"{prompt_type}_{method}")
-    if gridded:
-        name = f"{prompt_type}_{method}_{MI.folder_tag(label)}"
-    return name + ("_gated" if gated else "")
 
 
 @guarded(memory_hint="use a smaller --gen_num or --miti_budget")
@@ -143,8 +134,8 @@ def main(argv=None):
     for st in runs:
         setting = MI.setting_label(a.method, st.to_dict())
         # every write stays under --out_dir: the model label and --prompt_type must be plain folder names
-        folder = safe_join(a.out_dir, label, folder_name(a.prompt_type, a.method, setting, a.grid is not None,
-                                                         gate_info is not None), what="--prompt_type / model name")
+        folder = safe_join(a.out_dir, label, MI.folder_name(a.prompt_type, a.method, setting, a.grid is not None,
+                                                            gate_info is not None), what="--prompt_type / model name")
         prepare_dir(folder)
         check_outputs({"the output folder": folder}, {"--data_path": a.data_path, "--flagged_by": a.flagged_by,
                                                      "--flag_nmem": a.flag_nmem})
@@ -179,12 +170,9 @@ def run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores,
         print(f"{folder}: resuming, {len(log.done)} of {len(prompts)} prompts already done")
     unreached = 0
     mine = [i for batch in D.my_batches(todo, 1, shard) for i in batch]
-    if a.method == "sail" and a.miti_prompt_batch > 1:  # the flagged prompts' searches, K at a time
-        batches = PromptBatches(ctx.model, lambda idx: ctx.encode([prompts[j] for j in idx]),
-                                tuple(ctx.noise.shape[1:]), resolve_alpha(st, ctx.family.hparam("sail_alpha")),
-                                [i for i in mine if flags is None or flags[i]], a.miti_prompt_batch,
-                                dtype=ctx.noise.dtype, device=ctx.noise.device)
-        ctx = dataclasses.replace(ctx, search=lambda index, cond, settings: batches(index))
+    if a.miti_prompt_batch > 1:  # the flagged prompts' searches, K at a time
+        ctx = MI.METHODS[a.method].batch(ctx, st, prompts, [i for i in mine if flags is None or flags[i]],
+                                         a.miti_prompt_batch)
     for i in tqdm(mine, desc=f"{a.method} {setting}".strip(), unit="prompt", disable=not mine):
         mitigate = flags is None or flags[i]
         t0 = time.time()

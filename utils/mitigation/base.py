@@ -110,6 +110,7 @@ class Method:
     sort_key: Optional[Callable] = None  # settings dict -> order of the settings (default: grid_field ascending)
     flag_prefix: str = ""                # its flags are --<flag_prefix><field> (or a field's metadata 'flag')
     title: str = ""                      # heading of its flags in --help
+    batch: Optional[Callable] = None     # (ctx, settings, prompts, indices, k) -> ctx searching k prompts at once
 
 
 def folder_tag(label):

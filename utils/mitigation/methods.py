@@ -69,6 +69,14 @@ def setting_sort_key(method, settings_dict):
     return (0, v) if isinstance(v, (int, float)) else (1, 0)
 
 
+def folder_name(prompt_type, method, label, gridded, gated):
+    """Output folder of one run (SAIL and none keep the reference's names)."""
+    name = {"none": prompt_type + "_nomiti", "sail": prompt_type}.get(method, f"{prompt_type}_{method}")
+    if gridded:
+        name = f"{prompt_type}_{method}_{folder_tag(label)}"
+    return name + ("_gated" if gated else "")
+
+
 def describe_run(header):
     """(method, setting label, settings dict, gated) of a generation manifest header; headers written before the
     method registry (SAIL and --no_mitigation runs) are understood too."""

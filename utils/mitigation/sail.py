@@ -320,7 +320,16 @@ def plan_sail(ctx, index, prompt, settings):
     return Plan(lat * ctx.model.scheduler.init_noise_sigma, cond, ctx.guidance_scale, [prompt] * n, rec)
 
 
+def batched_context(ctx, settings, prompts, indices, k):
+    """ctx whose search runs the SAIL searches of the prompts `indices` (of the list `prompts`) k at a time, each
+    prompt's search as alone (mitigate_mem --miti_prompt_batch)."""
+    batches = PromptBatches(ctx.model, lambda idx: ctx.encode([prompts[j] for j in idx]), tuple(ctx.noise.shape[1:]),
+                            resolve_alpha(settings, ctx.family.hparam("sail_alpha")), indices, k,
+                            dtype=ctx.noise.dtype, device=ctx.noise.device)
+    return dataclasses.replace(ctx, search=lambda index, cond, settings: batches(index))
+
+
 # the paper's grids differ per model family: the profiles' hparams 'grids' (utils.models.families)
 METHOD = Method("sail", SailSettings, plan_sail, "thres", lambda x: {"thres": grid_float(x)},
                 label=lambda s: f"thres={s['thres']:g}", flag_prefix="miti_",
-                title="SAIL (paper, Algorithm 2 and Appendix D)")
+                title="SAIL (paper, Algorithm 2 and Appendix D)", batch=batched_context)
