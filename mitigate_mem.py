@@ -77,9 +77,13 @@ def parse_args(argv=None):
     if a.miti_prompt_batch > 1 and MI.METHODS[a.method].batch is None:
         p.error("--miti_prompt_batch batches SAIL's search; --method %s has none" % a.method)
     mine = {dest for _, dest in flags[a.method]}
-    foreign = [d for added in flags.values() for _, d in added if d not in mine and getattr(a, d) != p.get_default(d)]
-    if foreign:  # another method's hyperparameter would be silently ignored
-        p.error(f"--{foreign[0]} is not an option of --method {a.method}")
+    others = {d for added in flags.values() for _, d in added if d not in mine}
+    unset = object()
+    p.set_defaults(**dict.fromkeys(others, unset))  # parsed again: a flag given replaces this default
+    again = vars(p.parse_args(argv))
+    given = sorted(d for d in others if again[d] is not unset)
+    if given:  # another method's hyperparameter would be silently ignored
+        p.error(f"--{given[0]} is not an option of --method {a.method}")
     if MI.METHODS[a.method].grid_field is None and (a.grid or a.flagged_by):
         p.error(f"--method {a.method} has nothing to grid over or to gate")
     return a, flags[a.method]

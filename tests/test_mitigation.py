@@ -287,6 +287,7 @@ def test_bad_inputs_exit_2_and_lose_nothing(runs, capsys):
         (["--method", "wen", "--miti_thres", "3"], "--miti_thres is not an option of --method wen"),
         (["--no_mitigation", "--ren_no_mask"], "--ren_no_mask is not an option of --method none"),
         (["--method", "rna", "--cfg_w_pre", "-2"], "--cfg_w_pre is not an option of --method rna"),
+        (["--method", "wen", "--aug_count", "4"], "--aug_count is not an option of --method wen"),  # its default too
         (["--no_mitigation", "--gen_seed", "7"], "different settings"),  # the finished folder is kept as it is
     ]
     for extra, msg in cases:
