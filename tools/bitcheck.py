@@ -27,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PROMPTS = ['"A ""quoted"" <i>caption</i> with HTML"', "a red square on a blue field", "digit seven"]
 TIMING_KEYS = {"seconds", "search_seconds", "generate_seconds", "seconds_per_prompt", "total_seconds"}
-# a manifest header's paths of (and hashes of files that echo) the run's own output folder: the rest is compared
-HEADER_PATHS = {"detection", "detection_sha256", "nmem", "nmem_sha256"}
+# a manifest header's paths of (and hashes of files that echo) the run's own output folder, and the model's label
+# (the demo model is "sddemo" only from the checkout that holds it): the rest is compared
+HEADER_PATHS = {"detection", "detection_sha256", "nmem", "nmem_sha256", "model"}
 
 
 def commands(fx):
