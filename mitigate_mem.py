@@ -20,12 +20,11 @@ import time
 from tqdm import tqdm
 
 from utils import distributed as D
-from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, guarded, nonneg_float, nonneg_int,
-                       positive_float, positive_int, quiet_library_warnings, seed_int, warn)
+from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, guarded, positive_int,
+                       quiet_library_warnings, seed_int, settings_arguments, warn)
 from utils.io import (atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir,
                       safe_filename, safe_join, sha256_file, write_sidecar)
 from utils.mitigation import gating, methods as MI
-from utils.mitigation.sail import FORMS, PromptBatches, SailSettings, resolve_alpha
 from utils.models.loading import model_label
 from utils.prompts import read_prompts, truncated_prompts
 from utils.startup import add_model_arguments, load_model, model_id_of, start_process
@@ -35,6 +34,7 @@ GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling (Jain
 
 
 def parse_args(argv=None):
+    """The parsed flags, and {method: [(settings field, flag dest)]} of every registered method's flags."""
     p = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(p)
     p.add_argument("--data_path", default="prompts/sample_mitigation.txt")
@@ -44,55 +44,19 @@ def parse_args(argv=None):
     p.add_argument("--grid", nargs="?", const="paper", default=None, metavar="V1,V2,...",
                    help="one run per setting: the paper's five (no value) or these values of the method's main "
                         "hyperparameter (sail: thres, wen: l_target, rna/rta: count, cfg_delay: transition or "
-                        "'dynamic')")
+                        "'dynamic', ren: C)")
     p.add_argument("--gen_num", type=positive_int, default=4, help="images per prompt (the paper: 5)")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="seed of the initial noise, SAIL's search, RNA/RTA")
     p.add_argument("--num_inference_steps", type=positive_int, default=NUM_INFERENCE_STEPS,
                    help="DDIM steps of every method (the paper: 50)")
-    g = p.add_argument_group("SAIL (paper, Algorithm 2 and Appendix D)")
-    g.add_argument("--miti_thres", type=finite_float, default=8.2, help="l_thres; SD1 grid 7.6-9, SD2 grid 4-6")
-    g.add_argument("--miti_lr", type=positive_float, default=0.05, help="Adam learning rate on the latents")
-    g.add_argument("--miti_budget", type=positive_int, default=8, help="candidates optimized together")
-    g.add_argument("--miti_max_steps", type=positive_int, default=10, help="Adam steps per round")
-    g.add_argument("--miti_max_rounds", type=positive_int, default=100, help="rounds before giving up on a prompt")
-    g.add_argument("--miti_alpha", type=nonneg_float, default=None,
-                   help="weight of ||x_T|| in the loss (default 0.05 for epsilon, 0.01 for v-prediction models)")
-    g.add_argument("--miti_form", default="reference", choices=FORMS,
-                   help="reference: the paper's code (default); clean: Algorithm 2 as written (see README)")
-    g.add_argument("--miti_prompt_batch", type=bounded_int(1, 256), default=1, metavar="K",
-                   help="prompts whose SAIL searches share each UNet call (each prompt's search as alone; results "
-                        "equal within float tolerance; 1 = one prompt at a time, the reference)")
-    g = p.add_argument_group("wen (Wen et al., ICLR 2024: their inference_mem.py)")
-    g.add_argument("--wen_target_loss", type=finite_float, default=3.0, help="l_target (their README: 3)")
-    g.add_argument("--wen_lr", type=positive_float, default=0.05)
-    g.add_argument("--wen_max_iters", type=nonneg_int, default=10)
-    g.add_argument("--wen_optimizer", default="adamw", choices=["adamw", "adam"],
-                   help="adamw (weight decay --wen_weight_decay): their code; adam: the paper's description")
-    g.add_argument("--wen_weight_decay", type=nonneg_float, default=0.01)
-    g.add_argument("--wen_space", default="output", choices=["output", "eps"],
-                   help="output: raw model output difference, v on SD v2.0 (their code); eps: noise prediction")
-    g.add_argument("--wen_loss", default="joint", choices=["joint", "mean"],
-                   help="joint: one norm over all n images (their code; l_target depends on n); mean: per image")
-    g = p.add_argument_group("rna / rta (Somepalli et al., as in Wen et al.'s code)")
-    g.add_argument("--aug_count", type=nonneg_int, default=4, help="numbers / tokens inserted (grid 1,2,4,6,8)")
-    g.add_argument("--aug_per_image", action="store_true",
-                   help="a new draw for each image (their code: one augmented prompt for all n images)")
-    g.add_argument("--rta_vocab", type=positive_int, default=49400, help="token ids drawn from [0, this)")
-    g = p.add_argument_group("cfg_delay (Jain et al., CVPR 2025)")
-    g.add_argument("--cfg_rule", default="static", choices=MI.CFG_RULES)
-    g.add_argument("--cfg_transition", type=finite_float, default=500.0,
-                   help="static: timestep value; steps with t > it use --cfg_w_pre (their code; not a step index)")
-    g.add_argument("--cfg_w_pre", type=finite_float, default=None,
-                   help="guidance before the transition (default: 0 static, 1 dynamic; negative: opposite guidance)")
-    g.add_argument("--cfg_w_post", type=finite_float, default=GUIDANCE_SCALE)
-    g = p.add_argument_group("ren (Ren et al., ECCV 2024: their inference-time attention mitigation)")
-    g.add_argument("--ren_factor", type=finite_float, default=1.25,
-                   help="C: multiplies the start token's attention logit on the conditional branch (their 1.25; "
-                        "the paper's grid 1.1, 1.2, 1.25, 1.3, 1.5)")
-    g.add_argument("--ren_no_mask", action="store_true",
-                   help="do not mask the summary tokens (their code masks them: --cross_attn_mask)")
-    g.add_argument("--ren_drop_first_eos", action="store_true",
-                   help="also mask the first end-of-text token (their --mask_length_minis1; off in their README)")
+    p.add_argument("--miti_prompt_batch", type=bounded_int(1, 256), default=1, metavar="K",
+                   help="sail: prompts whose SAIL searches share each UNet call (each prompt's search as alone; "
+                        "results equal within float tolerance; 1 = one prompt at a time, the reference)")
+    flags, by_class = {}, {}  # each method's (field, dest) pairs; rna and rta share one dataclass, one set
+    for name, m in MI.METHODS.items():
+        if m.settings not in by_class:
+            by_class[m.settings] = settings_arguments(p, m.settings, m.flag_prefix, m.title or None)
+        flags[name] = by_class[m.settings]
     g = p.add_argument_group("gating: mitigate only the prompts a detector flags; the rest are sampled normally")
     g.add_argument("--flagged_by", default=None, metavar="DET.pt", help="detect_mem.py result on --data_path")
     g.add_argument("--flag_threshold", type=finite_float, default=None, help="flag prompts scoring above this")
@@ -110,29 +74,28 @@ def parse_args(argv=None):
         p.error("--flag_threshold / --flag_fpr / --flag_nmem need --flagged_by")
     if a.flag_fpr is not None and not a.flag_nmem:
         p.error("--flag_fpr needs --flag_nmem (detection scores of non-memorized prompts)")
-    if a.miti_prompt_batch > 1 and a.method != "sail":
+    if a.miti_prompt_batch > 1 and MI.METHODS[a.method].batch is None:
         p.error("--miti_prompt_batch batches SAIL's search; --method %s has none" % a.method)
-    if a.method == "none" and (a.grid or a.flagged_by):
-        p.error("--method none has nothing to grid over or to gate")
-    return a
+    mine = {dest for _, dest in flags[a.method]}
+    others = {d for added in flags.values() for _, d in added if d not in mine}
+    unset = object()
+    p.set_defaults(**dict.fromkeys(others, unset))  # parsed again: a flag given replaces this default
+    again = vars(p.parse_args(argv))
+    given = sorted(d for d in others if again[d] is not unset)
+    if given:  # another method's hyperparameter would be silently ignored
+        p.error(f"--{given[0]} is not an option of --method {a.method}")
+    if MI.METHODS[a.method].grid_field is None and (a.grid or a.flagged_by):
+        p.error(f"--method {a.method} has nothing to grid over or to gate")
+    return a, flags[a.method]
 
 
-def method_settings(a):
-    """The chosen method's settings from the flags (a ValueError names an invalid value)."""
-    return {"none": lambda: MI.NoSettings(),
-            "sail": lambda: SailSettings(gen_num=a.gen_num, seed=a.gen_seed, thres=a.miti_thres, lr=a.miti_lr,
-                                         budget=a.miti_budget, max_steps=a.miti_max_steps,
-                                         max_rounds=a.miti_max_rounds, alpha=a.miti_alpha, form=a.miti_form,
-                                         num_inference_steps=a.num_inference_steps),
-            "wen": lambda: MI.WenSettings(target_loss=a.wen_target_loss, lr=a.wen_lr, max_iters=a.wen_max_iters,
-                                          optimizer=a.wen_optimizer, weight_decay=a.wen_weight_decay,
-                                          space=a.wen_space, loss=a.wen_loss),
-            "rna": lambda: MI.AugmentSettings(count=a.aug_count, per_image=a.aug_per_image, vocab=a.rta_vocab),
-            "rta": lambda: MI.AugmentSettings(count=a.aug_count, per_image=a.aug_per_image, vocab=a.rta_vocab),
-            "cfg_delay": lambda: MI.CfgDelaySettings(rule=a.cfg_rule, transition=a.cfg_transition,
-                                                     w_pre=a.cfg_w_pre, w_post=a.cfg_w_post),
-            "ren": lambda: MI.RenSettings(factor=a.ren_factor, mask=not a.ren_no_mask,
-                                          drop_first_eos=a.ren_drop_first_eos)}[a.method]()
+def method_settings(a, added):
+    """The chosen method's settings from its flags; a field kept off the command line (SAIL's gen_num, seed,
+    num_inference_steps) is the run's own flag of that name (a ValueError names an invalid value)."""
+    cls = MI.METHODS[a.method].settings
+    run = dict(gen_num=a.gen_num, seed=a.gen_seed, num_inference_steps=a.num_inference_steps)
+    fields = {f.name for f in dataclasses.fields(cls)} - {name for name, _ in added}
+    return cls(**{name: getattr(a, dest) for name, dest in added}, **{k: v for k, v in run.items() if k in fields})
 
 
 def gate(a, prompts, model_id):
@@ -143,17 +106,9 @@ def gate(a, prompts, model_id):
                            nmem=a.flag_nmem)
 
 
-def folder_name(prompt_type, method, label, gridded, gated):
-    """Output folder of one run (SAIL and none keep the reference's names)."""
-    name = {"none": prompt_type + "_nomiti", "sail": prompt_type}.get(method, f"{prompt_type}_{method}")
-    if gridded:
-        name = f"{prompt_type}_{method}_{MI.folder_tag(label)}"
-    return name + ("_gated" if gated else "")
-
-
 @guarded(memory_hint="use a smaller --gen_num or --miti_budget")
 def main(argv=None):
-    a = parse_args(argv)
+    a, added = parse_args(argv)
     quiet_library_warnings()
     # several processes under accelerate launch / torchrun: prompts are sharded
     shard, device = start_process(a.device, vars(a))
@@ -161,7 +116,7 @@ def main(argv=None):
     label = model_label(a.sd_ver, a.model_id)
     prompts = read_prompts(a.data_path, a.prompt_mirror)
     try:
-        base = method_settings(a)
+        base = method_settings(a, added)
         values = None if a.grid in (None, "paper") else [v for v in a.grid.split(",") if v.strip()]
         if values == []:
             raise ValueError("--grid got no value")
@@ -183,8 +138,8 @@ def main(argv=None):
     for st in runs:
         setting = MI.setting_label(a.method, st.to_dict())
         # every write stays under --out_dir: the model label and --prompt_type must be plain folder names
-        folder = safe_join(a.out_dir, label, folder_name(a.prompt_type, a.method, setting, a.grid is not None,
-                                                         gate_info is not None), what="--prompt_type / model name")
+        folder = safe_join(a.out_dir, label, MI.folder_name(a.prompt_type, a.method, setting, a.grid is not None,
+                                                            gate_info is not None), what="--prompt_type / model name")
         prepare_dir(folder)
         check_outputs({"the output folder": folder}, {"--data_path": a.data_path, "--flagged_by": a.flagged_by,
                                                      "--flag_nmem": a.flag_nmem})
@@ -219,12 +174,9 @@ def run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores,
         print(f"{folder}: resuming, {len(log.done)} of {len(prompts)} prompts already done")
     unreached = 0
     mine = [i for batch in D.my_batches(todo, 1, shard) for i in batch]
-    if a.method == "sail" and a.miti_prompt_batch > 1:  # the flagged prompts' searches, K at a time
-        batches = PromptBatches(ctx.model, lambda idx: ctx.encode([prompts[j] for j in idx]),
-                                tuple(ctx.noise.shape[1:]), resolve_alpha(st, ctx.family.hparam("sail_alpha")),
-                                [i for i in mine if flags is None or flags[i]], a.miti_prompt_batch,
-                                dtype=ctx.noise.dtype, device=ctx.noise.device)
-        ctx = dataclasses.replace(ctx, search=lambda index, cond, settings: batches(index))
+    if a.miti_prompt_batch > 1:  # the flagged prompts' searches, K at a time
+        ctx = MI.METHODS[a.method].batch(ctx, st, prompts, [i for i in mine if flags is None or flags[i]],
+                                         a.miti_prompt_batch)
     for i in tqdm(mine, desc=f"{a.method} {setting}".strip(), unit="prompt", disable=not mine):
         mitigate = flags is None or flags[i]
         t0 = time.time()

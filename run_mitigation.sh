@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# ---- hyperparameters: edit here (paper, Appendix D; the grids themselves: METHODS in utils/mitigation.py) ----
+# ---- hyperparameters: edit here (paper, Appendix D; grids: utils/mitigation/<method>.py, utils/models/families.py) ----
 SD_VER=${SD_VER:-1}      # 1 = SD v1.4, 2 = SD v2.0
 METHODS="sail wen rna rta cfg_delay ren"   # each run with --grid: the paper's five settings for the model
 GEN_NUM=5                # images per prompt (the paper: 5; the reference's script: 4)

@@ -14,7 +14,7 @@ from cli_run import exit_code
 import detect_mem
 import mitigate_eval
 import mitigate_mem
-from utils.mitigation import gating, methods as MI
+from utils.mitigation import augment as AUG, cfg_delay as CFG, gating, methods as MI, ren as REN, wen as WEN
 from utils.models.families import load_pipeline
 from utils.models.denoisers import denoiser
 from utils.models.families import SD1
@@ -92,31 +92,31 @@ def test_rna_resume_in_another_order_gives_the_same_prompts_and_images(runs):
     again, recs2 = _images(folder)
     assert recs2[0]["prompts_used"] == recs[0]["prompts_used"] != [PROMPTS[0]] * 2
     assert all(np.array_equal(a, b) for a, b in zip(imgs[0], again[0]))
-    assert MI.augmented_prompts(PROMPTS[0], 0, 42, 2, MI.AugmentSettings(count=3), MI.random_number)[0] == \
+    assert AUG.augmented_prompts(PROMPTS[0], 0, 42, 2, AUG.AugmentSettings(count=3), AUG.random_number)[0] == \
         recs[0]["prompts_used"]
 
 
 def test_augmentation_properties(tiny_eps):
-    st = MI.AugmentSettings(count=5)
-    a = MI.augmented_prompts("one two three", 7, 42, 3, st, MI.random_number)
-    assert a == MI.augmented_prompts("one two three", 7, 42, 3, st, MI.random_number)
-    assert a != MI.augmented_prompts("one two three", 8, 42, 3, st, MI.random_number)
+    st = AUG.AugmentSettings(count=5)
+    a = AUG.augmented_prompts("one two three", 7, 42, 3, st, AUG.random_number)
+    assert a == AUG.augmented_prompts("one two three", 7, 42, 3, st, AUG.random_number)
+    assert a != AUG.augmented_prompts("one two three", 8, 42, 3, st, AUG.random_number)
     prompts, words = a
     assert prompts[0] == prompts[1] == prompts[2] and len(words[0]) == 5  # one draw for all images (their code)
     assert all(w.isdigit() and 0 <= int(w) <= 99999 for w in words[0])
     assert [w for w in prompts[0].split(" ") if not w.isdigit()] == ["one", "two", "three"]
-    per = MI.augmented_prompts("one two three", 7, 42, 3, MI.AugmentSettings(count=5, per_image=True),
-                               MI.random_number)[0]
+    per = AUG.augmented_prompts("one two three", 7, 42, 3, AUG.AugmentSettings(count=5, per_image=True),
+                               AUG.random_number)[0]
     assert len(set(per)) == 3 and per[0] == prompts[0]  # image 0 gets the shared draw, the others new ones
-    gaps = {MI.insert_words("a b c", 1, MI.augmentation_rng(s, 0), lambda r: "X")[0].split(" ").index("X")
+    gaps = {AUG.insert_words("a b c", 1, AUG.augmentation_rng(s, 0), lambda r: "X")[0].split(" ").index("X")
             for s in range(200)}
     assert gaps == {0, 1, 2, 3}  # len + 1 gaps: both ends included
-    assert MI.augmented_prompts("a b", 0, 1, 2, MI.AugmentSettings(count=0), MI.random_number)[0] == ["a b"] * 2
+    assert AUG.augmented_prompts("a b", 0, 1, 2, AUG.AugmentSettings(count=0), AUG.random_number)[0] == ["a b"] * 2
     from utils.models.clip import token_text
     tok = tiny_eps.tokenizer
-    _, w = MI.augmented_prompts("a b", 3, 42, 1, MI.AugmentSettings(count=6, vocab=49400),
+    _, w = AUG.augmented_prompts("a b", 3, 42, 1, AUG.AugmentSettings(count=6, vocab=49400),
                                 lambda r: token_text(tok, int(r.integers(0, 49400))))
-    rng = MI.augmentation_rng(42, 3)
+    rng = AUG.augmentation_rng(42, 3)
     ids = [int(rng.integers(0, k)) for k in (3, 49400, 4, 49400, 5, 49400, 6, 49400, 7, 49400, 8, 49400)][1::2]
     assert w[0] == [tok.decode([i]) for i in ids]
 
@@ -133,8 +133,8 @@ def test_wen_lowers_its_objective_and_follows_their_loop(tiny_eps, tiny_v_dir):
             out = pipe.unet(torch.cat([noise, noise]), t, encoder_hidden_states=torch.cat([u, u, e, e]))[0]
         return float((out[2:] - out[:2]).norm())
 
-    st = MI.WenSettings(target_loss=0.0, max_iters=5)
-    e, rec = MI.wen_embedding(model, Conditioning.of(c, u), noise, st)
+    st = WEN.WenSettings(target_loss=0.0, max_iters=5)
+    e, rec = WEN.wen_embedding(model, Conditioning.of(c, u), noise, st)
     e = e.cond
     assert rec["wen_losses"][0] == pytest.approx(loss(c), rel=1e-5) and rec["wen_updates"] == 5
     assert not rec["reached_target"] and len(rec["wen_losses"]) == 5
@@ -142,9 +142,9 @@ def test_wen_lowers_its_objective_and_follows_their_loop(tiny_eps, tiny_v_dir):
     # BOS gets no gradient, only AdamW's decoupled weight decay (1 - lr * wd) per update
     torch.testing.assert_close(e[:, 0], c[:, 0] * (1 - 0.05 * 0.01) ** 5)
     # early stop: a target met after two updates returns the embedding of a 2-iteration run
-    e2, rec2 = MI.wen_embedding(model, Conditioning.of(c, u), noise,
-                                MI.WenSettings(target_loss=rec["wen_losses"][2], max_iters=5))
-    e3, _ = MI.wen_embedding(model, Conditioning.of(c, u), noise, MI.WenSettings(target_loss=0.0, max_iters=2))
+    e2, rec2 = WEN.wen_embedding(model, Conditioning.of(c, u), noise,
+                                WEN.WenSettings(target_loss=rec["wen_losses"][2], max_iters=5))
+    e3, _ = WEN.wen_embedding(model, Conditioning.of(c, u), noise, WEN.WenSettings(target_loss=0.0, max_iters=2))
     e2, e3 = e2.cond, e3.cond
     assert rec2["reached_target"] and rec2["wen_updates"] == 2 and torch.equal(e2, e3)
     assert not torch.equal(e2, e)
@@ -153,8 +153,8 @@ def test_wen_lowers_its_objective_and_follows_their_loop(tiny_eps, tiny_v_dir):
     vm = denoiser(vp.unet, vp.scheduler)
     tv = vm.timesteps(50)[0]
     xin, emb = torch.cat([noise, noise]), Conditioning.of(c, u, 2)
-    raw = MI.wen_loss(vm, tv, xin, emb, MI.WenSettings())
-    eps = MI.wen_loss(vm, tv, xin, emb, MI.WenSettings(space="eps"))
+    raw = WEN.wen_loss(vm, tv, xin, emb, WEN.WenSettings())
+    eps = WEN.wen_loss(vm, tv, xin, emb, WEN.WenSettings(space="eps"))
     assert float(eps.detach()) == pytest.approx(float(vm.alpha_sigma(tv)[0]) * float(raw.detach()), rel=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_cfg_delay_rules():
     from utils.demo.model import ddim_scheduler
     sched = ddim_scheduler()
     sched.set_timesteps(50)
-    rule = MI.StaticDelay(500.0, 0.0, 7.5)
+    rule = CFG.StaticDelay(500.0, 0.0, 7.5)
     ws = [rule(i, t, None) for i, t in enumerate(sched.timesteps)]
     assert ws == [0.0] * 25 + [7.5] * 25 and int(sched.timesteps[25]) == 481 and rule.report()["pre_steps"] == 25
 
@@ -171,11 +171,11 @@ def test_cfg_delay_rules():
         return torch.cat([torch.zeros(len(ds), 1, 2, 2), -ds.view(-1, 1, 1, 1) / 2 * torch.ones(len(ds), 1, 2, 2)])
     # image 0: first strict local minimum at step 2 -> fires at step 3; image 1: a plateau at the bottom never fires
     seq = [[5, 5], [4, 4], [3, 4], [3.5, 5], [1, 0.5]]
-    dyn = MI.DynamicDelay(1.0, 7.5)
+    dyn = CFG.DynamicDelay(1.0, 7.5)
     got = [dyn(i, 900 - 100 * i, out_for(d)).tolist() for i, d in enumerate(seq)]
     assert got == [[1, 1], [1, 1], [1, 1], [7.5, 1], [7.5, 1]]
     assert dyn.report() == {"transition_step": [3, None], "transition_t": [600, None]}
-    assert MI.CfgDelaySettings().pre_scale == 0.0 and MI.CfgDelaySettings(rule="dynamic").pre_scale == 1.0
+    assert CFG.CfgDelaySettings().pre_scale == 0.0 and CFG.CfgDelaySettings(rule="dynamic").pre_scale == 1.0
 
 
 def _detect(runs, data):
@@ -283,6 +283,11 @@ def test_bad_inputs_exit_2_and_lose_nothing(runs, capsys):
         (["--method", "rna", "--flagged_by", str(det / "shuffled_gen1.pt"), "--flag_fpr", "0.01"], "--flag_nmem"),
         (["--method", "wen", "--wen_target_loss", "nan"], "finite"),
         (["--method", "cfg_delay", "--cfg_transition", "inf"], "finite"),
+        # another method's hyperparameter is refused, not silently ignored
+        (["--method", "wen", "--miti_thres", "3"], "--miti_thres is not an option of --method wen"),
+        (["--no_mitigation", "--ren_no_mask"], "--ren_no_mask is not an option of --method none"),
+        (["--method", "rna", "--cfg_w_pre", "-2"], "--cfg_w_pre is not an option of --method rna"),
+        (["--method", "wen", "--aug_count", "4"], "--aug_count is not an option of --method wen"),  # its default too
         (["--no_mitigation", "--gen_seed", "7"], "different settings"),  # the finished folder is kept as it is
     ]
     for extra, msg in cases:
@@ -307,12 +312,12 @@ def test_ren_edits_only_while_sampling_and_changes_the_images(tiny_eps):
                      noise=SD1.initial_latents(pipe, 2, 42), seed=42, tokenizer=pipe.tokenizer, num_inference_steps=5)
     before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
     plain = MI.run_plan(ctx, MI.plan_none(ctx, 0, PROMPTS[0]))
-    plan = MI.plan_ren(ctx, 0, PROMPTS[0], MI.RenSettings(factor=1.5))
+    plan = REN.plan_ren(ctx, 0, PROMPTS[0], REN.RenSettings(factor=1.5))
     edited = MI.run_plan(ctx, plan)
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before
     assert not torch.allclose(plain, edited)
     assert plan.record["kept_tokens"] == len(pipe.tokenizer(PROMPTS[0]).input_ids)
-    bad = MI.plan_ren(ctx, 0, PROMPTS[0], MI.RenSettings(factor=1.5))
+    bad = REN.plan_ren(ctx, 0, PROMPTS[0], REN.RenSettings(factor=1.5))
     bad.guidance = lambda i, t, out: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(RuntimeError):
         MI.run_plan(ctx, bad)

@@ -8,10 +8,11 @@ A change that is not meant to change any number (a refactor, a new option whose 
 It runs a fixed set of command lines through the top-level scripts, the interface both versions share, on
 the same inputs: two tiny random Stable-Diffusion-shaped pipelines (epsilon and v-prediction, built once by the
 working tree and saved to a folder) and the bundled demo model. The set covers detection (n = 1 and 4, 1 and 3
-steps, both --v_score forms), SAIL (both --miti_form, latents and PNGs) and plain sampling, `mitigate_eval.py
-score --similarity pixel`, and eigen-analysis. Compared: every tensor exactly (dtype, shape, bits), PNG pixels,
-and the numeric fields of the JSON results (timings, paths, versions and argument echoes are ignored; a key the
-newer version adds is allowed, a key it drops is a difference). Exit code 0: identical; 1: differences (listed).
+steps, both --v_score forms), SAIL (both --miti_form, latents and PNGs), plain sampling, every other mitigation
+method (wen, rna, rta, cfg_delay, ren; a --grid of each of the latter two) and a gated run, `mitigate_eval.py score
+--similarity pixel`, and eigen-analysis. Compared: every tensor exactly (dtype, shape, bits), PNG pixels, the
+generation manifests (header and records), and the numeric fields of the JSON results (timings, paths, versions
+and argument echoes are ignored; a key the newer version adds is allowed, a key it drops is a difference). Exit code 0: identical; 1: differences (listed).
 Both versions run with one CPU thread; the comparison is only meaningful on one machine.
 """
 import argparse
@@ -26,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PROMPTS = ['"A ""quoted"" <i>caption</i> with HTML"', "a red square on a blue field", "digit seven"]
 TIMING_KEYS = {"seconds", "search_seconds", "generate_seconds", "seconds_per_prompt", "total_seconds"}
+# a manifest header's paths of (and hashes of files that echo) the run's own output folder, and the model's label
+# (the demo model is "sddemo" only from the checkout that holds it): the rest is compared
+HEADER_PATHS = {"detection", "detection_sha256", "nmem", "nmem_sha256", "model"}
 
 
 def commands(fx):
@@ -52,6 +56,20 @@ def commands(fx):
         for form in ("reference", "clean"):
             cmds.append((f"sail_{model}_{form}", [*base, *hp, "--miti_form", form, "--save_latents"]))
         cmds.append((f"plain_{model}", [*base, "--gen_num", "2", "--no_mitigation"]))
+    others = {"wen": ["--method", "wen", "--wen_target_loss", "0", "--wen_max_iters", "3"],
+              "wen_alt": ["--method", "wen", "--wen_target_loss", "0", "--wen_max_iters", "2", "--wen_optimizer",
+                          "adam", "--wen_space", "eps", "--wen_loss", "mean", "--wen_lr", "0.1"],
+              "rna": ["--method", "rna", "--aug_count", "2"],
+              "rta": ["--method", "rta", "--aug_count", "3", "--aug_per_image", "--rta_vocab", "1000"],
+              "cfg_delay": ["--method", "cfg_delay", "--cfg_transition", "600", "--cfg_w_pre", "-2"],
+              "cfg_delay_grid": ["--method", "cfg_delay", "--grid", "500,dynamic"],
+              "ren": ["--method", "ren", "--ren_factor", "1.5"],
+              "ren_grid": ["--method", "ren", "--grid", "1.2", "--ren_no_mask", "--ren_drop_first_eos"]}
+    for model in ("tiny_eps", "tiny_v"):  # every other method, few steps
+        for name, hp in others.items():
+            cmds.append((f"{name}_{model}", ["mitigate_mem.py", "--model_id", fx[model], "--sd_ver", "1", "--data_path",
+                                             fx["tiny_prompts"], "--prompt_type", "p", "--out_dir", "{out}",
+                                             "--gen_num", "2", "--num_inference_steps", "6", *hp, *dev]))
     for model, which, dense in (("tiny_eps", "cond", "on"), ("tiny_v", "delta", "off"), ("demo", "delta", "off")):
         data = (fx["demo_mem"], fx["demo_nmem"]) if model == "demo" else (fx["tiny_prompts"], fx["tiny_nmem"])
         cmds.append((f"eigen_{model}_{which}", [
@@ -61,10 +79,19 @@ def commands(fx):
     return cmds
 
 
-def eval_commands(fx, sail_out):
-    """Scoring of the demo SAIL run (needs its output folder)."""
+def eval_commands(fx, sail_out, detection):
+    """Scoring of the demo SAIL run (needs its output folder) and a gated run (needs a detection result: the
+    prompts scoring above its median are mitigated)."""
+    sys.path.insert(0, ROOT)
+    from utils.mitigation.gating import read_detection
+    import numpy as np
+    threshold = float(np.median(read_detection(detection)[0]))
     return [("eval_demo_pixel", ["mitigate_eval.py", "score", "--images", sail_out, "--gt", fx["demo_gt"],
-                                 "--similarity", "pixel", "--clip_model", "none", "--out", "{out}/eval.json"])]
+                                 "--similarity", "pixel", "--clip_model", "none", "--out", "{out}/eval.json"]),
+            ("gated_tiny_eps", ["mitigate_mem.py", "--model_id", fx["tiny_eps"], "--sd_ver", "1", "--data_path",
+                                fx["tiny_prompts"], "--prompt_type", "p", "--out_dir", "{out}", "--gen_num", "2",
+                                "--num_inference_steps", "6", "--method", "rna", "--aug_count", "2", "--flagged_by",
+                                detection, "--flag_threshold", repr(threshold), "--device", "cpu"])]
 
 
 def build_fixtures(folder):
@@ -120,7 +147,9 @@ def run_all(checkout, fx, out, workers=2):
             print(f"  ran {name}", flush=True)
     manifests = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "sail_demo_reference"))
                  for f in fs if f == "manifest.jsonl"]
-    for item in eval_commands(fx, os.path.dirname(manifests[0])):
+    detection = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "detect_tiny_eps_n1_s3_correct"))
+                 for f in fs if f.endswith(".pt")]
+    for item in eval_commands(fx, os.path.dirname(manifests[0]), detection[0]):
         print(f"  ran {job(item)}", flush=True)
 
 
@@ -144,11 +173,12 @@ def _files(folder):
     return out
 
 
-def _strip(obj):
+def _strip(obj, also=()):
+    """obj without its timing keys (and the keys `also`), at every depth."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
+        return {k: _strip(v, also) for k, v in obj.items() if k not in TIMING_KEYS and k not in also}
     if isinstance(obj, list):
-        return [_strip(v) for v in obj]
+        return [_strip(v, also) for v in obj]
     return obj
 
 
@@ -195,9 +225,9 @@ def compare(a, b):
             if not (Image.open(pa).tobytes() == Image.open(pb).tobytes() and Image.open(pa).size == Image.open(pb).size):
                 diffs.append(f"{key}: pixels differ")
         elif key.endswith("manifest.jsonl"):
-            ra = [json.loads(x) for x in open(pa, encoding="utf-8").read().splitlines()[1:] if x.strip()]
-            rb = [json.loads(x) for x in open(pb, encoding="utf-8").read().splitlines()[1:] if x.strip()]
-            diffs += _json_diff(_strip(ra), _strip(rb), key)
+            ra = [json.loads(x) for x in open(pa, encoding="utf-8").read().splitlines() if x.strip()]
+            rb = [json.loads(x) for x in open(pb, encoding="utf-8").read().splitlines() if x.strip()]
+            diffs += _json_diff(_strip(ra, HEADER_PATHS), _strip(rb, HEADER_PATHS), key)
         elif key.endswith(".csv"):
             if open(pa, "rb").read() != open(pb, "rb").read():
                 diffs.append(f"{key}: bytes differ")

@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from .base import Method, Plan, grid_float, hp
+from ..cli import finite_float, nonneg_float, positive_float, positive_int
 from ..models.conditioning import Conditioning
 
 FORMS = ("reference", "clean")
@@ -24,16 +26,16 @@ class SailSettings:
     alpha=None means the model family's weight (its profile's 'sail_alpha': the reference's 0.05 for SD v1.4 and
     0.01 for SD v2.0); the search itself needs it resolved (resolve_alpha).
     """
-    gen_num: int = 4              # latents to accept per prompt
-    seed: int = 42                # torch seed of the first round's candidates
-    thres: float = 8.2            # l_thres on p(x) + alpha*||x|| (SD v1.4 grid 7.6-9, SD v2.0 grid 4-6)
-    lr: float = 0.05              # Adam learning rate on the latents
-    budget: int = 8               # candidates optimized together
-    max_steps: int = 10           # Adam steps per round
-    max_rounds: int = 100         # rounds before giving up (the reference can loop forever)
-    alpha: float = None           # weight of ||x_T||
-    form: str = "reference"       # reference: the paper's code; clean: Algorithm 2 as written
-    num_inference_steps: int = 50  # DDIM schedule whose first timestep is used
+    gen_num: int = hp(4, cli=False)  # latents to accept per prompt (the run's --gen_num)
+    seed: int = hp(42, cli=False)    # torch seed of the first round's candidates (the run's --gen_seed)
+    thres: float = hp(8.2, type=finite_float)  # l_thres on p(x) + alpha*||x|| (grids per family: families.py)
+    lr: float = hp(0.05, type=positive_float)  # Adam learning rate on the latents
+    budget: int = hp(8, type=positive_int)     # candidates optimized together
+    max_steps: int = hp(10, type=positive_int)   # Adam steps per round
+    max_rounds: int = hp(100, type=positive_int)  # rounds before giving up on a prompt (the reference can loop forever)
+    alpha: float = hp(None, type=nonneg_float)  # weight of ||x_T|| (None: the family's, 0.05 eps / 0.01 v models)
+    form: str = hp("reference", choices=FORMS)  # reference: the paper's code; clean: Algorithm 2 as written
+    num_inference_steps: int = hp(50, cli=False)  # DDIM schedule whose first timestep is used (the run's flag)
 
     def __post_init__(self):
         problems = [f"{k} must be a positive integer" for k in ("gen_num", "budget", "max_steps", "max_rounds",
@@ -295,3 +297,39 @@ class PromptBatches:
                                      **self.kwargs)
             self.ready.update(zip(idx, out))
         return self.ready.pop(i)
+
+
+def plan_sail(ctx, index, prompt, settings):
+    """SAIL's searched initial noise (seeded by settings.seed alone, as the reference: the same for every prompt
+    order), then ordinary sampling."""
+    n = ctx.noise.shape[0]
+    cond = ctx.encode([prompt])
+    settings = resolve_alpha(settings, ctx.family.hparam("sail_alpha"))
+    lat, info = ctx.search(index, cond, settings) if ctx.search else sail_latents(
+        ctx.model, cond, tuple(ctx.noise.shape[1:]), settings, dtype=ctx.noise.dtype,
+        device=ctx.noise.device)
+    rec = dict(seeds=info["seeds"], final_threshold=info["final_threshold"], rounds=info["rounds"],
+               opt_steps=info["opt_steps"], unet_calls=info["unet_calls"],
+               accepted_losses=[a["loss"] for a in info["accepted"]], accepted=info["accepted"],
+               filled_losses=info["filled_losses"], reached_threshold=info["reached_threshold"],
+               n_accepted=info["n_accepted"], search_unet_calls=info["unet_calls"],
+               search_backward_calls=2 * info["opt_steps"], search_batch=2 * settings.budget)
+    if "batch_prompts" in info:  # searched together with other prompts (mitigate_mem --miti_prompt_batch)
+        rec.update(batch_prompts=info["batch_prompts"], batch_search_seconds=info["batch_search_seconds"])
+    # the pipeline scales given latents by init_noise_sigma (1 for DDIM); kept for the same arithmetic
+    return Plan(lat * ctx.model.scheduler.init_noise_sigma, cond, ctx.guidance_scale, [prompt] * n, rec)
+
+
+def batched_context(ctx, settings, prompts, indices, k):
+    """ctx whose search runs the SAIL searches of the prompts `indices` (of the list `prompts`) k at a time, each
+    prompt's search as alone (mitigate_mem --miti_prompt_batch)."""
+    batches = PromptBatches(ctx.model, lambda idx: ctx.encode([prompts[j] for j in idx]), tuple(ctx.noise.shape[1:]),
+                            resolve_alpha(settings, ctx.family.hparam("sail_alpha")), indices, k,
+                            dtype=ctx.noise.dtype, device=ctx.noise.device)
+    return dataclasses.replace(ctx, search=lambda index, cond, settings: batches(index))
+
+
+# the paper's grids differ per model family: the profiles' hparams 'grids' (utils.models.families)
+METHOD = Method("sail", SailSettings, plan_sail, "thres", lambda x: {"thres": grid_float(x)},
+                label=lambda s: f"thres={s['thres']:g}", flag_prefix="miti_",
+                title="SAIL (paper, Algorithm 2 and Appendix D)", batch=batched_context)
