@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils import distributed as D
 from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, guarded, positive_int,
-                       quiet_library_warnings, seed_int, settings_arguments, warn)
+                       quiet_library_warnings, seed_int, settings_arguments, settings_values, warn)
 from utils.io import (atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir,
                       safe_filename, safe_join, sha256_file, write_sidecar)
 from utils.mitigation import gating, methods as MI
@@ -95,7 +95,7 @@ def method_settings(a, added):
     cls = MI.METHODS[a.method].settings
     run = dict(gen_num=a.gen_num, seed=a.gen_seed, num_inference_steps=a.num_inference_steps)
     fields = {f.name for f in dataclasses.fields(cls)} - {name for name, _ in added}
-    return cls(**{name: getattr(a, dest) for name, dest in added}, **{k: v for k, v in run.items() if k in fields})
+    return cls(**settings_values(cls, vars(a), added), **{k: v for k, v in run.items() if k in fields})
 
 
 def gate(a, prompts, model_id):

@@ -322,3 +322,11 @@ def test_ren_edits_only_while_sampling_and_changes_the_images(tiny_eps):
     with pytest.raises(RuntimeError):
         MI.run_plan(ctx, bad)
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before
+
+
+def test_a_negated_flag_reads_as_it_says_in_the_run_record():
+    """--ren_no_mask is generated from Ren's `mask` field: the parsed flag (echoed into run.json) holds what the
+    flag says, and the settings hold the field's value."""
+    for argv, no_mask in ((["--method", "ren"], False), (["--method", "ren", "--ren_no_mask"], True)):
+        a, added = mitigate_mem.parse_args(argv)
+        assert a.ren_no_mask is no_mask and mitigate_mem.method_settings(a, added).mask is (not no_mask)

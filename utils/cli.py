@@ -278,7 +278,8 @@ def settings_arguments(parser, cls, prefix="", title=None, skip=()):
     """Add one flag per field of the settings dataclass `cls` to `parser`: --<prefix><field>, its default the
     field's default (declared once, in the dataclass), its help the field's trailing comment. A field's
     `metadata` may give `flag` (another flag name), `type` (an argparse type; default: from the default value),
-    `choices`, `metavar` and `help` (overriding the comment); metadata `cli=False` keeps it off the command line.
+    `choices`, `metavar` and `help` (overriding the comment); metadata `cli=False` keeps it off the command line, and
+    `negate=True` makes a boolean's flag hold the opposite value, so the parsed flags read as the flag says.
     Returns the list of (field name, argparse dest) added."""
     import dataclasses
     group = parser.add_argument_group(title) if title else parser
@@ -292,6 +293,8 @@ def settings_arguments(parser, cls, prefix="", title=None, skip=()):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs = dict(default=default, help=md.get("help", comments.get(f.name, "")))
         if isinstance(default, bool) and "type" not in md:
+            if md.get("negate"):  # the flag names the opposite (--ren_no_mask for mask=True): it holds `not field`
+                kwargs["default"] = default = not default
             kwargs["action"] = "store_false" if default else "store_true"
         else:
             kwargs["type"] = md.get("type") or _type_of(default)
@@ -316,9 +319,17 @@ def settings_from(cls, values, added, **overrides):
     """An instance of the settings dataclass from parsed values (a dict, e.g. vars(args)) and the (field, dest)
     pairs settings_arguments returned; overrides win. A ValueError of the dataclass's own checks becomes a
     UserError (one line)."""
-    kwargs = {name: values[dest] for name, dest in added}
+    kwargs = settings_values(cls, values, added)
     kwargs.update(overrides)
     try:
         return cls(**kwargs)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def settings_values(cls, values, added):
+    """{field: value} of the settings dataclass `cls` from parsed values (a dict) and the (field, dest) pairs
+    settings_arguments returned (a negated flag turned back into its field's value)."""
+    import dataclasses
+    negated = {f.name for f in dataclasses.fields(cls) if f.metadata.get("negate")}
+    return {name: (not values[dest]) if name in negated else values[dest] for name, dest in added}

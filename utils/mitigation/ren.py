@@ -15,7 +15,8 @@ class RenSettings:
     C in {1.1, 1.2, 1.25, 1.3, 1.5}."""
     factor: float = hp(1.25, type=finite_float)  # C, their --c1: multiplies the start token's logit (cond branch)
     # mask positions >= L = BOS + prompt + first EOS, as their --cross_attn_mask; --ren_no_mask turns it off
-    mask: bool = hp(True, flag="--ren_no_mask", help="do not mask the summary tokens (their code masks them)")
+    mask: bool = hp(True, flag="--ren_no_mask", negate=True,
+                    help="do not mask the summary tokens (their code masks them)")
     drop_first_eos: bool = False  # also mask the first end-of-text token (their --mask_length_minis1; off in README)
 
     def __post_init__(self):
