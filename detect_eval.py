@@ -8,7 +8,6 @@ one line, writes the numbers as JSON and the ROC curve as PNG beside the inputs 
 Table mode: for each memorized / non-memorized pair of prompt sets in the folder (<x>_mem and <x>_nmem, or
 --sets), writes <mem>_vs_<nmem>.table.md / .json / .roc.png there and prints the Markdown table.
 """
-import json
 import os
 
 import numpy as np
@@ -17,8 +16,9 @@ from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
 from utils.detection import DETECTORS
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
-from utils.detection.tables import (TABLE_STEPS, build_table, discover, load_paper, load_result, markdown,
-    roc_figure, set_pairs)
+from utils.detection.tables import (TABLE_STEPS, build_table, discover, load_paper, markdown, roc_figure, set_pairs,
+    table_curves)
+from utils.results import read_detection_result
 
 TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
 
@@ -41,51 +41,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_scores(path, steps):
-    """[prompts, steps] tensor from detect_mem.py -> per-prompt mean over the chosen steps (numpy float64), with
-    the sign that makes larger mean 'memorized' (read from the result's sidecar; tiled_l2 is lower-is-memorized)."""
-    t = load_result(path)
-    if steps is not None:
-        if max(steps) > t.shape[1]:
-            raise UserError(f"{path} has {t.shape[1]} measured step(s); --steps asks for step {max(steps)}")
-        t = t[:, [s - 1 for s in steps]]
-    s = t.double().mean(dim=1).numpy()
-    return -s if _direction(path) == "lower" else s
-
-
-def _direction(pt):
-    try:
-        with open(os.path.splitext(pt)[0] + ".json", encoding="utf-8") as f:
-            meta = json.load(f).get("metric")
-        return meta.get("direction", "higher") if isinstance(meta, dict) else "higher"
-    except (OSError, ValueError, AttributeError):
-        return "higher"
-
-
-def plot_roc(res, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.plot(res["roc"]["fpr"], res["roc"]["tpr"], lw=1.5, label=f"AUC {res['auc']:.3f}")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return figure_png(fig)
-
-
 def run_pair(args):
     steps = None if args.steps is None else parse_int_list(args.steps, 1, None, "--steps (1-based step numbers)")
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
     out = args.out or os.path.join(os.path.dirname(args.mem) or ".", f"{stem(args.mem)}_vs_{stem(args.nmem)}.eval.json")
     check_outputs({"--out": out, "the ROC PNG": os.path.splitext(out)[0] + ".roc.png"},
                   {"--mem": args.mem, "--nmem": args.nmem})
-    widths = [load_result(p).shape[1] for p in (args.mem, args.nmem)]
+    results = [read_detection_result(p) for p in (args.mem, args.nmem)]
+    widths = [r.values.shape[1] for r in results]
     if steps is None and widths[0] != widths[1]:
         raise UserError(f"--mem has {widths[0]} measured step(s) and --nmem {widths[1]}: their means over all steps "
                         "are not comparable; choose common steps with --steps")
-    mem, nmem = load_scores(args.mem, steps), load_scores(args.nmem, steps)
+    mem, nmem = (r.scores(steps) for r in results)  # per prompt: mean over the steps, larger = memorized
     keep_m, keep_n = np.isfinite(mem), np.isfinite(nmem)
     if (~keep_m).any() or (~keep_n).any():
         warn(f"dropped {int((~keep_m).sum())} memorized and {int((~keep_n).sum())} non-memorized prompt(s) "
@@ -104,7 +71,9 @@ def run_pair(args):
                dropped_nan=dict(mem=int((~keep_m).sum()), nmem=int((~keep_n).sum())))
     write_sidecar(out, vars(args), **res)
     if not args.no_plot:
-        atomic_write_bytes(os.path.splitext(out)[0] + ".roc.png", plot_roc(res, f"{stem(args.mem)} vs {stem(args.nmem)}"))
+        curve = [(f"AUC {res['auc']:.3f}", res["roc"]["fpr"], res["roc"]["tpr"])]
+        png = figure_png(roc_figure(curve, f"{stem(args.mem)} vs {stem(args.nmem)}"))
+        atomic_write_bytes(os.path.splitext(out)[0] + ".roc.png", png)
     print(f"saved {out}")
 
 
@@ -126,7 +95,7 @@ def run_table(args):
         atomic_write_text(base + ".md", text)
         write_sidecar(base + ".json", vars(args), mem=mem_stem, nmem=nmem_stem,
                       rows=[{k: v for k, v in r.items() if k != "roc"} for r in rows])
-        atomic_write_bytes(base + ".roc.png", figure_png(roc_figure(rows, f"{mem_stem} vs {nmem_stem}")))
+        atomic_write_bytes(base + ".roc.png", figure_png(roc_figure(table_curves(rows), f"{mem_stem} vs {nmem_stem}")))
         print(text)
         print(f"saved {base}.md, .json and .roc.png")
 

@@ -23,12 +23,13 @@ from utils.cli import (ArgumentParser, UserError, bounded_int, guarded, positive
                        raise_arg, seed_int, settings_arguments, settings_from, warn)
 from utils.detection import DETECTORS, Sampling
 from utils.detection.loop import run_detectors
-from utils.io import atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, sha256_file, write_sidecar
+from utils.io import atomic_save_image, check_outputs, prepare_dir, sha256_file
 from utils.models.attention import prompt_lengths
 from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
 from utils.models.denoisers import V_SCORE_FORMS
 from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts, truncated_prompts
+from utils.results import write_detection_result
 from utils.startup import add_model_arguments, load_model, model_id_of, start_process
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
@@ -206,22 +207,21 @@ def _forward_seconds(meter):
 def _save(metric, base, records, prompts, args, model_id, prediction_type, identity, det):
     """The metric's [prompts, steps] tensor (.pt) and its self-describing sidecar (.json) from its records."""
     per_step = torch.tensor([[_mean(step) for step in r["per_generation"]] for r in records], dtype=torch.float32)
-    atomic_torch_save(base + ".pt", per_step)
     costs = [r.get("cost") or {} for r in records]
-    write_sidecar(base + ".json", vars(args),
-                  metric=dict(name=metric, direction=det.direction, settings=det.identity(),
-                              stem=os.path.splitext(os.path.basename(args.data_path))[0], gen_num=args.gen_num,
-                              description=det.description),
-                  shape=list(per_step.shape), prompts=prompts, values=per_step.tolist(),
-                  per_generation=[r["per_generation"] for r in records], extras=[r.get("extras") for r in records],
-                  model_id=model_id, prediction_type=prediction_type, identity=identity,
-                  cost=dict(seconds_per_prompt=[r["seconds"] for r in records],
-                            unet_forwards_per_prompt_batch=records[0]["unet_forwards"],
-                            jvps_per_prompt_batch=records[0]["jvps"], batch_size=args.batch_size,
-                            per_prompt=costs, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                            note="unet_forwards, jvps, vae_decodes, seconds and peak_bytes (CUDA allocator peak; "
-                                 "None on CPU) count every unit of work this metric used; units shared with the "
-                                 "metrics in shared_with ran once and are counted in full for each of them"))
+    write_detection_result(
+        base, per_step, vars(args), prompts=prompts, per_generation=[r["per_generation"] for r in records],
+        metric=dict(name=metric, direction=det.direction, settings=det.identity(),
+                    stem=os.path.splitext(os.path.basename(args.data_path))[0], gen_num=args.gen_num,
+                    description=det.description),
+        extras=[r.get("extras") for r in records], model_id=model_id, prediction_type=prediction_type,
+        identity=identity,
+        cost=dict(seconds_per_prompt=[r["seconds"] for r in records],
+                  unet_forwards_per_prompt_batch=records[0]["unet_forwards"],
+                  jvps_per_prompt_batch=records[0]["jvps"], batch_size=args.batch_size,
+                  per_prompt=costs, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  note="unet_forwards, jvps, vae_decodes, seconds and peak_bytes (CUDA allocator peak; "
+                       "None on CPU) count every unit of work this metric used; units shared with the "
+                       "metrics in shared_with ran once and are counted in full for each of them"))
     bad = int((~torch.isfinite(per_step)).any(dim=1).sum())
     finite = per_step[torch.isfinite(per_step)]
     print(f"saved {base}.pt {tuple(per_step.shape)}: mean {finite.mean().item() if finite.numel() else float('nan'):.4g}"

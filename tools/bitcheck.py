@@ -83,9 +83,9 @@ def eval_commands(fx, sail_out, detection):
     """Scoring of the demo SAIL run (needs its output folder) and a gated run (needs a detection result: the
     prompts scoring above its median are mitigated)."""
     sys.path.insert(0, ROOT)
-    from utils.mitigation.gating import read_detection
+    from utils.results import read_detection_result
     import numpy as np
-    threshold = float(np.median(read_detection(detection)[0]))
+    threshold = float(np.median(read_detection_result(detection).scores()))
     return [("eval_demo_pixel", ["mitigate_eval.py", "score", "--images", sail_out, "--gt", fx["demo_gt"],
                                  "--similarity", "pixel", "--clip_model", "none", "--out", "{out}/eval.json"]),
             ("gated_tiny_eps", ["mitigate_mem.py", "--model_id", fx["tiny_eps"], "--sd_ver", "1", "--data_path",

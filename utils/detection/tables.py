@@ -6,10 +6,10 @@ import os
 import re
 
 import numpy as np
-import torch
 
 from ..cli import UserError, warn
 from ..metrics import detection_metrics
+from ..results import read_detection_result
 
 PAPER_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "paper",
                            "table1.json")
@@ -58,28 +58,8 @@ def load_paper(path=PAPER_TABLE):
     return {(r["metric"], r["sd"], r["n"], r["steps"]): r for r in rows}
 
 
-def load_result(path):
-    """The [prompts, steps] tensor of a detect_mem.py result, read safely (a regular file of at most 1 GiB,
-    weights_only); anything else is a UserError."""
-    import io
-
-    from ..io import DataPathError, read_limited
-    try:
-        data = read_limited(path, 1 << 30)
-    except DataPathError as e:
-        raise UserError(f"{path}: {e.detail}; run detect_mem.py first") from None
-    try:
-        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a detect_mem.py result ({type(e).__name__})") from None
-    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dim() != 2 or t.shape[0] == 0:
-        raise UserError(f"{path} does not hold a [prompts, steps] tensor")
-    return t
-
-
-def _scores(pt, steps, direction):
-    s = load_result(pt)[:, :steps].double().mean(dim=1).numpy()
-    return -s if direction == "lower" else s
+def _scores(pt, steps):
+    return read_detection_result(pt).scores(steps)
 
 
 def _settings(side):
@@ -112,7 +92,7 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None):
         settings = meta.get("settings") or {}
         ks = sorted({k for k in steps if k <= width} | {width}) if metric in MULTI_STEP else [None]
         for k in ks:
-            mem_s, nmem_s = _scores(mem["pt"], k or width, direction), _scores(nmem["pt"], k or width, direction)
+            mem_s, nmem_s = _scores(mem["pt"], k or width), _scores(nmem["pt"], k or width)
             keep_m, keep_n = np.isfinite(mem_s), np.isfinite(nmem_s)
             if not keep_m.any() or not keep_n.any():
                 warn(f"{metric} n = {n}: no finite scores; skipped")
@@ -174,22 +154,29 @@ def markdown(rows, title):
     return "\n".join(lines) + "\n"
 
 
-def roc_figure(rows, title):
-    """One ROC curve per method (its row with the largest n, then the fewest steps)."""
+def roc_figure(curves, title):
+    """The ROC plot of detection results: a matplotlib figure of `curves`, a list of (label, fpr, tpr), with the
+    chance line dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    one = len(curves) == 1
+    fig, ax = plt.subplots(figsize=(4, 4) if one else (5, 5), dpi=100)
+    for label, fpr, tpr in curves:
+        ax.plot(fpr, tpr, lw=1.5 if one else 1.4, label=label)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", **({} if one else dict(fontsize=7)))
+    fig.tight_layout()
+    return fig
+
+
+def table_curves(rows):
+    """One ROC curve per method for roc_figure: its row with the largest n, then the fewest steps."""
     best = {}
     for r in rows:
         key = (r["n"], -r["steps"])
         if r["metric"] not in best or key > best[r["metric"]][0]:
             best[r["metric"]] = (key, r)
-    for metric, (_, r) in sorted(best.items()):
-        ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], lw=1.4,
-                label=f"{metric} (n={r['n']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}): AUC {r['auc']:.3f}")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    return fig
+    return [(f"{metric} (n={r['n']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}): AUC {r['auc']:.3f}",
+             r["roc"]["fpr"], r["roc"]["tpr"]) for metric, (_, r) in sorted(best.items())]

@@ -1,41 +1,11 @@
 """Detect-then-mitigate: which prompts a detection result flags (a threshold, or one calibrated at a false-positive rate)."""
-import json
 import math
 import os
 
 import numpy as np
-import torch
 
 from ..cli import UserError
-
-def read_detection(path):
-    """Per-prompt memorization scores of a detect_mem.py result (DET.pt with its DET.json sidecar).
-
-    Returns (scores float64 (K,), prompts list, sidecar dict): a prompt's score is the mean over the measured
-    steps (as detect_eval.py), negated for lower-is-memorized metrics (tiled_l2), so larger always means more
-    likely memorized. NaN scores are kept. Anything else than such a result is a UserError.
-    """
-    side = os.path.splitext(path)[0] + ".json"
-    if not os.path.isfile(path):
-        raise UserError(f"detection result {path} not found")
-    try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
-        with open(side, encoding="utf-8") as f:
-            meta = json.load(f)
-        prompts = meta["prompts"]
-    except Exception as e:  # torch, OSError, JSON or a missing key: all mean "not a detect_mem.py result"
-        raise UserError(f"{path} is not a detect_mem.py result with its .json sidecar ({type(e).__name__})")
-    if not (isinstance(t, torch.Tensor) and t.dim() == 2 and isinstance(prompts, list)
-            and t.shape[0] == len(prompts) and len(prompts) > 0):
-        raise UserError(f"{path} does not hold a [prompts, steps] tensor matching its sidecar's prompt list")
-    scores = t.double().mean(dim=1).numpy()
-    return (-scores if _metric(meta).get("direction") == "lower" else scores), prompts, meta
-
-
-def _metric(meta):
-    """The sidecar's metric description (name, direction); sharpness results of older versions have none."""
-    m = meta.get("metric")
-    return m if isinstance(m, dict) else {"name": "sharpness", "direction": "higher"}
+from ..results import read_detection_result
 
 
 def check_same_prompts(det_prompts, prompts, what):
@@ -68,20 +38,21 @@ def gate_prompts(prompts, detection, model_id=None, *, threshold=None, fpr=None,
     non-memorized result nmem (same detector and model). Returns (flags, scores, info for the manifest header)."""
     from ..cli import warn
     from ..io import sha256_file
-    scores, det_prompts, meta = read_detection(detection)
-    check_same_prompts(det_prompts, prompts, detection)
+    det = read_detection_result(detection, need_sidecar=True)
+    scores, meta = det.scores(), det.sidecar  # per prompt: mean over the measured steps, larger = memorized
+    check_same_prompts(det.prompts, prompts, detection)
     if meta.get("model_id") not in (None, model_id):
         warn(f"{detection} was computed with {meta.get('model_id')}, this run uses {model_id}")
     info = dict(detection=os.path.abspath(detection), detection_sha256=sha256_file(detection),
-                metric=_metric(meta).get("name"), threshold=threshold)
+                metric=det.metric.get("name"), threshold=threshold)
     if threshold is None:
-        nm_scores, _, nm_meta = read_detection(nmem)
-        if (_metric(nm_meta).get("name"), nm_meta.get("model_id")) != (info["metric"], meta.get("model_id")):
+        nm = read_detection_result(nmem, need_sidecar=True)
+        if (nm.metric.get("name"), nm.sidecar.get("model_id")) != (info["metric"], meta.get("model_id")):
             raise UserError(f"{nmem} comes from another detector or model than {detection}; calibrate on the "
                             "same one")
-        if nm_meta.get("identity", {}).get("gen_num") != meta.get("identity", {}).get("gen_num"):
+        if nm.sidecar.get("identity", {}).get("gen_num") != meta.get("identity", {}).get("gen_num"):
             warn(f"{nmem} and {detection} average different numbers of generations")
-        info.update(threshold=calibrated_threshold(nm_scores, fpr), fpr=fpr, nmem=os.path.abspath(nmem),
+        info.update(threshold=calibrated_threshold(nm.scores(), fpr), fpr=fpr, nmem=os.path.abspath(nmem),
                     nmem_sha256=sha256_file(nmem))
     flags = flag_prompts(scores, info["threshold"])
     info["flagged"] = [i for i, f in enumerate(flags) if f]
