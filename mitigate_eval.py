@@ -26,10 +26,10 @@ from utils.evaluation.images import MIN_SIDE
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, write_sidecar
 from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_weights
 from utils.mitigation import methods
+from utils.models.families import FAMILIES
 from utils.models.loading import resolve_device
 from utils.prompts import read_jsonl
 
-PAPER_USABLE = {"sd1_mem.jsonl": (454, 500), "sd2_mem.jsonl": (202, 219)}
 
 
 def parse_args(argv=None):
@@ -117,7 +117,8 @@ def run_fetch(a):
     write_sidecar(os.path.join(a.out, FM.INFO_NAME), vars(a), jsonl=os.path.abspath(a.jsonl), usable_records=usable,
                   records=total, status_counts=counts, user_agent=F.USER_AGENT)
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-    paper = PAPER_USABLE.get(os.path.basename(a.jsonl))
+    paper = next((u[1:] for u in (f.hparam("paper_usable") for f in FAMILIES.values())
+                  if u and u[0] == os.path.basename(a.jsonl)), None)  # the family's (file, usable, records)
     print(f"usable: {usable}/{total} records have a training image"
           + (f" (the paper had {paper[0]}/{paper[1]}; link rot lowers this over time)" if paper else ""))
     for group in FM.shared_bytes(rows)[:5]:
@@ -165,11 +166,12 @@ def run_score(a):
     result = {"similarity": sim, "clip": None if clip is None else {"model": a.clip_model,
                                                                       "pretrained": pretrained}, **result}
     header = result["generation_header"]
-    if (header.get("model") == "sd2" or str(header.get("sd_ver")) == "2") and not keywords:
-        warn("for SD v2.0 the paper takes the max over all training images sharing the keywords design, "
-             "designart, mills, anderson: add --shared_gt_keywords paper to follow it")
-    write_sidecar(out, vars(a), **result)
-    atomic_write_text(os.path.splitext(out)[0] + ".csv", E.rows_csv(result["per_prompt"]))
+    family = FAMILIES.get(header.get("model")) or (FAMILIES["sd2"] if str(header.get("sd_ver")) == "2" else None)
+    rule = family.hparam("eval_keywords") if family else ()  # SD v2.0: the reference's keyword rule
+    if rule and not keywords:
+        warn(f"for {family.title} the paper takes the max over all training images sharing the keywords "
+             f"{', '.join(E.expand_keywords(rule))}: add --shared_gt_keywords {' '.join(rule)} to follow it")
+    E.write_score_result(out, vars(a), result)
     E.warn_problems(result)
     E.print_summary(result)
     print(f"results: {out} (+ .csv)")

@@ -13,7 +13,6 @@ end in _gated. Each folder holds <index>_<cleaned prompt>_<k>.png, manifest.json
 record per finished prompt, flushed at once, so a re-run resumes) and run.json (arguments, versions).
 """
 import dataclasses
-import json
 import os
 import time
 
@@ -22,8 +21,8 @@ from tqdm import tqdm
 from utils import distributed as D
 from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, guarded, positive_int,
                        quiet_library_warnings, seed_int, settings_arguments, settings_values, warn)
-from utils.io import (atomic_save_image, atomic_torch_save, atomic_write_text, check_outputs, prepare_dir,
-                      safe_filename, safe_join, sha256_file, write_sidecar)
+from utils.io import (atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, safe_filename, safe_join,
+                      sha256_file, write_run_log, write_sidecar)
 from utils.mitigation import gating, methods as MI
 from utils.models.loading import model_label
 from utils.prompts import read_prompts, truncated_prompts
@@ -160,8 +159,7 @@ def main(argv=None):
         run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard)
         records = D.merged_records(log, len(prompts), shard)
         if shard.main and len(log.paths()) > 1:  # several processes' logs: one manifest, as one process writes
-            atomic_write_text(os.path.join(folder, "manifest.jsonl"), "".join(
-                json.dumps(r, ensure_ascii=False, allow_nan=True) + "\n" for r in [{"header": identity}, *records]))
+            write_run_log(os.path.join(folder, "manifest.jsonl"), identity, records)
         log.close()
     D.finish(shard)
 

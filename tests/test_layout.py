@@ -24,3 +24,12 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path):
     assert "utils.cli -> utils.io (layer 0 -> 1)" in bad
     assert "utils.models.a -> utils.detection.b (layer 3 -> 4)" in bad
     assert cycles == [["utils.detection.b", "utils.models.a"]]
+
+
+def test_docs_layout_names_every_module():
+    """docs/layout.md's tree lists every file of utils/ (a module added without a line there fails this)."""
+    with open(os.path.join(ROOT, "docs", "layout.md"), encoding="utf-8") as f:
+        text = f.read()
+    missing = [os.path.relpath(path, ROOT) for name, path in sorted(imports.modules(ROOT).items())
+               if not path.endswith("__init__.py") and os.path.basename(path) not in text]
+    assert missing == []

@@ -197,6 +197,17 @@ def _check_fields(obj, fields, where):
                             "the log is damaged (delete it to start afresh)")
 
 
+def _log_line(obj):
+    """One line of a run log (read_run_log's format)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=True) + "\n"
+
+
+def write_run_log(path, header, records):
+    """A whole run log at once, atomically, as ProgressLog writes it line by line (e.g. several processes' logs
+    merged into one generation manifest)."""
+    atomic_write_text(path, "".join(_log_line(r) for r in [{"header": header}, *records]))
+
+
 class ProgressLog:
     """Append-only JSONL log of finished items, for resumable runs (format: read_run_log).
 
@@ -221,7 +232,7 @@ class ProgressLog:
                 self._load()
             else:
                 with writing(self.path, "progress log"), open(self.path, "w", encoding="utf-8") as f:
-                    f.write(json.dumps({"header": identity}, ensure_ascii=False) + "\n")
+                    f.write(_log_line({"header": identity}))
         except BaseException:
             self.close()
             raise
@@ -240,7 +251,7 @@ class ProgressLog:
     def add(self, record):
         """Append one finished item and flush it to disk at once."""
         with writing(self.path, "progress log"), open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
+            f.write(_log_line(record))
             f.flush()
             os.fsync(f.fileno())
         self.done[record["index"]] = record

@@ -18,7 +18,7 @@ from . import similarity as S
 from ..cli import UserError, warn
 from .fetch_manifest import MANIFEST_NAME, read_manifest
 from .images import MAX_FILE_BYTES
-from ..io import DataPathError, read_limited
+from ..io import DataPathError, atomic_write_text, read_limited, write_sidecar
 
 CSV_COLUMNS = ["index", "prompt", "status", "gt_indices", "n_gt_images", "n_images", "n_missing", "similarity_mean",
                "similarity_max", "similarity_per_image", "clip_mean", "clip_per_image", "n_blank"]
@@ -197,8 +197,15 @@ def print_summary(result):
         print(f"  {label:<38} {_fmt(v)}")
 
 
+def write_score_result(path, arguments, result):
+    """The score result: `result` (similarity, clip, generation header, summary, per_prompt, ...) as JSON at
+    `path` with the run's arguments and versions, and its per-prompt rows as CSV beside it (read: load_result)."""
+    write_sidecar(path, arguments, **result)
+    atomic_write_text(os.path.splitext(path)[0] + ".csv", rows_csv(result["per_prompt"]))
+
+
 def load_result(path):
-    """A results JSON written by `mitigate_eval.py score`; anything else is a UserError."""
+    """A results JSON written by `mitigate_eval.py score` (write_score_result); anything else is a UserError."""
     try:
         with open(path, encoding="utf-8") as f:
             r = json.load(f)
