@@ -92,3 +92,27 @@ def test_the_denoiser_subclass_follows_the_scheduler_and_converts_to_eps():
     torch.testing.assert_close(ref.score_delta(oo, xx, t), -v.score_delta(oo, xx, t) / s)
     with pytest.raises(ValueError, match="unsupported prediction_type"):
         denoiser(net, ddim_scheduler("sample"))
+
+
+def test_a_new_family_is_one_registration_and_its_hyperparameters_reach_the_detectors(tiny_eps_dir, tmp_path):
+    """A family registered from outside the package (as a new file would) is found from its folder, and its
+    per-family hyperparameter (anisotropy weights) is what detect_mem.py uses when no flag is given."""
+    import dataclasses
+
+    folder = str(tmp_path / "toy_model")
+    shutil.copytree(tiny_eps_dir, folder)
+    toy = dataclasses.replace(F.SD1, name="toy", title="a toy family", paths=(folder,),
+                              hparams=dict(F.SD1.hparams, aniso_weights=(3.0, 0.5)))
+    F.register(toy)
+    try:
+        assert F.family_of(folder) is toy
+        (tmp_path / "p.txt").write_text("a photo of a cat\ndigit seven\n")
+        base = ["--data_path", str(tmp_path / "p.txt"), "--gen_num", "2", "--metrics", "anisotropy", "--device", "cpu"]
+        runs = {"family": [folder], "flag": [tiny_eps_dir, "--aniso_weights", "3,0.5"], "sd1": [tiny_eps_dir]}
+        for name, argv in runs.items():
+            assert exit_code(detect_mem.main, ["--model_id", argv[0], *argv[1:], *base,
+                                               "--out_dir", str(tmp_path / name)]) == 0
+        got = {name: torch.load(tmp_path / name / "p_anisotropy_gen2.pt", weights_only=True) for name in runs}
+        assert torch.equal(got["family"], got["flag"]) and not torch.equal(got["family"], got["sd1"])
+    finally:
+        F.FAMILIES.pop("toy")
