@@ -10,9 +10,7 @@ sharing UNet calls (utils/detectors.py). Results are flushed per prompt and metr
 re-running the same command resumes an interrupted run; tiled_l2 also saves the generated images.
 """
 import dataclasses
-import math
 import os
-import resource
 import time
 
 import torch
@@ -23,13 +21,13 @@ from utils.cli import (ArgumentParser, UserError, bounded_int, guarded, positive
                        raise_arg, seed_int, settings_arguments, settings_from, warn)
 from utils.detection import DETECTORS, Sampling
 from utils.detection.loop import run_detectors
+from utils.detection.records import forward_seconds, output_base, prompt_record, save_result
 from utils.io import atomic_save_image, check_outputs, prepare_dir, sha256_file
 from utils.models.attention import prompt_lengths
 from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
 from utils.models.denoisers import V_SCORE_FORMS
 from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts, truncated_prompts
-from utils.results import write_detection_result
 from utils.startup import add_model_arguments, load_model, model_id_of, start_process
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
@@ -105,11 +103,6 @@ def detectors(args, flags, hparam=None):
     return out
 
 
-def output_base(out_dir, stem, metric, n):
-    """Path stem of a metric's result files (sharpness keeps the reference's name)."""
-    return os.path.join(out_dir, f"{stem}_gen{n}" if metric == "sharpness" else f"{stem}_{metric}_gen{n}")
-
-
 @guarded(memory_hint="use fewer generations (--gen_num), a smaller --batch_size, or a lower --max_memory_gb")
 def main(argv=None):
     args, flags = parse_args(argv)
@@ -173,7 +166,7 @@ def main(argv=None):
                                                     decode=loaded.decode,
                                                     prompt_lengths=prompt_lengths(loaded.tokenizer, batch))
         secs = (time.time() - t0) / len(idx)
-        cost = meter.summary(metrics)
+        cost, fwd = meter.summary(metrics), forward_seconds(meter)
         for j, i in enumerate(idx):
             if images is not None:
                 for k, im in enumerate(images[j]):
@@ -183,54 +176,16 @@ def main(argv=None):
                     continue
                 if not torch.isfinite(vals[m][j]).all():
                     warn(f"prompt {i + 1} gave a non-finite {m} value; saved as NaN: {prompts[i][:80]!r}")
-                c = cost[m]
-                logs[m].add(dict(index=i, prompt=prompts[i], per_generation=vals[m][j].T.tolist(), seconds=secs,
-                                 unet_forwards=c["unet_forwards"], jvps=c["jvps"], batch=len(idx),
-                                 extras=extras[m][j],
-                                 cost=dict(c, seconds=c["seconds"] / len(idx),
-                                           step_seconds=[v / len(idx) for v in c["step_seconds"]],
-                                           forward_seconds=_forward_seconds(meter) / len(idx))))
+                logs[m].add(prompt_record(i, prompts[i], vals[m][j], extras[m][j], cost[m], secs, len(idx), fwd))
     for m in args.metrics:  # merged only when every prompt is done, by the main process
         records = D.merged_records(logs[m], len(prompts), shard)
         if shard.main:
-            _save(m, bases[m], records, prompts, args, model_id, model.prediction_type, identities[m], dets[m])
+            det = dets[m]
+            save_result(bases[m], records, prompts, vars(args), model_id=model_id,
+                        prediction_type=model.prediction_type, identity=identities[m], batch_size=args.batch_size,
+                        metric=dict(name=m, direction=det.direction, settings=det.identity(), stem=stem,
+                                    gen_num=args.gen_num, description=det.description))
     D.finish(shard)
-
-
-def _forward_seconds(meter):
-    """Mean seconds of one pair forward of this batch (K prompts; per prompt: divide by K): the unit of the
-    cost ratios, one UNet forward on the [uncond; cond] batch of a prompt's 2n rows."""
-    f = [u[2] for u in meter.units if u[0] == "unet_forwards"]
-    return sum(f) / len(f) if f else None
-
-
-def _save(metric, base, records, prompts, args, model_id, prediction_type, identity, det):
-    """The metric's [prompts, steps] tensor (.pt) and its self-describing sidecar (.json) from its records."""
-    per_step = torch.tensor([[_mean(step) for step in r["per_generation"]] for r in records], dtype=torch.float32)
-    costs = [r.get("cost") or {} for r in records]
-    write_detection_result(
-        base, per_step, vars(args), prompts=prompts, per_generation=[r["per_generation"] for r in records],
-        metric=dict(name=metric, direction=det.direction, settings=det.identity(),
-                    stem=os.path.splitext(os.path.basename(args.data_path))[0], gen_num=args.gen_num,
-                    description=det.description),
-        extras=[r.get("extras") for r in records], model_id=model_id, prediction_type=prediction_type,
-        identity=identity,
-        cost=dict(seconds_per_prompt=[r["seconds"] for r in records],
-                  unet_forwards_per_prompt_batch=records[0]["unet_forwards"],
-                  jvps_per_prompt_batch=records[0]["jvps"], batch_size=args.batch_size,
-                  per_prompt=costs, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  note="unet_forwards, jvps, vae_decodes, seconds and peak_bytes (CUDA allocator peak; "
-                       "None on CPU) count every unit of work this metric used; units shared with the "
-                       "metrics in shared_with ran once and are counted in full for each of them"))
-    bad = int((~torch.isfinite(per_step)).any(dim=1).sum())
-    finite = per_step[torch.isfinite(per_step)]
-    print(f"saved {base}.pt {tuple(per_step.shape)}: mean {finite.mean().item() if finite.numel() else float('nan'):.4g}"
-          f"{f', {bad} prompt(s) NaN' if bad else ''}")
-
-
-def _mean(values):
-    """Mean over generations; NaN if any generation is non-finite (never averaged away silently)."""
-    return sum(values) / len(values) if all(math.isfinite(v) for v in values) else float("nan")
 
 
 if __name__ == "__main__":
