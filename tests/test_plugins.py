@@ -84,3 +84,12 @@ def test_a_registered_detector_runs_through_detect_mem(toy, tiny_eps_dir, tmp_pa
     assert exit_code(detect_mem.main, argv[:7] + ["wen", "--wen_steps", "1", "--device", "cpu",
                                                   "--out_dir", str(wen_alone)]) == 0
     assert torch.equal(torch.load(wen_alone / "p_wen_gen2.pt"), torch.load(out / "p_wen_gen2.pt"))
+
+
+def test_anisotropy_in_score_space_counts_the_score_form_in_its_identity():
+    """Its norm term then depends on --v_score (v-prediction), so a resumed run must match it; the authors'
+    output space does not depend on it."""
+    from utils.detection import DETECTORS
+    aniso = DETECTORS["anisotropy"]
+    assert aniso(aniso.Settings(aniso_space="score")).model_options == ("v_score",)
+    assert aniso(aniso.Settings()).model_options == ()

@@ -53,6 +53,12 @@ class Anisotropy(Detector):
     description = ("g_norm * ||D at the first timestep|| + g_cos * mean per-pixel cos at the low-noise timestep "
                    "(mean over generations); extras: per-generation norm and cosine terms")
 
+    @property
+    def model_options(self):
+        # in score space the norm term is s_delta in the denoiser's score form, which --v_score sets on
+        # v-prediction models: part of the identity then (the authors' output space does not use it)
+        return ("v_score",) if self.settings.aniso_space == "score" else ()
+
     def trajectory(self):
         return 1
 
