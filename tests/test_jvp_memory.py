@@ -9,8 +9,8 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import detect_mem
-from utils.models.jvp_memory import (ChunkedAttention, JvpMemory, attention_shapes, attention_tangent,
-    estimate_bytes, plan_jvp)
+from utils.models.jvp_memory import (ACT, WEIGHT_COPIES, ChunkedAttention, JvpMemory, attention_shapes,
+    attention_tangent, estimate_bytes, math_map_bytes, plan_jvp)
 from utils.models.denoisers import denoiser
 from utils.models.conditioning import Conditioning
 
@@ -98,6 +98,28 @@ def test_plan_choices_and_estimates(tiny64):
     assert not plan_jvp(unet, 4, hw, *args, budget=None, attention="chunked").unchanged
     with pytest.raises(ValueError):
         JvpMemory(attention="flash")
+
+
+def test_math_kernel_maps_of_half_types_count_four_bytes(tiny64):
+    """The math SDPA kernel upcasts half types to float32 (CPU always; CUDA unless fp16/bf16 reduction is allowed).
+    Counting bfloat16 maps at 2 bytes underestimated a bfloat16 JVP on an H200 (SDXL, 8 rows: 18.3 GiB estimated,
+    24.5 GiB measured; its attention took the same memory as in float32)."""
+    bf16 = torch.bfloat16
+    assert math_map_bytes(bf16, "cpu") == math_map_bytes(bf16, "cuda") == 4 == math_map_bytes(torch.float32, "cuda")
+    assert math_map_bytes(torch.float64, "cpu") == 8
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    try:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+        assert math_map_bytes(bf16, "cuda") == 2 and math_map_bytes(bf16, "cpu") == 4
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+    # so a bfloat16 and a float32 estimate on CUDA differ only by the activations and weight copies (2 bytes each)
+    unet = tiny64[0]
+    fixed_entries = ACT * 8 * unet.config.block_out_channels[0] * 8 * 8 + WEIGHT_COPIES * max(
+        p.numel() for p in unet.parameters())
+    diff = (estimate_bytes(unet, 4, (8, 8), 77, torch.float32, "cuda")
+            - estimate_bytes(unet, 4, (8, 8), 77, bf16, "cuda"))
+    assert abs(diff - 2 * fixed_entries) <= 1
 
 
 def test_processors_restored_after_an_error_inside(tiny64):

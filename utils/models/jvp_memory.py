@@ -11,13 +11,15 @@ the [uncond; cond] pair), in bytes, b = bytes per element of the UNet's dtype:
     activations   ACT * R * C0 * H * W * b           (C0 = the first block's width, H x W the latent grid)
     weights       WEIGHT_COPIES * the largest parameter tensor's bytes  (transient copies made by the kernels)
 
-Only the largest attention layer counts (a layer's maps are freed before the next one runs). b_attn is b, except
-4 for half types on the CPU (the CPU math kernel computes in float32); b_chunk is 4 for half types and b
-otherwise (ChunkedAttention's tangent math). Constants measured on the CPU (peak RSS above the resting set,
-torch 2.14, SD v1.4's UNet with random weights, 1 generation, float32): one math-kernel forward-AD attention
+Only the largest attention layer counts (a layer's maps are freed before the next one runs). b_attn is b, except 4
+for half types (math_map_bytes: the math kernel computes their maps in float32, on the CPU always and on CUDA unless
+fp16/bf16 reduction was allowed; on an H200, torch 2.11, SDXL's UNet at 128 x 128 with 8 rows, the bfloat16
+math-kernel JVP peaked at 24.5 GiB above its inputs, 88 % of the float32 one's 27.8 GiB); b_chunk is 4 for half
+types and b otherwise (ChunkedAttention's tangent math). Constants measured on the CPU (peak RSS above the resting
+set, torch 2.14, SD v1.4's UNet with random weights, 1 generation, float32): one math-kernel forward-AD attention
 alone peaked at 5.1 maps, the chunked rule at 2.2 maps per chunk (output included); the whole UNet's JVP with the
-chunked attention at 303 MB (16 x 16 latents) and 362 MB (32 x 32), i.e. 30 entries per row and C0*H*W entry on
-top of 2.4 copies of the largest weight (the 1280 x 2560 x 3 x 3 convolution, 118 MB). The constants below carry a
+chunked attention at 303 MB (16 x 16 latents) and 362 MB (32 x 32), i.e. 30 entries per row and C0*H*W entry on top
+of 2.4 copies of the largest weight (the 1280 x 2560 x 3 x 3 convolution, 118 MB). The constants below carry a
 margin; benchmarks/gpu_check.sh measures the CUDA allocator's peak against this estimate.
 
 Plan for a budget B (JvpMemory.plan): the unchunked math-kernel JVP when it fits (exactly the computation done
@@ -71,6 +73,18 @@ def _elem(dtype):
     return torch.finfo(dtype).bits // 8
 
 
+def math_map_bytes(dtype, device):
+    """Bytes per attention-map entry of the math SDPA kernel for inputs of `dtype` on `device`. Half types are
+    upcast to float32 inside the kernel: on the CPU always, on CUDA unless
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True) was set (off by default in torch 2.11 and 2.14)."""
+    b = _elem(dtype)
+    if b >= 4:
+        return b
+    if torch.device(device).type == "cuda" and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
+        return b
+    return 4
+
+
 @dataclasses.dataclass(frozen=True)
 class JvpPlan:
     """How one JVP over `gens` generations runs: `per_call` generations per UNet call; query_chunk None = the
@@ -99,8 +113,7 @@ def estimate_bytes(unet, gens, hw, context_len, dtype, device, query_chunk=None)
     if not shapes:
         return int(fixed)
     if query_chunk is None:
-        b_attn = 4 if (torch.device(device).type == "cpu" and b < 4) else b
-        attn = MATH_MAPS * rows * max(s.heads * s.queries * s.keys for s in shapes) * b_attn
+        attn = MATH_MAPS * rows * max(s.heads * s.queries * s.keys for s in shapes) * math_map_bytes(dtype, device)
     else:
         attn = CHUNK_MAPS * rows * max(s.heads * min(query_chunk, s.queries) * s.keys for s in shapes) * max(b, 4)
     return int(fixed + attn)
