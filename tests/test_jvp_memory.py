@@ -151,3 +151,67 @@ def test_script_memory_cap_equals_default_and_bad_values_exit_2(tiny_eps_dir, tm
         assert run("--out_dir", str(tmp_path / "c"), *bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ")
+
+
+@pytest.fixture(scope="module")
+def tiny_xl64():
+    """A tiny UNet with SDXL base's layout in float64: no attention in the first down block, two down blocks with
+    cross-attention (the last deeper), added conditions 'text_time' (pooled text_embeds (B, 8) and time_ids
+    (B, 6)). One prompt x 2 generations at 16 x 16 latents, a 7-token context of width 12."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 32),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 2, 4), use_linear_projection=True, cross_attention_dim=12,
+        addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4).double().eval()
+    g = torch.Generator().manual_seed(3)
+    c, u = (torch.randn(1, 7, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    pooled = torch.randn(1, 8, generator=g, dtype=torch.float64)
+    ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]], dtype=torch.float64)
+    cond = Conditioning.of(c, u, 2, added={"text_embeds": (torch.zeros_like(pooled), pooled), "time_ids": (ids, ids)})
+    x, v = (torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    from diffusers import DDIMScheduler
+    return unet, DDIMScheduler(prediction_type="epsilon"), cond, x, v
+
+
+def test_sdxl_layout_shapes_and_plan(tiny_xl64):
+    """The planner on SDXL's layout: no attention at the full latent grid (the first down block has none), so the
+    largest map is the second down block's self-attention at half the side; estimates and plans as elsewhere."""
+    unet, _, _, _, _ = tiny_xl64
+    shapes = attention_shapes(unet, (16, 16), 7)
+    assert max(s.queries for s in shapes) == 8 * 8  # down_blocks.1 / up_blocks.1; none at 16 x 16
+    assert {(s.heads, s.queries, s.keys) for s in shapes} == {(2, 64, 64), (2, 64, 7), (4, 16, 16), (4, 16, 7)}
+    # attn1 + attn2 per transformer block: down 1 + 1 x 2, mid 2, up 2 x 2 + 2 x 1 (an up block has one more layer)
+    assert len(shapes) == 2 * (1 + 2 + 2 + 4 + 2)
+    args = ((16, 16), 7, torch.float64, "cpu")
+    whole = estimate_bytes(unet, 2, *args)
+    assert plan_jvp(unet, 2, *args, budget=whole).unchanged
+    chunked = plan_jvp(unet, 2, *args, budget=whole - 1)
+    assert chunked.per_call == 2 and chunked.query_chunk is not None and chunked.estimate <= whole - 1
+
+
+@pytest.mark.parametrize("memory", [JvpMemory(attention="chunked", query_chunk=24),   # 64 queries: 24 + 24 + 16
+                                    JvpMemory(max_bytes=1, attention="auto")])         # 1 generation per call
+def test_capped_jvp_on_the_sdxl_layout_equals_the_unchunked_jvp(tiny_xl64, memory):
+    """With added conditions (text_embeds, time_ids) sliced with the rows, through the chunked attention of
+    SDXL's transformer blocks; the unchunked JVP is torch.func.jvp of the pair call written out here."""
+    unet, sched, emb, x, v = tiny_xl64
+    t = 981
+
+    def s_pair(z):  # [s(z, uncond); s(z, cond)] by a plain UNet call with added_cond_kwargs
+        zz = torch.cat([z, z])
+        added = {k: torch.cat(pair) for k, pair in emb.added.items()}
+        eps = unet(zz, t, encoder_hidden_states=torch.cat([emb.uncond, emb.cond]), added_cond_kwargs=added).sample
+        return -eps / (1 - sched.alphas_cumprod[t]).sqrt()
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        tangent = jvp(s_pair, (x,), (v,))[1]
+    want = tangent[2:] - tangent[:2]
+    model = denoiser(unet, sched, jvp_memory=memory)
+    assert not model.jvp_plan(x, emb).unchanged
+    got = model.hvp_delta(x, t, emb, v)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
