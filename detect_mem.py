@@ -27,8 +27,8 @@ from utils.models.attention import prompt_lengths
 from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
 from utils.models.denoisers import V_SCORE_FORMS
 from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
-from utils.prompts import read_prompts, truncated_prompts
-from utils.startup import add_model_arguments, load_model, model_id_of, start_process
+from utils.prompts import read_prompts
+from utils.startup import add_model_arguments, load_model, model_id_of, report_long_prompts, size_identity, start_process
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
 
@@ -94,8 +94,11 @@ def detectors(args, flags, hparam=None):
     for m in args.metrics:
         st = settings_from(DETECTORS[m].Settings, vars(args), flags[m])
         if hparam:
-            st = dataclasses.replace(st, **{f.name: hparam(f.name) for f in dataclasses.fields(st)
-                                            if getattr(st, f.name) is None and hparam(f.name) is not None})
+            try:
+                family = {f.name: hparam(f.name) for f in dataclasses.fields(st) if getattr(st, f.name) is None}
+            except ValueError as e:  # a rule on the model that this model does not satisfy (e.g. a missing layer)
+                raise UserError(f"{m}: {' '.join(str(e).split())[:400]}") from None
+            st = dataclasses.replace(st, **{k: v for k, v in family.items() if v is not None})
         out[m] = DETECTORS[m](st, SAMPLING)
         problems = out[m].check() if hparam else []
         if problems:
@@ -122,7 +125,7 @@ def main(argv=None):
     fd = needs.get("fd_precision")
     if fd == "tf32" and device.type != "cuda":
         raise UserError("--fd_precision tf32 needs CUDA; on the CPU use float32")
-    loaded = load_model(args.sd_ver, args.model_id, device, args.dtype)
+    loaded = load_model(args.sd_ver, args.model_id, device, args.dtype, args.height, args.width)
     pipe, dtype = loaded.pipe, loaded.dtype
     model = loaded.denoiser(score_form=args.v_score,
                             jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if needs.get("jvp") else None,
@@ -133,13 +136,13 @@ def main(argv=None):
     dets = detectors(args, flags, loaded.hparam)
     for m, det in dets.items():
         try:
-            det.check_model(pipe)
+            det.check_model(pipe, loaded.size)
         except ValueError as e:
             raise UserError(f"{' '.join(str(e).split())[:400]} ({' / '.join('--' + d for _, d in flags[m])})") \
                 from None
     # Everything that changes a metric's numbers; a resumed run must match it exactly.
     common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
-                  gen_seed=args.gen_seed, dtype=str(dtype), device=device.type)
+                  gen_seed=args.gen_seed, dtype=str(dtype), device=device.type, **size_identity(args.height, args.width))
     identities = {m: dict(common, **{o: getattr(args, o) for o in det.model_options}, **det.identity())
                   for m, det in dets.items()}
     logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard,
@@ -147,11 +150,7 @@ def main(argv=None):
     todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]
     if len(todo) < len(prompts) and shard.main:
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")
-    long_ones = truncated_prompts(loaded.tokenizer, prompts, loaded.tokenizer.model_max_length)
-    if long_ones:
-        warn(f"{len(long_ones)} prompt(s) exceed {loaded.tokenizer.model_max_length} tokens and are truncated by the "
-             f"text encoder, as in the reference (prompt(s) {', '.join(str(i + 1) for i in long_ones[:10])}"
-             f"{', ...' if len(long_ones) > 10 else ''})")
+    report_long_prompts(loaded.tokenizers, prompts)
     latents = loaded.noise(args.gen_num, args.gen_seed)  # same noise for every prompt
     image_dir = os.path.join(args.out_dir, f"{stem}_gen{args.gen_num}_images")
 
@@ -183,6 +182,7 @@ def main(argv=None):
             det = dets[m]
             save_result(bases[m], records, prompts, vars(args), model_id=model_id,
                         prediction_type=model.prediction_type, identity=identities[m], batch_size=args.batch_size,
+                        family=loaded.description(),
                         metric=dict(name=m, direction=det.direction, settings=det.identity(), stem=stem,
                                     gen_num=args.gen_num, description=det.description))
     D.finish(shard)

@@ -20,13 +20,13 @@ from tqdm import tqdm
 
 from utils import distributed as D
 from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, guarded, positive_int,
-                       quiet_library_warnings, seed_int, settings_arguments, settings_values, warn)
+                       quiet_library_warnings, seed_int, settings_arguments, settings_values)
 from utils.io import (atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, safe_filename, safe_join,
                       sha256_file, write_run_log, write_sidecar)
 from utils.mitigation import gating, methods as MI
 from utils.models.loading import model_label
-from utils.prompts import read_prompts, truncated_prompts
-from utils.startup import add_model_arguments, load_model, model_id_of, start_process
+from utils.prompts import read_prompts
+from utils.startup import add_model_arguments, load_model, model_id_of, report_long_prompts, size_identity, start_process
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for every method (as the reference)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling (Jain's w_post)
@@ -123,16 +123,18 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"{a.method}: {e}") from None
     flags, scores, gate_info = gate(a, prompts, model_id)  # every check before anything is loaded or written
-    loaded = load_model(a.sd_ver, a.model_id, device, a.dtype)
+    loaded = load_model(a.sd_ver, a.model_id, device, a.dtype, a.height, a.width)
     model, dtype = loaded.denoiser(), loaded.dtype
-    if runs is None:  # the paper's grid for this model
-        try:
+    try:
+        if runs is None:  # the paper's grid for this model
             runs = MI.grid_settings(a.method, base, None, loaded.family)
-        except ValueError as e:
-            raise UserError(f"{a.method}: {e} (--grid V1,V2,...)") from None
+        runs = [MI.with_family_defaults(a.method, st, loaded.family) for st in runs]  # e.g. SAIL's l_thres
+    except ValueError as e:
+        raise UserError(f"{a.method}: {e} (--grid V1,V2,... or its flag)") from None
     common = dict(model=label, model_id=model_id, data_sha256=sha256_file(a.data_path), gen_num=a.gen_num,
                   gen_seed=a.gen_seed, dtype=str(dtype), device=device.type, method=a.method,
-                  num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE)
+                  num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE,
+                  **size_identity(a.height, a.width))
     jobs = []
     for st in runs:
         setting = MI.setting_label(a.method, st.to_dict())
@@ -146,16 +148,15 @@ def main(argv=None):
         log = D.ShardLog(os.path.join(folder, "manifest"), identity, shard, fields={"prompt": str, "images": list})
         jobs.append((st, setting, folder, identity, log))
     tok = loaded.tokenizer
-    long_ones = truncated_prompts(tok, prompts, tok.model_max_length)
-    if long_ones:
-        warn(f"{len(long_ones)} prompt(s) exceed {tok.model_max_length} tokens and are truncated")
+    report_long_prompts(loaded.tokenizers, prompts)
     ctx = MI.Context(model=model, family=loaded.family, encode=loaded.encode,
                      noise=loaded.noise(a.gen_num, a.gen_seed), seed=a.gen_seed, tokenizer=tok,
-                     num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE)
+                     num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE,
+                  **size_identity(a.height, a.width))
     for st, setting, folder, identity, log in jobs:
         if shard.main:
             write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
-                          prediction_type=model.prediction_type, identity=identity)
+                          prediction_type=model.prediction_type, identity=identity, family=loaded.description())
         run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard)
         records = D.merged_records(log, len(prompts), shard)
         if shard.main and len(log.paths()) > 1:  # several processes' logs: one manifest, as one process writes

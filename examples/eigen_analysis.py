@@ -28,7 +28,7 @@ from utils.io import ProgressLog, atomic_write_bytes, figure_png, prepare_dir, w
 from utils.models.loading import resolve_device
 from utils.models.operators import BRANCHES, sampling_spectra
 from utils.prompts import read_prompts
-from utils.startup import add_model_arguments, load_model, model_id_of
+from utils.startup import add_model_arguments, load_model, model_id_of, size_identity
 
 GROUPS = ("memorized", "non-memorized")
 MAX_INFERENCE_STEPS = 1000  # DDIM cannot take more steps than the training timesteps (1000 for SD)
@@ -124,7 +124,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     model_id = model_id_of(args.sd_ver, args.model_id)
     prepare_dir(args.out_dir)  # an unwritable --out_dir stops now, not after loading the model
-    loaded = load_model(args.sd_ver, args.model_id, device, args.dtype)
+    loaded = load_model(args.sd_ver, args.model_id, device, args.dtype, args.height, args.width)
     pipe, dtype = loaded.pipe, loaded.dtype
     if args.num_inference_steps > pipe.scheduler.config.num_train_timesteps:
         raise UserError(f"--num_inference_steps {args.num_inference_steps} exceeds the model's "
@@ -140,7 +140,8 @@ def main(argv=None):
     identity = dict(model_id=model_id, items_sha256=hashlib.sha256(json.dumps(items).encode()).hexdigest(),
                     k=args.k, krylov_dim=krylov_dim, steps=steps, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, which=args.which, solver=args.solver, dense=dense,
-                    gen_seed=args.gen_seed, start_seed=args.start_seed, dtype=str(dtype), device=device.type)
+                    gen_seed=args.gen_seed, start_seed=args.start_seed, dtype=str(dtype), device=device.type,
+                    **size_identity(args.height, args.width))
     log = ProgressLog(os.path.join(args.out_dir, "eigenvalues.progress.jsonl"), identity)
     print(f"model {model_id}: latent n = {n}, k = {args.k}, Krylov dimension {krylov_dim} ({args.solver} on "
           f"{'H' if args.which != 'delta' else 'H_delta'}), dense spectrum: {'yes' if dense else 'no'}")

@@ -335,8 +335,14 @@ def test_be_against_numpy():
     # Hand case: a constant mask k gives ||k d|| / k = ||d||.
     const = torch.full((n, h * w), 0.3)
     np.testing.assert_allclose(be_step_score(const, d).numpy(), np.sqrt((d ** 2).sum(axis=(1, 2, 3))), rtol=1e-6)
-    with pytest.raises(ValueError, match="mask shape"):
-        be_step_score(torch.ones(n, 16), d)
+    # A mask at half the latent grid (SDXL's mask layers): each query's value covers its 2 x 2 latent patch.
+    coarse = rng.random((n, h // 2, w // 2))
+    up = np.kron(coarse, np.ones((2, 2))).reshape(n, 1, h, w)
+    expected = np.sqrt(((up * d) ** 2).sum(axis=(1, 2, 3))) / up.mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(be_step_score(torch.tensor(coarse.reshape(n, -1)), d).numpy(), expected, rtol=1e-12)
+    for bad in (torch.ones(n, 24), torch.ones(n, 128), torch.ones(n + 1, h * w)):
+        with pytest.raises(ValueError, match="mask shape"):
+            be_step_score(bad, d)
 
 
 def test_pipeline_run_gives_finite_scores(pipe):

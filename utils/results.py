@@ -88,11 +88,13 @@ def read_detection_result(path, need_sidecar=False):
 
 
 def write_detection_result(base, values, arguments, *, metric, prompts, per_generation, extras, model_id,
-                           prediction_type, identity, cost):
+                           prediction_type, identity, cost, family=None):
     """Write <base>.pt (`values`, float32 (K, S)) and then <base>.json, atomically each. `arguments` is the run's
-    argument dict; `metric` its name, direction, settings, stem, gen_num and description; the rest as read back."""
+    argument dict; `metric` its name, direction, settings, stem, gen_num and description; family: the model
+    family's description (utils.models.families.describe) or None; the rest as read back."""
     atomic_torch_save(base + ".pt", values)
     write_sidecar(base + ".json", arguments, metric=metric, shape=list(values.shape), prompts=prompts,
                   values=values.tolist(), per_generation=per_generation, extras=extras, model_id=model_id,
-                  prediction_type=prediction_type, identity=identity, cost=cost)
+                  prediction_type=prediction_type, identity=identity, cost=cost,
+                  **({"family": family} if family else {}))
 

@@ -4,20 +4,24 @@ it registers the bundled demo family, the 'tiny' model and the demo CLIP.
 """
 import dataclasses
 
-from . import demo  # noqa: F401  (registers the demo family, the tiny model and the demo CLIP)
+from . import demo  # noqa: F401  (registers the demo family, the tiny models and the demo CLIP)
 from . import distributed as D
-from .cli import device_name
+from .cli import UserError, bounded_int, device_name, warn
 from .models import families as F
 from .models.loading import DTYPES, SD_MODELS, model_label, resolve_device, resolve_dtype, resolve_model_id
+from .prompts import truncated_prompts
 
 
 def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on CUDA (as the reference), float32 on CPU"):
     """The model, device and precision options every script shares (values checked when resolved)."""
     p.add_argument("--sd_ver", default="1", choices=list(SD_MODELS),
-                   help="1 (SD v1.4), 2 (SD v2.0) or demo (bundled tiny model)")
+                   help="1 (SD v1.4), 1.5, 2 (SD v2.0), 2.1, xl (SDXL base 1.0) or demo (bundled tiny model)")
     p.add_argument("--model_id", default=None,
-                   help="Hub id, local folder, 'demo' or 'tiny' (random CPU model); overrides --sd_ver; its family "
-                        "is read from its model_index.json")
+                   help="Hub id, local folder, 'demo', or a random CPU model ('tiny', 'tiny-xl'); overrides "
+                        "--sd_ver; its family is read from its model_index.json")
+    p.add_argument("--height", type=bounded_int(8, 16384), default=None,
+                   help="image height in pixels (default: the model's native size); a multiple of the VAE factor")
+    p.add_argument("--width", type=bounded_int(8, 16384), default=None, help="image width in pixels (as --height)")
     p.add_argument("--dtype", default=dtype_default, choices=list(DTYPES), help=dtype_help)
     p.add_argument("--device", default=None, type=device_name, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark prompt files (offline)")
@@ -31,21 +35,22 @@ def start_process(device, arguments):
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: its family profile, pipeline, id, folder label, device and dtype."""
+    """A loaded model: its family profile, pipeline, id, folder label, device, dtype and image size (h, w) px."""
     family: object
     pipe: object
     model_id: str
     label: str
     device: object
     dtype: object
+    size: tuple = None
 
     def encode(self, prompts):
         """Conditioning of a list of K prompts (K rows, both branches)."""
-        return self.family.encode(self.pipe, prompts, self.device)
+        return self.family.encode(self.pipe, prompts, self.device, self.size)
 
     def noise(self, n, seed):
-        """The pipeline's seeded initial noise (n, C, H, W), the same for every prompt."""
-        return self.family.initial_latents(self.pipe, n, seed)
+        """The pipeline's seeded initial noise (n, C, H/f, W/f), the same for every prompt."""
+        return self.family.initial_latents(self.pipe, n, seed, *self.size)
 
     def decode(self, latents):
         return self.family.decode(self.pipe, latents)
@@ -57,8 +62,17 @@ class Model:
     def tokenizer(self):
         return self.family.tokenizer(self.pipe)
 
+    @property
+    def tokenizers(self):
+        return self.family.tokenizers(self.pipe)
+
+    def description(self):
+        """The family's description for result files, with the image size (height, width) px."""
+        return dict(F.describe(self.family), image_size=list(self.size))
+
     def hparam(self, key, default=None):
-        return self.family.hparam(key, default)
+        """The family's hyperparameter; one that is a rule on the model is evaluated on this pipeline."""
+        return self.family.hparam(key, default, self.pipe)
 
 
 def model_id_of(sd_ver, model_id=None):
@@ -66,9 +80,41 @@ def model_id_of(sd_ver, model_id=None):
     return resolve_model_id(sd_ver, model_id)
 
 
-def load_model(sd_ver, model_id, device, dtype=None):
-    """The Model that --sd_ver/--model_id name, on `device` in `dtype` (a name; default by device)."""
+def size_identity(height=None, width=None):
+    """What --height/--width add to a run's identity: nothing at the native size (so that runs from before the
+    flags resume), else {'height': h, 'width': w} as given."""
+    return {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+
+
+def image_size(family, pipe, height=None, width=None):
+    """(height, width) in pixels: the given ones, else the family's native size; UserError unless both are
+    multiples of the VAE's downsampling factor."""
+    native = family.native_size(pipe)
+    size = (height or native[0], width or native[1])
+    f = pipe.vae_scale_factor
+    bad = [f"--{n} {v}" for n, v, given in (("height", size[0], height), ("width", size[1], width))
+           if given and v % f]
+    if bad:
+        raise UserError(f"{' and '.join(bad)}: not a multiple of the VAE's downsampling factor {f}")
+    return size
+
+
+def load_model(sd_ver, model_id, device, dtype=None, height=None, width=None):
+    """The Model that --sd_ver/--model_id name, on `device` in `dtype` (a name; default by device), for images of
+    height x width pixels (None: native)."""
     mid = resolve_model_id(sd_ver, model_id)
     dt = resolve_dtype(dtype, device)
     family, pipe = F.load(mid, device, dt)
-    return Model(family, pipe, mid, model_label(sd_ver, model_id), device, dt)
+    return Model(family, pipe, mid, model_label(sd_ver, model_id), device, dt, image_size(family, pipe, height, width))
+
+
+def report_long_prompts(tokenizers, prompts):
+    """Warn (one line) about prompts longer than any of the model's tokenizers' windows: the text encoders
+    truncate them, as in the papers' runs. Returns their indices."""
+    long_ones = sorted({i for tok in tokenizers for i in truncated_prompts(tok, prompts, tok.model_max_length)})
+    if long_ones:
+        limit = min(tok.model_max_length for tok in tokenizers)
+        warn(f"{len(long_ones)} prompt(s) exceed {limit} tokens and are truncated by the text encoder, as in the "
+             f"reference (prompt(s) {', '.join(str(i + 1) for i in long_ones[:10])}"
+             f"{', ...' if len(long_ones) > 10 else ''})")
+    return long_ones

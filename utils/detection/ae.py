@@ -13,7 +13,7 @@ class Ae(Detector):
     description = ("mean entropy over the last T/5 steps of the layer-averaged cross-attention plus the change of the "
                    "summary-token entropy from the first step (Ren et al.)")
 
-    def check_model(self, pipe):
+    def check_model(self, pipe, size):
         attention_layers(pipe.unet)
 
     def attention(self, unet, prompt_lengths, n):

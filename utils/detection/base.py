@@ -154,8 +154,9 @@ class Detector:
         out.update(dataclasses.asdict(self.settings))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
-    def check_model(self, pipe):
-        """ValueError if the pipeline lacks what the detector needs (a layer, an image size)."""
+    def check_model(self, pipe, size):
+        """ValueError if the pipeline, generating images of size (height, width) px, lacks what the detector needs
+        (a layer, an image size)."""
 
     def model_needs(self):
         """What the denoiser must carry: {'jvp': True} (a JVP UNet) or {'fd_precision': ...} (finite differences)."""

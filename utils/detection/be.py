@@ -1,5 +1,5 @@
 """be: Chen et al. (2025), Bright Ending: ||m * (out_c - out_u)|| / mean(m) averaged over all steps, m the end-token
-(first EOS) attention map of the first down block's cross-attention at the last step (the shared attention
+(first EOS) attention map of the first cross-attention down block's layers at the last step (the shared attention
 instrument); the output difference is the shared one of wen (same space flag)."""
 import dataclasses
 
@@ -8,6 +8,17 @@ import torch
 from ..cli import raise_arg
 from ..models import attention as A
 from .base import DifferenceSpace, Detector, attention_layers, option, output_difference, register
+
+
+def first_down_block(layers):
+    """Forward indices of the cross-attention layers (A.CrossAttnLayer list) of the first down block that has
+    any: Chen et al.'s mask layers on SD v1.4 (down_blocks.0), and by the same rule down_blocks.1 on SDXL, whose
+    first down block has none (both at a 64 x 64 grid at the native size). [] if no down block has any."""
+    down = [l for l in layers if l.path.startswith("down_blocks.")]
+    if not down:
+        return []
+    block = down[0].path.split(".")[1]
+    return [l.index for l in down if l.path.split(".")[1] == block]
 
 
 def index_list(text):
@@ -24,9 +35,9 @@ def index_list(text):
 @dataclasses.dataclass(frozen=True)
 class BeSettings(DifferenceSpace):
     """Options of Chen et al.'s Bright Ending (and wen_space, shared with wen)."""
-    be_layers: tuple = option((), type=index_list, help=(  # be: mask layers; (): the first down block's
-        "be: forward indices of the end-token mask layers (default: the first down block's, as Chen et al.'s two "
-        "64x64 layers of SD v1.4)"))
+    be_layers: tuple = option((), type=index_list, help=(  # be: mask layers; (): the first cross-attention down block's
+        "be: forward indices of the end-token mask layers (default: those of the first down block with "
+        "cross-attention: Chen et al.'s two 64x64 layers of SD v1.4, down_blocks.1's four 64x64 ones on SDXL)"))
 
 
 @register
@@ -39,13 +50,13 @@ class Be(Detector):
     def layers(self, unet):
         """Forward indices of the mask layers; ValueError if the UNet lacks them."""
         layers = attention_layers(unet)
-        be = list(self.settings.be_layers) or [l.index for l in layers if l.path.startswith("down_blocks.0.")]
+        be = list(self.settings.be_layers) or first_down_block(layers)
         if not be:
-            raise ValueError("be: the UNet's first down block has no cross-attention; choose the mask layers")
+            raise ValueError("be: no down block of the UNet has cross-attention; choose the mask layers")
         A.select_layers(layers, be)  # raises for an index the UNet does not have
         return be
 
-    def check_model(self, pipe):
+    def check_model(self, pipe, size):
         self.layers(pipe.unet)
 
     def attention(self, unet, prompt_lengths, n):

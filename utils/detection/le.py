@@ -10,10 +10,12 @@ from .base import Detector, attention_layers, option, register
 @dataclasses.dataclass(frozen=True)
 class LeSettings:
     """Options of Ren et al.'s layer entropy."""
-    le_layer: int = option(3, type=nonneg_int)  # le: forward index of the layer (Ren's 3 = down_blocks.1.attentions.1)
+    le_layer: int = option(None, type=nonneg_int, help=(  # le: forward index of the layer; None: the family's
+        "le: forward index of the cross-attention layer (default: the model family's; Ren et al.'s 3 = "
+        "down_blocks.1.attentions.1 on SD 1.x/2.x, the same rule's layer on SDXL: docs/models.md)"))
 
     def __post_init__(self):
-        if not isinstance(self.le_layer, int) or self.le_layer < 0:
+        if self.le_layer is not None and (not isinstance(self.le_layer, int) or self.le_layer < 0):
             raise ValueError("le_layer must be a non-negative integer")
 
 
@@ -26,7 +28,12 @@ class Le(Detector):
     def trajectory(self):
         return 1
 
-    def check_model(self, pipe):
+    def check(self):
+        missing = [] if self.settings.le_layer is not None else ["le needs le_layer (detect_mem.py takes the "
+                                                                 "model family's)"]
+        return super().check() + missing
+
+    def check_model(self, pipe, size):
         A.select_layers(attention_layers(pipe.unet), [self.settings.le_layer])  # raises for a missing layer
 
     def attention(self, unet, prompt_lengths, n):

@@ -30,14 +30,15 @@ def forward_seconds(meter):
     return sum(f) / len(f) if f else None
 
 
-def save_result(base, records, prompts, arguments, *, metric, model_id, prediction_type, identity, batch_size):
+def save_result(base, records, prompts, arguments, *, metric, model_id, prediction_type, identity, batch_size,
+                family=None):
     """Write the metric's result (<base>.pt, <base>.json) from its records in prompt order; `metric` is the
     sidecar's metric description. Prints one summary line. Returns the [prompts, steps] tensor."""
     per_step = torch.tensor([[_mean(step) for step in r["per_generation"]] for r in records], dtype=torch.float32)
     write_detection_result(
         base, per_step, arguments, prompts=prompts, per_generation=[r["per_generation"] for r in records],
         metric=metric, extras=[r.get("extras") for r in records], model_id=model_id, prediction_type=prediction_type,
-        identity=identity,
+        identity=identity, family=family,
         cost=dict(seconds_per_prompt=[r["seconds"] for r in records],
                   unet_forwards_per_prompt_batch=records[0]["unet_forwards"],
                   jvps_per_prompt_batch=records[0]["jvps"], batch_size=batch_size,

@@ -35,10 +35,10 @@ class TiledL2(Detector):
     wants_images = True
     min_generations = 2
 
-    def check_model(self, pipe):
-        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        if side % self.settings.tile_px:
-            raise ValueError(f"tile_px {self.settings.tile_px} does not divide the image side {side} px")
+    def check_model(self, pipe, size):
+        for side in sorted(set(size)):
+            if side % self.settings.tile_px:
+                raise ValueError(f"tile_px {self.settings.tile_px} does not divide the image side {side} px")
 
     def prepare(self, p):
         if p.n < 2:

@@ -111,6 +111,7 @@ class Method:
     flag_prefix: str = ""                # its flags are --<flag_prefix><field> (or a field's metadata 'flag')
     title: str = ""                      # heading of its flags in --help
     batch: Optional[Callable] = None     # (ctx, settings, prompts, indices, k) -> ctx searching k prompts at once
+    family_defaults: tuple = ()          # (field, family hparam key): a field left None takes the family's value
 
 
 def folder_tag(label):

@@ -53,6 +53,19 @@ def grid_settings(method, base, values=None, family=None):
     return [dataclasses.replace(base, **o) for o in overrides]
 
 
+def with_family_defaults(method, settings, family):
+    """The settings with each of the method's family_defaults fields that is None set to the family's value
+    (ValueError when the family has none: the user must give it)."""
+    fill = {}
+    for field, key in METHODS[method].family_defaults:
+        if getattr(settings, field) is None:
+            value = family.hparam(key)
+            if value is None:
+                raise ValueError(f"the {family.name} family has no value for {field}; give it")
+            fill[field] = value
+    return dataclasses.replace(settings, **fill) if fill else settings
+
+
 def setting_label(method, settings_dict):
     """Short text naming one setting of a method, e.g. 'thres=0.6', 'n=4', 't=500, w=0'."""
     m = METHODS.get(method)

@@ -28,7 +28,7 @@ class SailSettings:
     """
     gen_num: int = hp(4, cli=False)  # latents to accept per prompt (the run's --gen_num)
     seed: int = hp(42, cli=False)    # torch seed of the first round's candidates (the run's --gen_seed)
-    thres: float = hp(8.2, type=finite_float)  # l_thres on p(x) + alpha*||x|| (grids per family: families.py)
+    thres: float = hp(None, type=finite_float)  # l_thres on p(x) + alpha*||x|| (None: the family's, 8.2 on SD)
     lr: float = hp(0.05, type=positive_float)  # Adam learning rate on the latents
     budget: int = hp(8, type=positive_int)     # candidates optimized together
     max_steps: int = hp(10, type=positive_int)   # Adam steps per round
@@ -43,7 +43,7 @@ class SailSettings:
                     if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0)]
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             problems.append("lr must be a positive finite number")
-        if not (isinstance(self.thres, (int, float)) and math.isfinite(self.thres)):
+        if self.thres is not None and not (isinstance(self.thres, (int, float)) and math.isfinite(self.thres)):
             problems.append("thres must be a finite number")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha >= 0):
             problems.append("alpha must be a finite number >= 0")
@@ -212,6 +212,8 @@ def sail_latents_batch(model, conds, latent_shape, settings=SailSettings(), *, d
     device = torch.device(device)
     if st.alpha is None:
         raise ValueError("SAIL's alpha is not set: resolve the family's value first (resolve_alpha)")
+    if settings.thres is None:
+        raise ValueError("SAIL's threshold is not set: take the family's value first (methods.with_family_defaults)")
     alpha_w = st.alpha
     t = model.timesteps(st.num_inference_steps, device=device)[0]
     searches = [_PromptSearch(st, device) for _ in range(len(conds))]
@@ -332,4 +334,5 @@ def batched_context(ctx, settings, prompts, indices, k):
 # the paper's grids differ per model family: the profiles' hparams 'grids' (utils.models.families)
 METHOD = Method("sail", SailSettings, plan_sail, "thres", lambda x: {"thres": grid_float(x)},
                 label=lambda s: f"thres={s['thres']:g}", flag_prefix="miti_",
-                title="SAIL (paper, Algorithm 2 and Appendix D)", batch=batched_context)
+                title="SAIL (paper, Algorithm 2 and Appendix D)", batch=batched_context,
+                family_defaults=(("thres", "sail_thres"),))

@@ -17,7 +17,7 @@ class WenSettings:
     noise; the conditional embedding e (all 77 positions but BOS) is optimized until the loss, evaluated before
     each update, is <= target_loss, for at most max_iters updates.
     """
-    target_loss: float = hp(3.0, type=finite_float)   # l_target (their README: 3; paper grids: families.py)
+    target_loss: float = hp(None, type=finite_float)  # l_target (None: the family's; their README's 3 on SD)
     lr: float = hp(0.05, type=positive_float)          # their --optim_lr (the paper: "Adam, lr 0.05")
     max_iters: int = hp(10, type=nonneg_int)           # their --optim_iters
     optimizer: str = hp("adamw", choices=["adamw", "adam"])  # adamw: their code (AdamW); adam: the paper's text
@@ -26,7 +26,7 @@ class WenSettings:
     loss: str = hp("joint", choices=["joint", "mean"])  # joint: one norm over all n images (theirs); mean: per image
 
     def __post_init__(self):
-        problems([(is_finite(self.target_loss), "target_loss must be a finite number"),
+        problems([(self.target_loss is None or is_finite(self.target_loss), "target_loss must be a finite number"),
                   (is_finite(self.lr) and self.lr > 0, "lr must be a positive number"),
                   (is_count(self.max_iters) and self.max_iters >= 0, "max_iters must be an integer >= 0"),
                   (self.optimizer in ("adamw", "adam"), "optimizer must be adamw or adam"),
@@ -59,6 +59,8 @@ def wen_embedding(model, cond, noise, settings, num_inference_steps=50):
     (BOS) zeroed. After max_iters updates the last embedding is returned without evaluating it, as their code.
     """
     st, n = settings, noise.shape[0]
+    if st.target_loss is None:
+        raise ValueError("Wen's target_loss is not set: take the family's value first (methods.with_family_defaults)")
     t = model.timesteps(num_inference_steps, device=noise.device)[0]
     x_in = model.scale_input(torch.cat([noise, noise]), t)
     e = cond.cond.detach().clone().requires_grad_(True)
@@ -91,5 +93,6 @@ def plan_wen(ctx, index, prompt, settings):
 
 METHOD = Method("wen", WenSettings, plan_wen, "target_loss", lambda x: {"target_loss": grid_float(x)},
                 label=lambda s: f"l_target={s['target_loss']:g}", flag_prefix="wen_",
-                title="wen (Wen et al., ICLR 2024: their inference_mem.py)")
+                title="wen (Wen et al., ICLR 2024: their inference_mem.py)",
+                family_defaults=(("target_loss", "wen_target_loss"),))
 # the paper's grids differ per model family: the profiles' hparams 'grids' (utils.models.families)

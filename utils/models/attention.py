@@ -10,6 +10,7 @@ quantity behind Ren et al.'s LE/AE detectors and Chen et al.'s Bright Ending (BE
             ...unet(...)...
     scores = le_score(inst.token_dists)   # recordings stay readable after the block; processors are restored
 """
+import math
 import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -359,9 +360,15 @@ def be_mask(query_maps, step, layers=(0, 1)):
 
 def be_step_score(mask, eps_diff):
     """BE at one step: ||m * (eps_c - eps_u)||_2 / mean(m) per row, m broadcast over latent channels, the norm over
-    all C*H*W entries. mask (n, H*W), eps_diff (n, C, H, W) -> (n,). No resizing: the mask must be H*W."""
+    all C*H*W entries. mask (n, H*W) or, from a layer at a coarser grid, (n, H/k * W/k) for an integer k, each
+    query's value then repeated over its k x k latent patch (the rule for SDXL, whose mask layers run at half the
+    latent grid; Chen et al.'s SD v1.4 layers run at the latent grid, k = 1). eps_diff (n, C, H, W) -> (n,)."""
     d, m = torch.as_tensor(eps_diff).double(), torch.as_tensor(mask).double()
     n, _, h, w = d.shape
-    if m.shape != (n, h * w):
-        raise ValueError(f"mask shape {tuple(m.shape)} does not match ({n}, {h * w}) for eps_diff {tuple(d.shape)}")
+    k = math.isqrt(h * w // max(m.shape[-1], 1)) if m.dim() == 2 and m.shape[-1] else 0
+    if m.dim() != 2 or m.shape[0] != n or k < 1 or h % k or w % k or m.shape[1] * k * k != h * w:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match ({n}, {h * w}) or a coarser grid of it for "
+                         f"eps_diff {tuple(d.shape)}")
+    if k > 1:
+        m = m.reshape(n, h // k, w // k).repeat_interleave(k, dim=1).repeat_interleave(k, dim=2).reshape(n, h * w)
     return (m.reshape(n, 1, h, w) * d).flatten(1).norm(dim=1) / m.mean(1)

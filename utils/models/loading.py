@@ -21,9 +21,12 @@ DEMO_MODEL_DIR = os.path.join(REPO_ROOT, "demo_model")
 
 # --sd_ver -> model; the prediction type always comes from the loaded scheduler's config.
 SD_MODELS = {
-    "1": "CompVis/stable-diffusion-v1-4",      # epsilon-prediction, 512x512
-    "2": "stabilityai/stable-diffusion-2",     # v-prediction, 768x768
-    "demo": DEMO_MODEL_DIR,                    # the project's tiny digits model (CPU, offline)
+    "1": "CompVis/stable-diffusion-v1-4",                      # epsilon-prediction, 512x512 (the paper's)
+    "1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",      # epsilon, 512x512 (runwayml's repository, moved)
+    "2": "stabilityai/stable-diffusion-2",                     # v-prediction, 768x768 (the paper's)
+    "2.1": "stabilityai/stable-diffusion-2-1",                 # v-prediction, 768x768
+    "xl": "stabilityai/stable-diffusion-xl-base-1.0",          # epsilon, 1024x1024, two text encoders
+    "demo": DEMO_MODEL_DIR,                                    # the project's tiny digits model (CPU, offline)
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,8 +43,8 @@ def resolve_model_id(sd_ver, model_id=None):
 
 
 def model_label(sd_ver, model_id=None):
-    """A short name of the model that is actually loaded, safe as a folder name: sd1, sd2, sddemo (as the
-    reference's sd<ver> folders), tiny, else the folder's base name or the Hub id with '/' as '--'."""
+    """A short name of the model that is actually loaded, safe as a folder name: sd1, sd1.5, sd2, sd2.1, sdxl,
+    sddemo (as the reference's sd<ver> folders), tiny, else the folder's base name or the Hub id with '/' as '--'."""
     resolved = resolve_model_id(sd_ver, model_id)
     for ver, mid in SD_MODELS.items():
         if resolved == mid or (os.path.isdir(resolved) and os.path.isdir(mid) and os.path.samefile(resolved, mid)):
@@ -96,24 +99,26 @@ def _check_folder(model_id):
         raise UserError(f"model folder {model_id!r} does not exist")
 
 
+CONFIGS = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json")
+
+
 def read_model_index(model_id):
-    """(pipeline class name, scheduler prediction type) from a model's model_index.json and scheduler config: a
-    local folder's, or a Hub id's copy in the local cache; None when the folder has no model_index.json or the id
-    is not cached (then the load itself decides). A damaged file is a UserError."""
+    """(pipeline class name, scheduler prediction type, UNet config dict) from a model's model_index.json,
+    scheduler and UNet configs: a local folder's, or a Hub id's copies in the local cache; None when the folder
+    has no model_index.json or the id is not cached (then the load itself decides). A missing scheduler config
+    means epsilon, a missing UNet config {}. A damaged file is a UserError."""
     if os.path.isdir(model_id):
-        paths = [os.path.join(model_id, "model_index.json"),
-                 os.path.join(model_id, "scheduler", "scheduler_config.json")]
+        paths = [os.path.join(model_id, *name.split("/")) for name in CONFIGS]
     else:
         _check_folder(model_id)
         from huggingface_hub import try_to_load_from_cache
-        paths = [try_to_load_from_cache(model_id, name) for name in
-                 ("model_index.json", "scheduler/scheduler_config.json")]
+        paths = [try_to_load_from_cache(model_id, name) for name in CONFIGS]
         paths = [p if isinstance(p, str) else "" for p in paths]
     if not os.path.isfile(paths[0]):
         return None
     index = _json_object(paths[0])
     pred = _json_object(paths[1]).get("prediction_type", "epsilon") if os.path.isfile(paths[1]) else "epsilon"
-    return index.get("_class_name"), pred
+    return index.get("_class_name"), pred, (_json_object(paths[2]) if os.path.isfile(paths[2]) else {})
 
 
 def _json_object(path, max_bytes=1 << 20):
