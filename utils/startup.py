@@ -8,6 +8,7 @@ from . import demo  # noqa: F401  (registers the demo family, the tiny models an
 from . import distributed as D
 from .cli import UserError, bounded_int, device_name, warn
 from .models import families as F
+from .models import sdxl  # noqa: F401  (registers the SDXL family)
 from .models.loading import DTYPES, SD_MODELS, model_label, resolve_device, resolve_dtype, resolve_model_id
 from .prompts import truncated_prompts
 

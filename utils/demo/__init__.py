@@ -22,7 +22,13 @@ def _tiny(prediction_type="epsilon"):
     return tiny_pipeline(prediction_type=prediction_type)
 
 
+def _tiny_xl():
+    from .model import tiny_xl_pipeline
+    return tiny_xl_pipeline()
+
+
 register_builder("tiny", "sd1", _tiny)
+register_builder("tiny-xl", "sdxl", _tiny_xl)
 
 
 def _load_demo_clip(folder, device):

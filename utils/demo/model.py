@@ -87,6 +87,52 @@ def tiny_pipeline(prediction_type="epsilon", seed=0, sample_size=8, cross_attent
     return assemble_pipeline(vae, unet, text_encoder, tokenizer, ddim_scheduler(prediction_type))
 
 
+def tiny_xl_pipeline(seed=0, sample_size=8, force_zeros_for_empty_prompt=True, prediction_type="epsilon"):
+    """A StableDiffusionXLPipeline with SDXL base's layout at toy size (random weights, seeded), DDIM with SD's
+    schedule (SDXL base's scheduler config has the same betas and spacing).
+
+    As SDXL: a first down block without cross-attention and two with it (the last one deeper), two CLIP text
+    encoders (the second with a text projection, whose pooled output and 6 time ids are the UNet's added
+    conditions: addition_embed_type 'text_time'), the context their penultimate hidden states concatenated
+    (16 + 32 = 48 wide), and the second tokenizer padding with '!' as SDXL's does. Both tokenizers are the real
+    CLIP BPE rebuilt offline. For tests and smoke runs: no download, no watermarker.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..models.clip import offline_clip_tokenizer
+
+    time_dim, proj_dim = 8, 32
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8), use_linear_projection=True, cross_attention_dim=48, norm_num_groups=16,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=proj_dim + 6 * time_dim)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16, sample_size=sample_size * 2, force_upcast=True)
+    tokenizer = offline_clip_tokenizer()
+    tokenizer_2 = offline_clip_tokenizer()
+    tokenizer_2.pad_token = "!"
+    text = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, pad_token_id=49407, **text))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=proj_dim,
+                                                                pad_token_id=0, **text))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=ddim_scheduler(prediction_type), add_watermarker=False,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_components(seed, tokenizer, token_init_std=None):
     """Seeded, untrained (vae, unet, text_encoder) in the SD v1 layout at toy size (about 15 MB in float32).
 
