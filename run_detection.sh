@@ -17,7 +17,8 @@ HVP_SAMPLING_NUM=1      # sharpness: first sampling steps measured (Table 1: 1)
 WEN_STEPS=50            # wen: first steps measured; the table averages the first 1, 5 and 50 (Table 1)
 TILE_PX=128             # tiled_l2: tile side in pixels (the sharpness paper's 128)
 GEN_SEED=42             # torch seed of the shared initial noise
-SD_VERS="1 2"           # Stable Diffusion versions: 1 = v1.4 (epsilon), 2 = v2.0 (v-prediction)
+SD_VERS="1 2"           # Stable Diffusion versions: 1 = v1.4 (epsilon), 2 = v2.0 (v-prediction); also 1.5, 2.1, xl
+                        # (SDXL: no published prompt set; build prompts/sdxl_mem.txt and sdxl_nmem.txt, docs/families.md)
 BATCH_SIZE=1            # prompts per UNet call (same results; raise it on a large GPU)
 OUT_DIR=det_outputs
 EXTRA_ARGS=""           # e.g. "--dtype float32", "--hvp fd" (fast sharpness), "--max_memory_gb 22" (a 24 GB GPU)
