@@ -114,19 +114,13 @@ class StableDiffusion(Family):
     def load(self, model_id, device, dtype):
         """The pipeline (safety checker off) with a DDIM scheduler built from its own config (UserError if it
         cannot be loaded or its prediction type is not supported)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
         if model_id in BUILDERS:
             pipe = BUILDERS[model_id][1]().to(device, dtype)
         else:
             pipe = load_diffusers(StableDiffusionPipeline, model_id,
                                   dict(dtype=dtype, safety_checker=None, requires_safety_checker=False))
-        pred = pipe.scheduler.config.prediction_type
-        if pred not in PREDICTIONS:
-            raise UserError(f"model {model_id} has prediction_type {pred!r}; only {' and '.join(PREDICTIONS)} "
-                            "are supported")
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return with_ddim(pipe, model_id, device)
 
     @torch.no_grad()
     def embed(self, pipe, prompts, device=None):
@@ -153,6 +147,19 @@ class StableDiffusion(Family):
         latents / scaling_factor, then the pipeline's image post-processing)."""
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+def with_ddim(pipe, model_id, device):
+    """A loaded pipeline made ready for the harness: DDIM built from its own scheduler config, progress bar off, on
+    `device` (UserError for a prediction type no denoiser supports)."""
+    from diffusers import DDIMScheduler
+    pred = pipe.scheduler.config.prediction_type
+    if pred not in PREDICTIONS:
+        raise UserError(f"model {model_id} has prediction_type {pred!r}; only {' and '.join(PREDICTIONS)} "
+                        "are supported")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 # Hyperparameters shared by the SD families; each family below overrides what its papers publish for it.

@@ -23,8 +23,7 @@ import torch
 from ..cli import UserError
 from .attention import cross_attention_layers
 from .conditioning import Conditioning
-from .denoisers import PREDICTIONS
-from .families import SD1, BUILDERS, StableDiffusion, register
+from .families import SD1, BUILDERS, StableDiffusion, register, with_ddim
 from .loading import load_diffusers
 
 SD14_LATENT = (4, 64, 64)     # SD v1.4's latent (C, H, W) at 512 px: the reference size of the published values
@@ -62,7 +61,7 @@ class StableDiffusionXL(StableDiffusion):
     def load(self, model_id, device, dtype):
         """The pipeline with a DDIM scheduler from its own config and no watermarker (UserError if it cannot be
         loaded, lacks its second text encoder, or has an unsupported prediction type)."""
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLPipeline
         if model_id in BUILDERS:
             pipe = BUILDERS[model_id][1]().to(device, dtype)
         else:
@@ -74,13 +73,7 @@ class StableDiffusionXL(StableDiffusion):
             pipe = load_diffusers(StableDiffusionXLPipeline, model_id, dict(dtype=dtype, add_watermarker=False))
         if pipe.text_encoder_2 is None or pipe.tokenizer_2 is None:
             raise UserError(f"SDXL model {model_id} has no second text encoder or tokenizer; SDXL needs both")
-        pred = pipe.scheduler.config.prediction_type
-        if pred not in PREDICTIONS:
-            raise UserError(f"model {model_id} has prediction_type {pred!r}; only {' and '.join(PREDICTIONS)} "
-                            "are supported")
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return with_ddim(pipe, model_id, device)
 
     def native_size(self, pipe):
         side = pipe.default_sample_size * pipe.vae_scale_factor
