@@ -3,9 +3,12 @@
     python benchmarks/bench.py                                   # CPU: SD v1.4's UNet, random weights, 8 x 8 latents
     python benchmarks/bench.py --device cuda --unet sd14 --dtypes bfloat16,float32      # full SD v1.4 shape (64 x 64)
     python benchmarks/bench.py --device cuda --unet sd2 --dtypes bfloat16,float32       # SD v2.0 shape (96 x 96, v)
+    python benchmarks/bench.py --device cuda --unet sdxl                                # SDXL base shape (128 x 128)
 
-The UNet has Stable Diffusion's architecture (utils.demo.model.sd_shaped_unet) with random weights, which costs
-what the real one does; the prompts are random embeddings and the latents seeded noise, the same for every item.
+The UNet has Stable Diffusion's architecture (utils.demo.model.sd_shaped_unet; SDXL base's from
+benchmarks/sdxl_shape.py, 'sdxl_tiny' its layout at toy widths) with random weights, which costs what the real one
+does; the prompts are random embeddings (SDXL: also random pooled embeddings and the pipeline's default time ids)
+and the latents seeded noise, the same for every item.
 Items (each the median of --repeats runs after a warm-up run; the long ones, SAIL and generation, --long_repeats
 runs after a cheap warm-up of the same shapes):
 
@@ -45,6 +48,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.sdxl_shape import SDXL_UNETS, sdxl_added, sdxl_unet  # noqa: E402
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
 from utils.detection.loop import run_detectors, settings_for
 from utils.models.conditioning import Conditioning
@@ -64,7 +68,7 @@ SAIL_ALPHA = {SD1.prediction_type: SD1.hparam("sail_alpha"), SD2.prediction_type
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny"])
+    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny", *SDXL_UNETS])
     p.add_argument("--size", type=int, default=None, help="latent side (default: 8 on the CPU, native on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated (default: float32 on the CPU, bfloat16 on CUDA)")
@@ -141,8 +145,9 @@ def timed(fn, device, repeats, warmup):
 
 class Bench:
     """The benchmark's model, inputs and items for one dtype. Shapes: conds (K, 77, D), uncond (1, 77, D),
-    latents (n, 4, S, S); prompt 0 is used by every item (cond0: its Conditioning, one row), prompts 0..K-1 by
-    sail_batch (cond_all: K rows)."""
+    latents (n, 4, S, S), added {name: (uncond (1, ...), cond (K, ...))} (SDXL's text_embeds and time_ids; empty
+    otherwise); prompt 0 is used by every item (cond0: its Conditioning, one row), prompts 0..K-1 by sail_batch
+    (cond_all: K rows)."""
 
     def __init__(self, args, dtype):
         self.args, self.dtype = args, dtype
@@ -151,6 +156,8 @@ class Bench:
             from utils.demo.model import tiny_pipeline
             self.unet = tiny_pipeline(sample_size=args.size).unet.to(self.device, dtype).eval()
             pred, dim = "epsilon", self.unet.config.cross_attention_dim
+        elif args.unet in SDXL_UNETS:
+            self.unet, pred, dim = sdxl_unet(args.unet, args.size, self.device, dtype, seed=args.seed)
         else:
             self.unet, pred, dim = sd_shaped_unet(args.unet, args.size, self.device, dtype, seed=args.seed)
         self.sched = ddim_scheduler(pred)
@@ -159,14 +166,21 @@ class Bench:
         self.conds = torch.randn(k, 77, dim, generator=g).to(self.device, dtype)
         self.uncond = torch.randn(1, 77, dim, generator=g).to(self.device, dtype)
         self.latents = torch.randn(args.gen_num, 4, args.size, args.size, generator=g).to(self.device, dtype)
-        self.cond0 = Conditioning.of(self.conds[:1], self.uncond)
-        self.cond_all = Conditioning.of(self.conds, self.uncond)
+        self.added = (sdxl_added(self.unet, k, args.size, g, self.device, dtype) if args.unet in SDXL_UNETS
+                      else {})
+        self.cond0 = self.conditioning(1)
+        self.cond_all = self.conditioning(k)
         cap = None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30)
         self.memory = JvpMemory(cap)
         self.model = denoiser(self.unet, self.sched, jvp_memory=self.memory)
         self.sail_alpha = SAIL_ALPHA[self.model.prediction_type]
         self._f32 = None
         self.warmup = None
+
+    def conditioning(self, k, n=1):
+        """The Conditioning of prompts 0..k-1 with n generations each (k * n rows per branch)."""
+        added = {name: (u, c[:k]) for name, (u, c) in self.added.items()}
+        return Conditioning.of(self.conds[:k], self.uncond, n, added)
 
     def f32_copy(self):
         """A float32 copy of the UNet (None when it already is float32), made once."""
@@ -185,7 +199,7 @@ class Bench:
         if name == "forward":
             self.sched.set_timesteps(50)
             t = self.sched.timesteps[0]
-            emb = Conditioning.of(self.conds[:1], self.uncond, n)
+            emb = self.conditioning(1, n)
             x2 = torch.cat([self.latents, self.latents])
 
             def forward():
@@ -231,7 +245,7 @@ class Bench:
                                          device=self.device)), f"{rounds} round(s), 1 prompt (sail_latents)"
         if name == "generation":
             self.warmup = self.item("forward")[0]
-            emb = Conditioning.of(self.conds[:1], self.uncond, n)
+            emb = self.conditioning(1, n)
 
             def generate():
                 x = self.latents
@@ -246,7 +260,8 @@ class Bench:
 def run(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    args.size = args.size or (8 if not cuda else {"sd14": 64, "sd2": 96, "tiny": 8}[args.unet])
+    args.size = args.size or (8 if not cuda else {"sd14": 64, "sd2": 96, "tiny": 8, "sdxl": 128, "sdxl_tiny": 8}[
+        args.unet])
     args.gen_num = args.gen_num or (4 if cuda else 1)
     args.repeats = args.repeats or (5 if cuda else 2)
     args.prompt_batch = args.prompt_batch or (4 if cuda else 2)
@@ -333,7 +348,7 @@ def markdown(res):
            f"median of "
            f"{res['repeats']} (SAIL and generation: {res['long_repeats']}); memory: {res['memory_note']}", ""]
     for dname, run_res in res["runs"].items():
-        out += [f"{dname}:", "", "| item | seconds | / forward | / wen | / generation | peak memory (GB) | note |",
+        out += [f"{dname}:", "", "| item | seconds | / forward | / wen | / generation | peak memory (GiB) | note |",
                 "|---|---|---|---|---|---|---|"]
         for name, rec in run_res["items"].items():
             if "error" in rec:

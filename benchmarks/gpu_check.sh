@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Issue #14's GPU checks in one run, under 8 minutes on one H200 (each part has its own time limit; the limits add
-# up to 465 s). Writes, as it goes, under $OUT (default ./gpu_check_out):
+# Issues #14's and #21's GPU checks in one run, under 8 minutes on one H200 (each part has its own time limit; the
+# limits add up to 470 s; on an H200 with torch 2.11 the two SDXL parts took 43 s, and 41 s with 2 repeats).
+# Writes, as it goes, under $OUT (default ./gpu_check_out):
 #   gpu_check.md    every table (Markdown), and a line for each part that failed or ran out of time
 #   gpu_check.log   everything the parts printed
 #   jvp_memory.json the exact JVP at SD v2.0's shape, n = 4, under a 24 GiB cap: plan, peak, time, agreement
 #   fd_study.json   fd vs the exact float32 JVP at SD v1.4's (64 x 64) and SD v2.0's (96 x 96) shapes
 #   bench_sd14.json bench_sd2.json   benchmarks/bench.py: every item, bfloat16 and float32, ratios and peaks
+#   jvp_memory_sdxl.json  the exact JVP at SDXL base's shape (128 x 128), n = 4, under the same cap
+#   bench_sdxl.json       benchmarks/bench.py at SDXL base's shape: forward, wen, the JVPs and fd, bfloat16
+# PARTS="name ..." runs only the named parts (e.g. PARTS="jvp_memory_sdxl bench_sdxl"), in the order below.
 # Run from anywhere; needs torch with CUDA and diffusers. A machine without diffusers (the workplace's GPU image)
 # gets it from .gpu_site/*.zip in the repository root (benchmarks/pack_gpu_site.sh makes it; carry .gpu_site).
 set -euo pipefail
@@ -22,13 +26,16 @@ START=$(date +%s)
 # SMOKE=1: the same commands on the CPU at toy sizes (8 x 8 latents, 2 prompts, short SAIL), to test the script.
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu S14=8 S2=8 P14=2 P2=2 N=1 CAP=0.001 REP=1 SAIL="--budget 2 --max_steps 1 --search_rounds 2" X=20
+  XL=sdxl_tiny SXL=8  # SDXL's layout at toy widths: the real UNet's 10 GB of weights are no smoke test
 else
   DEV=cuda S14=64 S2=96 P14=32 P2=16 N=4 CAP=24 REP=0 SAIL="" X=1
+  XL=sdxl SXL=128
 fi
 
 part() {  # part NAME LIMIT_SECONDS COMMAND...: run it, log it, note a failure in the table file, never stop
   local name=$1 limit=$2 rc=0
   shift 2
+  if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then return 0; fi
   echo "== $name: limit ${limit}s, started at +$(( $(date +%s) - START ))s" | tee -a "$LOG"
   timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1 || rc=$?
   if [ "$rc" -ne 0 ]; then
@@ -39,7 +46,7 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run it, log it, note a failure i
 }
 
 {
-  echo "# memsharp issue 14: GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
+  echo "# memsharp issues 14 and 21: GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
   echo '```'
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
@@ -49,28 +56,39 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run it, log it, note a failure i
 } >>"$MD"
 
 # 1. The exact JVP in bounded memory: SD v2.0's shape at n = 4 under 24 GiB (target), against the uncapped JVP.
-part jvp_memory $((75 * X)) python3 benchmarks/jvp_memory_check.py --device $DEV --unet sd2 --size $S2 --gen_num $N \
+part jvp_memory $((60 * X)) python3 benchmarks/jvp_memory_check.py --device $DEV --unet sd2 --size $S2 --gen_num $N \
   --cap_gb $CAP --dtypes bfloat16,float32 --repeats 2 --out "$OUT/jvp_memory.json" --md "$MD"
 
 # 2. fd agreement at SD v1.4's full shape (64 x 64), first and middle step, vs the exact float32 JVP.
-part fd_sd14 $((90 * X)) python3 benchmarks/fd_study.py --device $DEV --model sd14 --size $S14 --prompts $P14 \
+part fd_sd14 $((75 * X)) python3 benchmarks/fd_study.py --device $DEV --model sd14 --size $S14 --prompts $P14 \
   --gen_num 1 --steps 0,25 --precisions float32,tf32,bfloat16 --schemes forward,central --h_unit rms \
   --hs 1e-4,3e-4,1e-3,3e-3,1e-2 --bf16_hs 1e-2,3e-2,1e-1,3e-1 --batch 8 --out "$OUT/fd_study.json" --md "$MD"
 
 # 3. The side-by-side table at SD v1.4's shape (bfloat16: everything; float32: detection and generation).
-part bench_sd14 $((120 * X)) python3 benchmarks/bench.py --device $DEV --unet sd14 --size $S14 --gen_num $N \
+part bench_sd14 $((95 * X)) python3 benchmarks/bench.py --device $DEV --unet sd14 --size $S14 --gen_num $N \
   --dtypes bfloat16,float32 --long_dtypes bfloat16 --repeats $((REP > 0 ? REP : 5)) --prompt_batch 4 $SAIL \
   --out "$OUT/bench_sd14.json" --md "$MD"
 
 # 4. The same at SD v2.0's shape (768 x 768, v-prediction); no 3-round search (3 x the round).
-part bench_sd2 $((120 * X)) python3 benchmarks/bench.py --device $DEV --unet sd2 --size $S2 --gen_num $N \
+part bench_sd2 $((100 * X)) python3 benchmarks/bench.py --device $DEV --unet sd2 --size $S2 --gen_num $N \
   --dtypes bfloat16,float32 --long_dtypes bfloat16 --repeats $((REP > 0 ? REP : 3)) --prompt_batch 4 $SAIL \
   --items forward,wen,anisotropy,jvp,jvp_chunked,jvp_f32copy,fd,fd_model,fd_tf32,generation,sail_round,sail_batch \
   --out "$OUT/bench_sd2.json" --md "$MD"
 
 # 5. fd agreement at SD v2.0's shape.
-part fd_sd2 $((60 * X)) python3 benchmarks/fd_study.py --device $DEV --model sd2 --size $S2 --prompts $P2 --gen_num 1 \
+part fd_sd2 $((45 * X)) python3 benchmarks/fd_study.py --device $DEV --model sd2 --size $S2 --prompts $P2 --gen_num 1 \
   --steps 0,25 --precisions float32,tf32 --schemes forward --h_unit rms --hs 3e-4,1e-3,3e-3 --batch 8 \
   --out "$OUT/fd_study.json" --md "$MD"
+
+# 6. The exact JVP at SDXL base's shape (128 x 128 latents, 77 x 2048 context, added conditions), n = 4: the
+# planner's estimate against the measured peak, uncapped and under the cap (the estimates: benchmarks/sdxl_memory.py).
+part jvp_memory_sdxl $((50 * X)) python3 benchmarks/jvp_memory_check.py --device $DEV --unet $XL --size $SXL \
+  --gen_num $N --cap_gb $CAP --dtypes bfloat16,float32 --repeats 1 --out "$OUT/jvp_memory_sdxl.json" --md "$MD"
+
+# 7. Detection's costs at SDXL base's shape, bfloat16, one repeat: SAIL and generation are left out to keep the part
+# short (generation is 50 of the forward item's pair calls).
+part bench_sdxl $((45 * X)) python3 benchmarks/bench.py --device $DEV --unet $XL --size $SXL --gen_num $N \
+  --dtypes bfloat16 --items forward,wen,jvp,jvp_chunked,fd --repeats 1 \
+  --out "$OUT/bench_sdxl.json" --md "$MD"
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$LOG" >>"$MD"

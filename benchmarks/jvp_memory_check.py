@@ -1,15 +1,16 @@
 """The exact JVP under a memory cap: plan, measured peak against the estimate, time, agreement with the uncapped JVP.
 
     python benchmarks/jvp_memory_check.py --device cuda --unet sd2 --gen_num 4 --cap_gb 24 --dtypes bfloat16,float32
+    python benchmarks/jvp_memory_check.py --device cuda --unet sdxl --gen_num 4 --cap_gb 24 --dtypes bfloat16,float32
     python benchmarks/jvp_memory_check.py --unet tiny --size 8 --cap_gb 0.001     # CPU smoke run
 
 For each dtype: one H_delta s_delta (Denoiser.hvp_delta at the first DDIM step, random SD-shaped UNet, random
-embeddings, seeded latents) (a) uncapped, as detect_mem runs it on a large GPU (JvpMemory 'auto' with the free
-memory: the math kernel when it fits), (b) under --cap_gb (the plan utils.models.jvp_memory chooses), (c) forced
-through the chunked attention with the largest chunk that fits the free memory. Reported per run: the plan, the
-estimate (utils.models.jvp_memory.estimate_bytes) and the measured CUDA allocator peak (absolute, weights included,
-and the increase during the JVP), seconds (median of --repeats), and the relative difference ||a - b|| / ||a|| to
-the uncapped one.
+embeddings (SDXL: with its added conditions, benchmarks/sdxl_shape.py), seeded latents) (a) uncapped, as detect_mem
+runs it on a large GPU (JvpMemory 'auto' with the free memory: the math kernel when it fits), (b) under --cap_gb
+(the plan utils.models.jvp_memory chooses), (c) forced through the chunked attention with the largest chunk that
+fits the free memory. Reported per run: the plan, the estimate (utils.models.jvp_memory.estimate_bytes) and the
+measured CUDA allocator peak (absolute, weights included, and the increase during the JVP), seconds (median of
+--repeats), and the relative difference ||a - b|| / ||a|| to the uncapped one.
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench import peak_memory  # noqa: E402
+from benchmarks.sdxl_shape import SDXL_UNETS, sdxl_added, sdxl_unet  # noqa: E402
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
 from utils.models.conditioning import Conditioning
 from utils.models.jvp_memory import JvpMemory, estimate_bytes
@@ -30,7 +32,7 @@ from utils.models.denoisers import denoiser
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--unet", default="sd2", choices=["sd14", "sd2", "tiny"])
+    p.add_argument("--unet", default="sd2", choices=["sd14", "sd2", "tiny", *SDXL_UNETS])
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default="float32")
@@ -48,6 +50,8 @@ def build(args, dtype, device):
         from utils.demo.model import tiny_pipeline
         unet = tiny_pipeline(sample_size=args.size).unet.to(device, dtype).eval()
         return unet, "epsilon", unet.config.cross_attention_dim
+    if args.unet in SDXL_UNETS:
+        return sdxl_unet(args.unet, args.size, device, dtype, seed=0)
     return sd_shaped_unet(args.unet, args.size, device, dtype, seed=0)
 
 
@@ -81,7 +85,7 @@ def one(model, x, t, cond, v, device, repeats):
 
 def run(args):
     device = torch.device(args.device)
-    args.size = args.size or {"sd14": 64, "sd2": 96, "tiny": 8}[args.unet]
+    args.size = args.size or {"sd14": 64, "sd2": 96, "tiny": 8, "sdxl": 128, "sdxl_tiny": 8}[args.unet]
     res = dict(unet=args.unet, size=args.size, gen_num=args.gen_num, cap_gb=args.cap_gb, device=str(device),
                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                torch=torch.__version__, runs=[])
@@ -93,9 +97,11 @@ def run(args):
         n = args.gen_num
         c = torch.randn(1, 77, dim, generator=g)  # the prompt's embedding, then the unconditional one
         u = torch.randn(1, 77, dim, generator=g)
-        cond = Conditioning.of(c.to(device, dtype), u.to(device, dtype), n)
         x = torch.randn(n, 4, args.size, args.size, generator=g).to(device, dtype)
         v = torch.randn(n, 4, args.size, args.size, generator=g).to(device, dtype)
+        # SDXL's pooled embedding and time ids (drawn after x and v: the SD shapes' inputs stay as they were)
+        added = sdxl_added(unet, 1, args.size, g, device, dtype) if args.unet in SDXL_UNETS else None
+        cond = Conditioning.of(c.to(device, dtype), u.to(device, dtype), n, added)
         sched.set_timesteps(50)
         t = sched.timesteps[0]
         ref = None
@@ -143,8 +149,8 @@ def markdown(res):
     gb = lambda b: "–" if b is None else f"{b / 2 ** 30:.2f}"  # noqa: E731
     out = [f"JVP memory: {res['unet']} UNet shape {res['size']}x{res['size']}, n = {res['gen_num']} "
            f"({2 * res['gen_num']} UNet rows), {res['device_name']}, torch {res['torch']}", "",
-           "| dtype | case | gens/call | query chunk | estimate GB | math estimate GB | peak GB (abs.) | "
-           "peak increase GB | reserved peak GB | seconds | rel. diff to first |",
+           "| dtype | case | gens/call | query chunk | estimate GiB | math estimate GiB | peak GiB (abs.) | "
+           "peak increase GiB | reserved peak GiB | seconds | rel. diff to first |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         if "error" in r:
