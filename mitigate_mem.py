@@ -48,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--gen_seed", type=seed_int, default=42, help="seed of the initial noise, SAIL's search, RNA/RTA")
     p.add_argument("--num_inference_steps", type=positive_int, default=NUM_INFERENCE_STEPS,
                    help="DDIM steps of every method (the paper: 50)")
+    p.add_argument("--sampler", default=None, choices=list(MI.SAMPLERS),
+                   help="the scheduler of every method, built from the model's scheduler config (default ddim)")
+    p.add_argument("--author_settings", action="store_true",
+                   help="the method's authors' own sampler and guidance scale for this model (docs/mitigation.md)")
     p.add_argument("--miti_prompt_batch", type=bounded_int(1, 256), default=1, metavar="K",
                    help="sail: prompts whose SAIL searches share each UNet call (each prompt's search as alone; "
                         "results equal within float tolerance; 1 = one prompt at a time, the reference)")
@@ -83,6 +87,11 @@ def parse_args(argv=None):
     given = sorted(d for d in others if again[d] is not unset)
     if given:  # another method's hyperparameter would be silently ignored
         p.error(f"--{given[0]} is not an option of --method {a.method}")
+    if a.author_settings and a.sampler:
+        p.error("--author_settings chooses the sampler; give one of --sampler and --author_settings")
+    if a.author_settings and MI.METHODS[a.method].author is None:
+        p.error(f"--author_settings: {a.method} has none (its authors' code samples as the harness: DDIM, "
+                "guidance 7.5)")
     if MI.METHODS[a.method].grid_field is None and (a.grid or a.flagged_by):
         p.error(f"--method {a.method} has nothing to grid over or to gate")
     return a, flags[a.method]
@@ -124,7 +133,8 @@ def main(argv=None):
         raise UserError(f"{a.method}: {e}") from None
     flags, scores, gate_info = gate(a, prompts, model_id)  # every check before anything is loaded or written
     loaded = load_model(a.sd_ver, a.model_id, device, a.dtype, a.height, a.width)
-    model, dtype = loaded.denoiser(), loaded.dtype
+    sampler, guidance, author = MI.sampling(a.method, loaded.family, a.sampler, a.author_settings, GUIDANCE_SCALE)
+    model, dtype = loaded.denoiser(sampler, a.num_inference_steps), loaded.dtype
     try:
         if runs is None:  # the paper's grid for this model
             runs = MI.grid_settings(a.method, base, None, loaded.family)
@@ -133,14 +143,16 @@ def main(argv=None):
         raise UserError(f"{a.method}: {e} (--grid V1,V2,... or its flag)") from None
     common = dict(model=label, model_id=model_id, data_sha256=sha256_file(a.data_path), gen_num=a.gen_num,
                   gen_seed=a.gen_seed, dtype=str(dtype), device=device.type, method=a.method,
-                  num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE,
-                  **size_identity(a.height, a.width))
+                  num_inference_steps=a.num_inference_steps, guidance_scale=guidance,
+                  **size_identity(a.height, a.width), **MI.sampling_identity(sampler, guidance, author))
     jobs = []
     for st in runs:
         setting = MI.setting_label(a.method, st.to_dict())
         # every write stays under --out_dir: the model label and --prompt_type must be plain folder names
         folder = safe_join(a.out_dir, label, MI.folder_name(a.prompt_type, a.method, setting, a.grid is not None,
-                                                            gate_info is not None), what="--prompt_type / model name")
+                                                            gate_info is not None,
+                                                            MI.sampling_tag(sampler, guidance, GUIDANCE_SCALE)),
+                          what="--prompt_type / model name")
         prepare_dir(folder)
         check_outputs({"the output folder": folder}, {"--data_path": a.data_path, "--flagged_by": a.flagged_by,
                                                      "--flag_nmem": a.flag_nmem})
@@ -151,7 +163,7 @@ def main(argv=None):
     report_long_prompts(loaded.tokenizers, prompts)
     ctx = MI.Context(model=model, family=loaded.family, encode=loaded.encode,
                      noise=loaded.noise(a.gen_num, a.gen_seed), seed=a.gen_seed, tokenizer=tok,
-                     num_inference_steps=a.num_inference_steps, guidance_scale=GUIDANCE_SCALE,
+                     num_inference_steps=a.num_inference_steps, guidance_scale=guidance,
                   **size_identity(a.height, a.width))
     for st, setting, folder, identity, log in jobs:
         if shard.main:

@@ -9,6 +9,7 @@ from . import distributed as D
 from .cli import UserError, bounded_int, device_name, warn
 from .models import families as F
 from .models import sdxl  # noqa: F401  (registers the SDXL family)
+from .models.samplers import DEFAULT_SAMPLER, build_scheduler
 from .models.loading import DTYPES, SD_MODELS, model_label, resolve_device, resolve_dtype, resolve_model_id
 from .prompts import truncated_prompts
 
@@ -56,8 +57,17 @@ class Model:
     def decode(self, latents):
         return self.family.decode(self.pipe, latents)
 
-    def denoiser(self, **kwargs):
-        return self.family.denoiser(self.pipe, **kwargs)
+    def denoiser(self, sampler=None, num_inference_steps=50, **kwargs):
+        """The model's Denoiser sampling with the pipeline's DDIM (sampler None or 'ddim': the scheduler the
+        pipeline holds) or another sampler built from its scheduler config (utils.models.samplers; UserError when
+        that config cannot build it)."""
+        if sampler in (None, DEFAULT_SAMPLER):
+            return self.family.denoiser(self.pipe, **kwargs)
+        try:
+            scheduler = build_scheduler(sampler, self.pipe.scheduler.config, num_inference_steps)
+        except ValueError as e:
+            raise UserError(f"--sampler {sampler}: {e}") from None
+        return self.family.denoiser(self.pipe, scheduler=scheduler, **kwargs)
 
     @property
     def tokenizer(self):

@@ -112,6 +112,9 @@ class Method:
     title: str = ""                      # heading of its flags in --help
     batch: Optional[Callable] = None     # (ctx, settings, prompts, indices, k) -> ctx searching k prompts at once
     family_defaults: tuple = ()          # (field, family hparam key): a field left None takes the family's value
+    # family -> the sampling of the authors' released code where it differs from the harness's (DDIM, guidance
+    # 7.5): {'sampler': name, 'guidance_scale': w, 'source': where it is from}; None: the harness is theirs
+    author: Optional[Callable] = None
 
 
 def folder_tag(label):

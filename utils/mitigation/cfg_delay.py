@@ -110,4 +110,7 @@ _CFG_GRID = [{"rule": "static", "transition": 500.0, "w_pre": 0.0}, {"rule": "st
 METHOD = Method("cfg_delay", CfgDelaySettings, plan_cfg_delay, "transition", _grid_transition, _CFG_GRID,
                 lambda s: "dynamic" if s["rule"] == "dynamic" else
                 f"t={s['transition']:g}, w={0.0 if s['w_pre'] is None else s['w_pre']:g}",
-                sort_key=_sort_key, flag_prefix="cfg_", title="cfg_delay (Jain et al., CVPR 2025)")
+                sort_key=_sort_key, flag_prefix="cfg_", title="cfg_delay (Jain et al., CVPR 2025)",
+                author=lambda family: dict(sampler="dpmsolver", source="SonyResearch/mitigating_memorization "
+                                           "generate_test_dataset_stp.py/_dtp.py: DPMSolverMultistepScheduler from "
+                                           "the model's scheduler config, every model"))

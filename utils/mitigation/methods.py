@@ -15,6 +15,7 @@ import dataclasses
 from . import augment, cfg_delay, none, ren, sail, wen
 from .base import Context, Method, Plan, folder_tag, run_plan  # noqa: F401  (the harness, for the scripts)
 from .none import plan_none  # noqa: F401  (the prompts a gate does not flag)
+from ..models.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: F401  (the --sampler choices)
 
 METHODS = {}
 
@@ -82,17 +83,53 @@ def setting_sort_key(method, settings_dict):
     return (0, v) if isinstance(v, (int, float)) else (1, 0)
 
 
-def folder_name(prompt_type, method, label, gridded, gated):
-    """Output folder of one run (SAIL and none keep the reference's names)."""
+def sampling(method, family, sampler=None, author=False, guidance_scale=7.5):
+    """(sampler, guidance scale, source) of a run: the harness's (DDIM unless --sampler, guidance_scale), or with
+    author=True the method's author settings for the family (ValueError for a method that has none; source: where
+    they are from)."""
+    if not author:
+        return sampler or DEFAULT_SAMPLER, guidance_scale, None
+    rule = METHODS[method].author
+    if rule is None:
+        raise ValueError(f"--author_settings: {method} has none (its authors' released code samples as the harness "
+                         "does: DDIM, guidance 7.5)")
+    got = rule(family)
+    sampler, w = got.get("sampler", DEFAULT_SAMPLER), got.get("guidance_scale", guidance_scale)
+    # the same sampling as the harness's is the same run (same identity and folder as without the option)
+    return sampler, w, (None if (sampler, w) == (DEFAULT_SAMPLER, guidance_scale) else got.get("source"))
+
+
+def sampling_identity(sampler, guidance_scale, author_source=None):
+    """What a run's sampling adds to its identity: nothing for the harness's DDIM (so that runs from before the
+    option resume and stay bit-identical), else {'sampler': name}; the authors' settings' source when used."""
+    out = {} if sampler == DEFAULT_SAMPLER else {"sampler": sampler}
+    return dict(out, author_settings=author_source) if author_source else out
+
+
+def sampling_tag(sampler, guidance_scale, default_guidance=7.5):
+    """Folder-name suffix of a run's sampling: '' for DDIM at the harness's guidance, e.g. '_euler_g7'."""
+    return (("" if sampler == DEFAULT_SAMPLER else f"_{sampler}")
+            + ("" if guidance_scale == default_guidance else f"_g{guidance_scale:g}"))
+
+
+def folder_name(prompt_type, method, label, gridded, gated, sampling=""):
+    """Output folder of one run (SAIL and none keep the reference's names); sampling: sampling_tag's suffix."""
     name = {"none": prompt_type + "_nomiti", "sail": prompt_type}.get(method, f"{prompt_type}_{method}")
     if gridded:
         name = f"{prompt_type}_{method}_{folder_tag(label)}"
-    return name + ("_gated" if gated else "")
+    return name + sampling + ("_gated" if gated else "")
 
 
 def describe_run(header):
     """(method, setting label, settings dict, gated) of a generation manifest header; headers written before the
-    method registry (SAIL and --no_mitigation runs) are understood too."""
+    method registry (SAIL and --no_mitigation runs) are understood too. A run with another sampler or guidance
+    than the harness's (DDIM, 7.5) says so in its label, e.g. 'C=1.25, euler, w=7'."""
     method = header.get("method") or ("none" if header.get("no_mitigation") else "sail")
     settings = header.get("settings") or header.get("sail") or {}
-    return method, setting_label(method, settings), settings, bool(header.get("gate"))
+    label = setting_label(method, settings)
+    extra = [header["sampler"]] if header.get("sampler") else []
+    if header.get("guidance_scale", 7.5) != 7.5:
+        extra.append(f"w={header['guidance_scale']:g}")
+    if extra:
+        label = ", ".join(([label] if label else []) + extra)
+    return method, label, settings, bool(header.get("gate"))

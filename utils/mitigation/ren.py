@@ -44,8 +44,17 @@ def plan_ren(ctx, index, prompt, settings):
                      else None), context)
 
 
+def _author(family):
+    """Ren et al.'s text2img.py: EulerDiscreteScheduler (the model's own scheduler config) for
+    stabilityai/stable-diffusion-2 (the sd2 family here), DDIM from the config otherwise."""
+    euler = family.name == "sd2"
+    return dict(sampler="euler" if euler else "ddim",
+                source="renjie3/MemAttn text2img.py: " + ("EulerDiscreteScheduler on SD v2.0" if euler else
+                                                          "DDIMScheduler from the model's config"))
+
+
 # the sharpness paper's Appendix D: the same five C values for SD v1.4 and v2.0 (the demo uses them too)
 METHOD = Method("ren", RenSettings, plan_ren, "factor", lambda x: {"factor": grid_float(x)},
                 [{"factor": v} for v in (1.1, 1.2, 1.25, 1.3, 1.5)],
                 lambda s: f"C={s['factor']:g}" + ("" if s.get("mask", True) else ", no mask"), flag_prefix="ren_",
-                title="ren (Ren et al., ECCV 2024: their inference-time attention mitigation)")
+                title="ren (Ren et al., ECCV 2024: their inference-time attention mitigation)", author=_author)

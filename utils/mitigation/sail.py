@@ -170,7 +170,7 @@ class _PromptSearch:
         self.opt = torch.optim.Adam([self.lat], lr=st.lr)
         self.taken = set()
         with torch.enable_grad():  # the round's doubled model input (reference): values now, gradients to lat
-            self.x_round = torch.cat([model.scale_input(self.lat, t)] * 2)
+            self.x_round = torch.cat([model.scale_input(model.initial(self.lat), t)] * 2)
 
     def end_round(self):
         """After a round without enough accepted candidates: every third failure raises the threshold by 0.1 and
@@ -255,7 +255,7 @@ def _batch_round(model, t, conds, active, searches, alpha_w, st):
             elif st.form == "reference":  # [x_uncond rows of every prompt; x_cond rows of every prompt]
                 x_in = torch.cat([searches[j].x_round[:b] for j in group] + [searches[j].x_round[b:] for j in group])
             else:
-                x_in = torch.cat([model.scale_input(lat, t)] * 2)
+                x_in = torch.cat([model.scale_input(model.initial(lat), t)] * 2)
             loss = sail_loss(model, t, embeds, lat, x_in, alpha_w)
             going = []
             for k, j in enumerate(group):

@@ -62,7 +62,7 @@ def wen_embedding(model, cond, noise, settings, num_inference_steps=50):
     if st.target_loss is None:
         raise ValueError("Wen's target_loss is not set: take the family's value first (methods.with_family_defaults)")
     t = model.timesteps(num_inference_steps, device=noise.device)[0]
-    x_in = model.scale_input(torch.cat([noise, noise]), t)
+    x_in = model.scale_input(model.initial(torch.cat([noise, noise])), t)  # the sampler's first model input
     e = cond.cond.detach().clone().requires_grad_(True)
     opt = (torch.optim.AdamW([e], lr=st.lr, weight_decay=st.weight_decay) if st.optimizer == "adamw"
            else torch.optim.Adam([e], lr=st.lr))

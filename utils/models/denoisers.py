@@ -12,6 +12,7 @@ small named strategies: its v-"score" (score_form='reference') and SAIL's differ
 The functions above the classes are the pure math they use.
 """
 import contextlib
+import inspect
 
 import torch
 from torch.func import jvp
@@ -85,6 +86,10 @@ class Denoiser:
         self.score_form, self.jvp_unet = score_form, jvp_unet
         self.fd_unet, self.fd_precision, self.jvp_memory = fd_unet, fd_precision, jvp_memory
         self._score = self._reference_score if score_form == "reference" else self._correct_score
+        # DDIM's step takes eta (0: deterministic, as the pipeline's default); DPM-Solver's and Euler's do not
+        # (utils.models.samplers), and the pipeline passes it only to a step that accepts it
+        step = getattr(scheduler, "step", None)
+        self._step_kwargs = {"eta": 0.0} if step is None or "eta" in inspect.signature(step).parameters else {}
 
     # ---------------------------------------------------------------- the parametrization (subclasses)
 
@@ -114,6 +119,13 @@ class Denoiser:
 
     def alpha_sigma(self, t):
         return alpha_sigma(self.scheduler, t)
+
+    def initial(self, x):
+        """The sampler's starting latents for unit-variance noise x (B, ...): x times the scheduler's
+        init_noise_sigma, as the pipeline's prepare_latents (call after timesteps(): Euler's depends on the
+        schedule). DDIM's and DPM-Solver's is 1: x itself, the same tensor."""
+        s = getattr(self.scheduler, "init_noise_sigma", 1)
+        return x if not torch.is_tensor(s) and s == 1 else x * s
 
     def scale_input(self, x, t):
         return self.scheduler.scale_model_input(x, t)
@@ -263,16 +275,19 @@ class Denoiser:
         if torch.is_tensor(guidance_scale):
             guidance_scale = guidance_scale.to(o_c.dtype).view(-1, *[1] * (o_c.dim() - 1))
         guided = o_uc + guidance_scale * (o_c - o_uc)
-        return self.scheduler.step(guided, t, x, eta=0.0, return_dict=False)[0]
+        return self.scheduler.step(guided, t, x, **self._step_kwargs, return_dict=False)[0]
 
     def sample(self, x, cond, num_inference_steps, guidance):
-        """Classifier-free-guided DDIM sampling (eta = 0) from initial latents x (B, C, H, W): the denoising loop of
+        """Classifier-free-guided sampling with the scheduler (DDIM: eta = 0) from unit-variance initial latents x
+        (B, C, H, W), scaled by the scheduler's init_noise_sigma (self.initial): the denoising loop of
         StableDiffusionPipeline (same batch [x; x], same arithmetic), with a guidance scale per step.
 
         cond: Conditioning of B rows. guidance: a number, or callable(i, t, out) -> a number or (B,) tensor for
         step i, where out is that step's pair output (2B, ...). Returns the final latents (B, C, H, W); call it
         under torch.no_grad()."""
-        for i, t in enumerate(self.timesteps(num_inference_steps, device=x.device)):
+        timesteps = self.timesteps(num_inference_steps, device=x.device)
+        x = self.initial(x)
+        for i, t in enumerate(timesteps):
             out = self.output(self.scale_input(torch.cat([x, x]), t), t, cond)
             x = self.guided_step(out, t, x, guidance(i, t, out) if callable(guidance) else guidance)
         return x

@@ -78,9 +78,10 @@ class Family:
         of size (height, width) (None: native; only families whose conditions depend on it read it)."""
         raise NotImplementedError
 
-    def denoiser(self, pipe, **kwargs):
-        """The pipeline's denoiser as a utils.models.denoisers.Denoiser (subclass by prediction type)."""
-        return denoiser(pipe.unet, pipe.scheduler, **kwargs)
+    def denoiser(self, pipe, scheduler=None, **kwargs):
+        """The pipeline's denoiser as a utils.models.denoisers.Denoiser (subclass by prediction type), sampling with
+        the pipeline's scheduler (DDIM) or the given one (utils.models.samplers.build_scheduler)."""
+        return denoiser(pipe.unet, scheduler or pipe.scheduler, **kwargs)
 
     def tokenizer(self, pipe):
         return pipe.tokenizer

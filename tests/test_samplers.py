@@ -1,0 +1,89 @@
+"""--sampler and --author_settings: ddim is today's path bit for bit (images and manifest header); dpmsolver and
+euler runs of `none` equal the diffusers pipeline with that scheduler bit for bit; the authors' settings name
+their sampler in the manifest, the folder and the figure label; bad choices are one error line."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_run import exit_code
+import mitigate_mem
+from utils.mitigation import methods as MI
+from utils.models.families import load_pipeline
+
+PROMPT = "a red cat sitting on a mat"
+STEPS = 4
+
+
+def _folder(folder):
+    """(header, {name: uint8 array}) of a generation folder."""
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])["header"]
+    names = [n for line in lines[1:] for n in json.loads(line)["images"]]
+    return header, {n: np.asarray(Image.open(folder / n)) for n in names}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_eps_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("samplers")
+    (tmp / "p.txt").write_text(PROMPT + "\n")
+    return tmp, ["--model_id", tiny_eps_dir, "--data_path", str(tmp / "p.txt"), "--gen_num", "2", "--device",
+                 "cpu", "--num_inference_steps", str(STEPS), "--no_mitigation"]
+
+
+def test_ddim_is_the_default_path_and_other_samplers_equal_the_pipeline(base, tiny_eps_dir):
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    tmp, argv = base
+    model = os.path.basename(tiny_eps_dir)
+    assert exit_code(mitigate_mem.main, [*argv, "--out_dir", str(tmp / "default")]) == 0
+    assert exit_code(mitigate_mem.main, [*argv, "--out_dir", str(tmp / "ddim"), "--sampler", "ddim"]) == 0
+    h0, im0 = _folder(tmp / "default" / model / "mem_nomiti")
+    h1, im1 = _folder(tmp / "ddim" / model / "mem_nomiti")
+    assert h0 == h1 and "sampler" not in h0  # the same identity: a run from before the option resumes
+    assert im0.keys() == im1.keys() and all(np.array_equal(im0[k], im1[k]) for k in im0)
+    pipe = load_pipeline(tiny_eps_dir, torch.device("cpu"), torch.float32)
+    config = pipe.scheduler.config
+    for name, cls in (("dpmsolver", DPMSolverMultistepScheduler), ("euler", EulerDiscreteScheduler)):
+        assert exit_code(mitigate_mem.main, [*argv, "--out_dir", str(tmp / name), "--sampler", name]) == 0
+        header, imgs = _folder(tmp / name / model / f"mem_nomiti_{name}")
+        assert header["sampler"] == name and MI.describe_run(header)[1] == f"no mitigation, {name}"
+        pipe.scheduler = cls.from_config(config)
+        torch.manual_seed(42)
+        ref = pipe(PROMPT, num_images_per_prompt=2, num_inference_steps=STEPS, guidance_scale=7.5).images
+        got = [imgs[n] for n in sorted(imgs)]
+        assert all(np.array_equal(np.asarray(r), g) for r, g in zip(ref, got)), name
+        assert not np.array_equal(got[0], im0[sorted(im0)[0]])  # another sampler: other images
+
+
+def test_author_settings_and_bad_choices(base, tiny_eps_dir, capsys):
+    tmp, argv = base
+    argv = [a for a in argv if a != "--no_mitigation"] + ["--out_dir", str(tmp / "author")]
+    model = os.path.basename(tiny_eps_dir)
+    # Jain et al.: DPM-Solver on every model, recorded with its source
+    assert exit_code(mitigate_mem.main, [*argv, "--method", "cfg_delay", "--author_settings"]) == 0
+    header, _ = _folder(tmp / "author" / model / "mem_cfg_delay_dpmsolver")
+    assert header["sampler"] == "dpmsolver" and "generate_test_dataset" in header["author_settings"]
+    assert MI.describe_run(header)[1] == "t=500, w=0, dpmsolver"
+    # a model saved with a DEIS scheduler: its config cannot build DPM-Solver (algorithm_type 'deis')
+    deis = tmp / "deis_model"
+    shutil.copytree(tiny_eps_dir, deis)
+    cfg_path = deis / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), algorithm_type="deis")))
+    deis_argv = [*argv[:1], str(deis), *argv[2:]]
+    cases = [([*argv, "--method", "sail", "--author_settings"], "sail has none"),
+             ([*argv, "--method", "wen", "--author_settings"], "wen has none"),
+             ([*argv, "--method", "cfg_delay", "--author_settings", "--sampler", "euler"], "give one of"),
+             ([*argv, "--no_mitigation", "--sampler", "heun"], "invalid choice"),
+             ([*deis_argv, "--no_mitigation", "--sampler", "dpmsolver"], "cannot build the dpmsolver sampler")]
+    for extra, msg in cases:
+        capsys.readouterr()
+        assert exit_code(mitigate_mem.main, extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp / "author" / "deis_model").exists()  # refused before anything was written
+    # with DDIM the DEIS-saved model still runs (its config builds DDIM)
+    assert exit_code(mitigate_mem.main, [*deis_argv, "--no_mitigation"]) == 0
