@@ -14,7 +14,11 @@ DEMO = register(dataclasses.replace(
     SD1, name="demo", title="the bundled demo model (SD-shaped, epsilon, 32 px)", paths=(DEMO_MODEL_DIR,),
     hparams=dict(SD1.hparams, grids={  # chosen on the demo (docs/demo.md: calibration), not from a paper
         "sail": [{"thres": v} for v in (0.5, 0.55, 0.6, 0.7, 0.8)],
-        "wen": [{"target_loss": v} for v in (0.25, 0.5, 0.75, 1.0, 1.25)]}, paper_usable=None)))
+        "wen": [{"target_loss": v} for v in (0.25, 0.5, 0.75, 1.0, 1.25)],
+        # Han et al.'s SD v1.4 values scaled to the demo's 256-dimensional latent (docs/mitigation.md): rho by the
+        # noise norm (16 against 128), l_target by the ratio of the demo's Wen grid to SD v1.4's (1/4)
+        "han_batch": [{"rho": v} for v in (1.25, 3.125, 6.25, 9.375, 12.5)],
+        "han_sample": [{"target_loss": v} for v in (0.175, 0.2, 0.225, 0.25, 0.275)]}, paper_usable=None)))
 
 
 def _tiny(prediction_type="epsilon"):

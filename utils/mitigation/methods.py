@@ -6,13 +6,14 @@
   rna, rta   Somepalli et al. (2023), as in Wen et al.'s code (.augment): random numbers / tokens inserted in the prompt
   cfg_delay  Jain et al. (CVPR 2025; .cfg_delay): no guidance until a transition point (static timestep or dynamic)
   ren        Ren et al. (ECCV 2024; .ren): cross-attention edit while sampling
+  han_batch, han_sample  Han et al. (NeurIPS 2025; .han): the initial noise adjusted, batch-wise or per sample
 
 Adding a method = one file with its settings dataclass, plan function and Method record (utils.mitigation.base),
 registered here (or by register() from elsewhere); mitigate_mem.py takes its flags from the settings dataclass.
 """
 import dataclasses
 
-from . import augment, cfg_delay, none, ren, sail, wen
+from . import augment, cfg_delay, han, none, ren, sail, wen
 from .base import Context, Method, Plan, folder_tag, run_plan  # noqa: F401  (the harness, for the scripts)
 from .none import plan_none  # noqa: F401  (the prompts a gate does not flag)
 from ..models.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: F401  (the --sampler choices)
@@ -28,7 +29,8 @@ def register(method):
     return method
 
 
-for _m in (none.METHOD, sail.METHOD, wen.METHOD, augment.RNA, augment.RTA, cfg_delay.METHOD, ren.METHOD):
+for _m in (none.METHOD, sail.METHOD, wen.METHOD, augment.RNA, augment.RTA, cfg_delay.METHOD, ren.METHOD, han.BATCH,
+           han.SAMPLE):
     register(_m)
 
 
