@@ -12,6 +12,8 @@ from PIL import Image
 
 from cli_run import exit_code
 import mitigate_mem
+from utils.evaluation.cost import image_cost
+from utils.evaluation.scoring import run_cost
 from utils.mitigation import han as HAN, methods as MI
 from utils.models.denoisers import denoiser
 from utils.models.families import SD1, load_pipeline
@@ -59,6 +61,10 @@ def test_effect_off_equals_none_and_author_guidance(cli, tiny_eps_dir):
     _, recs, on = _images(out / "mem_han_batch_rho50")  # their setting: 2 updates, steps 0-4 unconditional
     assert recs[0]["search_unet_calls"] == 4 and recs[0]["uncond_steps"] == STEPS
     assert not np.array_equal(on[0], none[0])
+    # cost per image in UNet rows: sampling 2 S = 8; the search 4 pair calls of 2n = 4 rows over n = 2 images
+    cost = run_cost(str(out / "mem_han_batch_rho50" / "manifest.jsonl"))
+    assert (cost["unet_forwards_per_image"], cost["unet_backwards_per_image"], cost["cost_ratio"]) == (16, 0, 2)
+    assert run_cost(str(out / "mem_nomiti" / "manifest.jsonl"))["cost_ratio"] == 1
 
 
 def _ctx(pipe):
@@ -101,6 +107,13 @@ def test_per_sample_search_lowers_its_loss_and_stops_at_the_target(tiny_eps):
     lat, rec = HAN.sample_adjusted(model, noise, cond, HAN.HanSampleSettings(target, lr=0.2, max_iters=6), STEPS)
     assert rec["han_losses"][0] == trace[:4] and rec["han_updates"][0] == 3 and rec["han_reached"][0]
     assert all(x > target for x in trace[:3])
+    # its cost: every evaluation one pair (2 rows) of one image, every update one backward of 2 rows
+    recs = [dict(images=["a", "b"], **{k: rec[k] for k in ("search_unet_calls", "search_backward_calls",
+                                                          "search_batch")})]
+    n_eval, n_upd = rec["search_unet_calls"], rec["search_backward_calls"]
+    assert image_cost({"num_inference_steps": STEPS}, recs) == dict(
+        unet_forwards_per_image=(2 * STEPS * 2 + 2 * n_eval) / 2, unet_backwards_per_image=2 * n_upd / 2,
+        cost_ratio=(2 * STEPS * 2 + 2 * n_eval + 4 * n_upd) / 2 / (2 * STEPS))
 
 
 def test_bad_hyperparameters(cli, capsys):

@@ -14,6 +14,7 @@ import os
 import torch
 
 from . import matching as M
+from .cost import image_cost
 from . import similarity as S
 from ..cli import UserError, warn
 from .fetch_manifest import MANIFEST_NAME, read_manifest
@@ -245,14 +246,15 @@ def _fmt(v, sign=False):
 
 FIG6_COLUMNS = ["method", "setting", "gated", "mean_similarity", "mean_clip", "frac_above", "frac_blank",
                 "n_prompts", "n_images", "n_mitigated", "search_seconds", "generate_seconds", "search_unet_calls",
-                "result"]
+                "unet_forwards_per_image", "unet_backwards_per_image", "cost_ratio", "result"]
 
 
 def run_cost(manifest):
     """Mean per-prompt cost of a generation run from its manifest records: search seconds, generation seconds,
-    search UNet calls, and how many prompts were mitigated. Missing fields (older runs) give None."""
+    search UNet calls, how many prompts were mitigated, and UNet evaluations per image with their ratio to plain
+    generation (utils.evaluation.cost). Missing fields (older runs) give None."""
     try:
-        _, recs = M.read_generation_manifest(manifest)
+        header, recs = M.read_generation_manifest(manifest)
     except UserError:
         return {}
 
@@ -261,7 +263,8 @@ def run_cost(manifest):
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
     return dict(n_mitigated=sum(bool(r.get("mitigated", True)) for r in recs), search_seconds=mean("search_seconds"),
-                generate_seconds=mean("generate_seconds"), search_unet_calls=mean("search_unet_calls", "unet_calls"))
+                generate_seconds=mean("generate_seconds"), search_unet_calls=mean("search_unet_calls", "unet_calls"),
+                **image_cost(header, recs))  # UNet evaluations per image, one unit for every method (cost.py)
 
 
 def figure6_rows(results, paths, naming):
