@@ -1,4 +1,4 @@
-"""Mitigation: sample each prompt with a mitigation method (SAIL, Wen et al., RNA/RTA, CFG delay, Ren, Han, or none).
+"""Mitigation: sample each prompt with a mitigation method (SAIL, Wen, RNA/RTA, CFG delay, Ren, Han, GUARD, none).
 
     python mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 5                  # SAIL
     python mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 5 --method none    # "before"
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", nargs="?", const="paper", default=None, metavar="V1,V2,...",
                    help="one run per setting: the paper's five (no value) or these values of the method's main "
                         "hyperparameter (sail: thres, wen: l_target, rna/rta: count, cfg_delay: transition or "
-                        "'dynamic', ren: C, han_batch: rho, han_sample: l_target)")
+                        "'dynamic', ren: C, han_batch: rho, han_sample: l_target, guard: r)")
     p.add_argument("--gen_num", type=positive_int, default=4, help="images per prompt (the paper: 5)")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="seed of the initial noise, SAIL's search, RNA/RTA")
     p.add_argument("--num_inference_steps", type=positive_int, default=NUM_INFERENCE_STEPS,

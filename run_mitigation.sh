@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 # ---- hyperparameters: edit here (paper, Appendix D; grids: utils/mitigation/<method>.py, utils/models/families.py) ----
 SD_VER=${SD_VER:-1}      # 1 = SD v1.4, 2 = SD v2.0
-METHODS="sail wen rna rta cfg_delay ren han_batch han_sample"   # each with --grid: its five settings for the model
+METHODS="sail wen rna rta cfg_delay ren han_batch han_sample guard"   # each with --grid: its five settings for the model
 AUTHOR_SETTINGS=${AUTHOR_SETTINGS:-0}   # 1: also each method that has them with its authors' sampler and guidance
 GEN_NUM=5                # images per prompt (the paper: 5; the reference's script: 4)
 GEN_SEED=42

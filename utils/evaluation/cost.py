@@ -1,7 +1,8 @@
 """The cost of a generation run in one unit across mitigation methods: UNet evaluations per image.
 
 A UNet evaluation is one latent row through the UNet (a classifier-free pair call on n images is 2n rows). Plain
-generation costs 2 S rows per image (S steps, both branches). A method's search adds its records' search_unet_calls
+generation costs 2 S rows per image (S steps, both branches; a record's sample_branches, e.g. GUARD's 3, replaces
+the 2). A method's search adds its records' search_unet_calls
 calls of search_batch rows each, shared by the record's n images, and search_backward_calls backward passes of
 search_batch rows. cost_ratio = (sampling + search forwards + 2 x search backwards) / (2 S): a backward pass counted
 as two forwards (the usual rule of thumb for a network's backward pass; the seconds columns are the measured cost).
@@ -23,7 +24,7 @@ def image_cost(header, records):
         batch = r.get("search_batch")
         if n == 0 or ((calls or back) and not isinstance(batch, int)):
             return none
-        fwd += 2 * steps * n + calls * (batch or 0)
+        fwd += r.get("sample_branches", 2) * steps * n + calls * (batch or 0)
         bwd += back * (batch or 0)
         images += n
     return dict(unet_forwards_per_image=fwd / images, unet_backwards_per_image=bwd / images,

@@ -80,6 +80,9 @@ class Plan:
     prompts: list
     record: dict = dataclasses.field(default_factory=dict)
     context: Optional[Callable] = None
+    # a sampling loop of the method's own, (model, latents, cond of n rows, steps) -> final latents, e.g. GUARD's
+    # three-branch call; None: Denoiser.sample with `guidance`. Its report(), if any, goes into the record.
+    sample: Optional[Callable] = None
 
 
 def run_plan(ctx, plan):
@@ -87,9 +90,13 @@ def run_plan(ctx, plan):
     n = plan.latents.shape[0]
     cond = plan.cond.expand(n) if len(plan.cond) == 1 else plan.cond
     with torch.no_grad(), (plan.context() if plan.context else contextlib.nullcontext()):
-        x = ctx.model.sample(plan.latents, cond, ctx.num_inference_steps, plan.guidance)
-    if hasattr(plan.guidance, "report"):
-        plan.record.update(plan.guidance.report())
+        if plan.sample is not None:
+            x = plan.sample(ctx.model, plan.latents, cond, ctx.num_inference_steps)
+        else:
+            x = ctx.model.sample(plan.latents, cond, ctx.num_inference_steps, plan.guidance)
+    for part in (plan.guidance, plan.sample):
+        if hasattr(part, "report"):
+            plan.record.update(part.report())
     return x
 
 

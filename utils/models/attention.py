@@ -224,7 +224,10 @@ class _Processor:
         inst = self.instrument
         cross = encoder_hidden_states is not None
         want_tokens, want_map = inst._wants(self.index) if cross else (False, False)
-        if inst.edit is None or not cross:  # the original processor makes the output: bit-identical
+        edit = inst.edit
+        if edit is not None and getattr(edit, "layers", None) is not None and self.index not in edit.layers:
+            edit = None  # an edit of some layers only (GUARD's blocks): the others stay the original processor's
+        if edit is None or not cross:  # the original processor makes the output: bit-identical
             out = self.original(attn, hidden_states, *args, encoder_hidden_states=encoder_hidden_states,
                                 attention_mask=attention_mask, **({} if temb is None else {"temb": temb}), **kwargs)
             if want_tokens or want_map:  # separate math on detached inputs, for the `branch` rows only
@@ -235,7 +238,7 @@ class _Processor:
                     inst._record(self.index, z.softmax(-1), want_tokens, want_map)
             return out
         q, k, v, shape4 = _project(attn, hidden_states, encoder_hidden_states, temb)
-        probs = _edit_logits(_logits(q, k, _mask_bias(attn, attention_mask, q.shape[0], k.shape[2])), inst.edit)
+        probs = _edit_logits(_logits(q, k, _mask_bias(attn, attention_mask, q.shape[0], k.shape[2])), edit)
         probs = probs.softmax(-1)
         if want_tokens or want_map:
             inst._record(self.index, probs[inst._rows(q.shape[0])], want_tokens, want_map)
@@ -279,6 +282,8 @@ def _edit_logits(z, edit):
     Ren's released code scales the logits of batch indices 1, 3, 5, ..., the cond row only when n = 1; for
     n > 1 ([u x n; c x n]) that hits a mix of uncond and cond rows. Here the cond half, rows n..2n-1, is scaled.
     """
+    if hasattr(edit, "edit_logits"):  # an edit that defines its own rule (utils.mitigation.guard.GuardEdit)
+        return edit.edit_logits(z)
     batch, keys = z.shape[0], z.shape[-1]
     if batch % 2:
         raise ValueError(f"RenEdit needs an [uncond; cond] batch, got {batch} rows")

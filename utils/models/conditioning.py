@@ -77,6 +77,15 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {k: torch.cat([u, c]) for k, (u, c) in self.added.items()}
         return kwargs
 
+    def stacked_as(self, branches):
+        """Keyword arguments of a call whose row blocks are these branches in order, each B rows, e.g.
+        ('uncond', 'cond', 'cond') for GUARD's [uncond; attracting; repelling] call (3B rows)."""
+        pick = [0 if b == "uncond" else 1 for b in branches]
+        kwargs = dict(encoder_hidden_states=torch.cat([(self.uncond, self.cond)[i] for i in pick]))
+        if self.added:
+            kwargs["added_cond_kwargs"] = {k: torch.cat([v[i] for i in pick]) for k, v in self.added.items()}
+        return kwargs
+
     def branch(self, which):
         """Keyword arguments of a one-branch call on B rows: which = 'cond' or 'uncond'."""
         pick = 1 if which == "cond" else 0

@@ -158,10 +158,12 @@ class Denoiser:
 
     # --------------------------------------------------------------------------------- model calls
 
-    def output(self, x, t, cond, unet=None):
+    def output(self, x, t, cond, unet=None, branches=None):
         """Raw outputs (2B, C, H, W) of the paired call: x (2B, ...) holds [x_uncond; x_cond] model inputs and
-        cond (a Conditioning of B rows) both branches' conditions. The one call site of the model."""
-        return (unet or self.unet)(x, t, **cond.stacked(), return_dict=False)[0]
+        cond (a Conditioning of B rows) both branches' conditions. The one call site of the model. branches: other
+        row blocks than ('uncond', 'cond'), e.g. GUARD's ('uncond', 'cond', 'cond') with x of 3B rows."""
+        kwargs = cond.stacked() if branches is None else cond.stacked_as(branches)
+        return (unet or self.unet)(x, t, **kwargs, return_dict=False)[0]
 
     def branch_output(self, x, t, cond, which, unet=None):
         """Raw outputs (B, ...) of one branch ('cond' or 'uncond') at model inputs x (B, ...)."""
@@ -275,6 +277,10 @@ class Denoiser:
         if torch.is_tensor(guidance_scale):
             guidance_scale = guidance_scale.to(o_c.dtype).view(-1, *[1] * (o_c.dim() - 1))
         guided = o_uc + guidance_scale * (o_c - o_uc)
+        return self.step(guided, t, x)
+
+    def step(self, guided, t, x):
+        """One scheduler step from latents x (B, ...) with the guided prediction (B, ...) (DDIM: eta = 0)."""
         return self.scheduler.step(guided, t, x, **self._step_kwargs, return_dict=False)[0]
 
     def sample(self, x, cond, num_inference_steps, guidance):
