@@ -1,4 +1,4 @@
-"""Mitigation: sample each prompt with a mitigation method (SAIL, Wen, RNA/RTA, CFG delay, Ren, Han, GUARD, none).
+"""Mitigation: sample each prompt with a mitigation method (SAIL, Wen, RNA/RTA, CFG delay, Ren, Han, GUARD, NeMo, none).
 
     python mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 5                  # SAIL
     python mitigate_mem.py --sd_ver 1 --data_path prompts/sd1_mem.txt --gen_num 5 --method none    # "before"
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--grid", nargs="?", const="paper", default=None, metavar="V1,V2,...",
                    help="one run per setting: the paper's five (no value) or these values of the method's main "
                         "hyperparameter (sail: thres, wen: l_target, rna/rta: count, cfg_delay: transition or "
-                        "'dynamic', ren: C, han_batch: rho, han_sample: l_target, guard: r)")
+                        "'dynamic', ren: C, han_batch: rho, han_sample: l_target, guard: r, nemo: SSIM "
+                        "threshold)")
     p.add_argument("--gen_num", type=positive_int, default=4, help="images per prompt (the paper: 5)")
     p.add_argument("--gen_seed", type=seed_int, default=42, help="seed of the initial noise, SAIL's search, RNA/RTA")
     p.add_argument("--num_inference_steps", type=positive_int, default=NUM_INFERENCE_STEPS,
@@ -139,6 +140,9 @@ def main(argv=None):
         if runs is None:  # the paper's grid for this model
             runs = MI.grid_settings(a.method, base, None, loaded.family)
         runs = [MI.with_family_defaults(a.method, st, loaded.family) for st in runs]  # e.g. SAIL's l_thres
+        if MI.METHODS[a.method].prepare:  # e.g. NeMo's activation statistics, cached per model
+            for st in runs:
+                MI.METHODS[a.method].prepare(loaded, st, safe_join(a.out_dir, label, "cache", what="model name"))
     except ValueError as e:
         raise UserError(f"{a.method}: {e} (--grid V1,V2,... or its flag)") from None
     common = dict(model=label, model_id=model_id, data_sha256=sha256_file(a.data_path), gen_num=a.gen_num,

@@ -11,7 +11,8 @@ cd "$(dirname "$0")"
 
 # ---- hyperparameters: edit here (paper, Appendix D; grids: utils/mitigation/<method>.py, utils/models/families.py) ----
 SD_VER=${SD_VER:-1}      # 1 = SD v1.4, 2 = SD v2.0
-METHODS="sail wen rna rta cfg_delay ren han_batch han_sample guard"   # each with --grid: its five settings for the model
+METHODS="sail wen rna rta cfg_delay ren han_batch han_sample guard nemo"   # each with --grid: its five settings for the model
+NEMO_STATS=""            # NeMo's activation statistics: a non-memorized prompt file (empty: prompts/<model>_nmem.txt)
 AUTHOR_SETTINGS=${AUTHOR_SETTINGS:-0}   # 1: also each method that has them with its authors' sampler and guidance
 GEN_NUM=5                # images per prompt (the paper: 5; the reference's script: 4)
 GEN_SEED=42
@@ -60,7 +61,10 @@ common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --ge
 
 # 1. generation: no mitigation, then each method's grid (SAIL, the slowest, beside the others on the demo)
 "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
-others() { for m in $METHODS; do [ "$m" = sail ] || "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid $EXTRA_ARGS; done
+NEMO_STATS=${NEMO_STATS:-prompts/sd${SD_VER}_nmem.txt}
+[ "$SD_VER" = demo ] && NEMO_STATS=prompts/demo_nmem.txt
+own() { [ "$1" = nemo ] && echo "--nemo_stats_prompts $NEMO_STATS"; true; }   # a method's extra flags
+others() { for m in $METHODS; do [ "$m" = sail ] || "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid $(own "$m") $EXTRA_ARGS; done
   # (docs/mitigation.md: cfg_delay DPM-Solver; ren Euler on SD v2.0; han guidance 7, Euler on SD v2.0)
   if [ "$AUTHOR_SETTINGS" = 1 ]; then for m in $METHODS; do case "$m" in cfg_delay|ren|han_batch|han_sample)
     "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid --author_settings $EXTRA_ARGS ;; esac; done; fi; }

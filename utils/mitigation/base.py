@@ -119,6 +119,9 @@ class Method:
     title: str = ""                      # heading of its flags in --help
     batch: Optional[Callable] = None     # (ctx, settings, prompts, indices, k) -> ctx searching k prompts at once
     family_defaults: tuple = ()          # (field, family hparam key): a field left None takes the family's value
+    # (loaded model, settings, cache folder) -> None: work before any image (NeMo's activation statistics);
+    # UserError when it cannot be done
+    prepare: Optional[Callable] = None
     # family -> the sampling of the authors' released code where it differs from the harness's (DDIM, guidance
     # 7.5): {'sampler': name, 'guidance_scale': w, 'source': where it is from}; None: the harness is theirs
     author: Optional[Callable] = None

@@ -8,13 +8,14 @@
   ren        Ren et al. (ECCV 2024; .ren): cross-attention edit while sampling
   han_batch, han_sample  Han et al. (NeurIPS 2025; .han): the initial noise adjusted, batch-wise or per sample
   guard      GUARD (ICML 2026; .guard): attractive-repulsive guidance, attention-spike tokens attenuated
+  nemo       NeMo (Hintersdorf et al., NeurIPS 2024; .nemo): a prompt's memorization neurons switched off
 
 Adding a method = one file with its settings dataclass, plan function and Method record (utils.mitigation.base),
 registered here (or by register() from elsewhere); mitigate_mem.py takes its flags from the settings dataclass.
 """
 import dataclasses
 
-from . import augment, cfg_delay, guard, han, none, ren, sail, wen
+from . import augment, cfg_delay, guard, han, nemo, none, ren, sail, wen
 from .base import Context, Method, Plan, folder_tag, run_plan  # noqa: F401  (the harness, for the scripts)
 from .none import plan_none  # noqa: F401  (the prompts a gate does not flag)
 from ..models.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: F401  (the --sampler choices)
@@ -31,7 +32,7 @@ def register(method):
 
 
 for _m in (none.METHOD, sail.METHOD, wen.METHOD, augment.RNA, augment.RTA, cfg_delay.METHOD, ren.METHOD, han.BATCH,
-           han.SAMPLE, guard.METHOD):
+           han.SAMPLE, guard.METHOD, nemo.METHOD):
     register(_m)
 
 
