@@ -61,8 +61,7 @@ common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --ge
 
 # 1. generation: no mitigation, then each method's grid (SAIL, the slowest, beside the others on the demo)
 "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
-NEMO_STATS=${NEMO_STATS:-prompts/sd${SD_VER}_nmem.txt}
-[ "$SD_VER" = demo ] && NEMO_STATS=prompts/demo_nmem.txt
+if [ -z "$NEMO_STATS" ]; then NEMO_STATS=prompts/sd${SD_VER}_nmem.txt; [ "$SD_VER" = demo ] && NEMO_STATS=prompts/demo_nmem.txt; fi
 own() { [ "$1" = nemo ] && echo "--nemo_stats_prompts $NEMO_STATS"; true; }   # a method's extra flags
 others() { for m in $METHODS; do [ "$m" = sail ] || "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid $(own "$m") $EXTRA_ARGS; done
   # (docs/mitigation.md: cfg_delay DPM-Solver; ren Euler on SD v2.0; han guidance 7, Euler on SD v2.0)
