@@ -281,4 +281,6 @@ def _grid_threshold(text):
 METHOD = Method("nemo", NemoSettings, plan_nemo, "threshold", _grid_threshold,
                 [{"threshold": v} for v in (0.3, 0.36, 0.428, 0.5, 0.6)],
                 lambda s: f"ssim={s['threshold']:g}", flag_prefix="nemo_",
-                title="nemo (Hintersdorf et al., NeurIPS 2024: memorization neurons deactivated)", prepare=prepare)
+                title="nemo (Hintersdorf et al., NeurIPS 2024: memorization neurons deactivated)", prepare=prepare,
+                author=lambda family: dict(guidance_scale=7.0, source="ml-research/localizing_memorization_in_"
+                                           "diffusion_models 4_generate_images.py: guidance 7, DDIMScheduler"))
