@@ -1,0 +1,113 @@
+"""The 2024-26 detectors (metric2, dsm, curv_ds, curv_dh, nemo) against independent computations written here with
+plain torch/diffusers calls on the tiny pipeline and closed forms on the Gaussian model; computing them beside the
+others leaves the others' values bit-identical."""
+import pytest
+import torch
+
+from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
+from utils.detection.loop import run_detectors, settings_for
+from utils.models.conditioning import Conditioning
+from utils.models.denoisers import denoiser
+from utils.models.families import SD1
+
+PROMPTS = ["a photo of a cat", "digit seven"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_eps):
+    pipe = tiny_eps
+    lat = SD1.initial_latents(pipe, 3, 5)
+    return pipe, Conditioning.of(SD1.embed(pipe, PROMPTS, "cpu"), SD1.embed(pipe, "", "cpu")), lat
+
+
+def _embeds(pipe, prompt, n):
+    with torch.no_grad():
+        c = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+        u = pipe.encode_prompt("", "cpu", 1, False)[0]
+    return u.expand(n, -1, -1), c.expand(n, -1, -1)
+
+
+def _guided_path(pipe, u, c, lat, steps):
+    """Plain diffusers DDIM with CFG 7.5 from lat: [(t, x_t)] for the first `steps` steps."""
+    sched, x, out = pipe.scheduler, lat.clone(), []
+    sched.set_timesteps(50)
+    for t in sched.timesteps[:steps]:
+        out.append((t, x))
+        with torch.no_grad():
+            e_u = pipe.unet(x, t, encoder_hidden_states=u).sample
+            e_c = pipe.unet(x, t, encoder_hidden_states=c).sample
+        x = sched.step(e_u + 7.5 * (e_c - e_u), t, x, eta=0.0).prev_sample
+    return out
+
+
+def test_metric2_and_dsm_equal_the_authors_steps(setup):
+    """metric2: two separate autograd.grad calls of 0.5||eps||^2 per branch (as their script); dsm: the squared
+    change of the conditional prediction between steps 1 and 2 (and 0 and 1)."""
+    pipe, cond, lat = setup
+    model = denoiser(pipe.unet, pipe.scheduler)
+    vals, _, _, meter = run_detectors(model, cond, lat, ["metric2", "dsm"], settings_for())
+    alt, _, _, _ = run_detectors(model, cond, lat, ["dsm"], settings_for(dsm_step=0))
+    for k, prompt in enumerate(PROMPTS):
+        u, c = _embeds(pipe, prompt, 3)
+        path = _guided_path(pipe, u, c, lat, 3)
+        t0, x0 = path[0]
+        x = x0.clone().requires_grad_(True)
+        g_c = torch.autograd.grad(0.5 * pipe.unet(x, t0, encoder_hidden_states=c).sample.pow(2).sum(), x)[0]
+        g_u = torch.autograd.grad(0.5 * pipe.unet(x, t0, encoder_hidden_states=u).sample.pow(2).sum(), x)[0]
+        want = (g_c - g_u).flatten(1).pow(2).sum(dim=1)
+        torch.testing.assert_close(vals["metric2"][k, :, 0], want, rtol=1e-4, atol=1e-8)
+        with torch.no_grad():
+            e = [pipe.unet(x_i, t, encoder_hidden_states=c).sample for t, x_i in path]
+        torch.testing.assert_close(vals["dsm"][k, :, 0], (e[2] - e[1]).flatten(1).pow(2).sum(dim=1), rtol=1e-4,
+                                   atol=1e-8)
+        torch.testing.assert_close(alt["dsm"][k, :, 0], (e[1] - e[0]).flatten(1).pow(2).sum(dim=1), rtol=1e-4,
+                                   atol=1e-8)
+    cost = meter.summary(["metric2", "dsm"])
+    # 3 trajectory forwards (dsm's steps 0..2) + metric2's own graph forward; one VJP
+    assert (cost["total"]["unet_forwards"], cost["total"]["vjps"]) == (4, 1)
+    assert (cost["metric2"]["unet_forwards"], cost["dsm"]["unet_forwards"]) == (2, 3) and "vjps" not in cost["dsm"]
+
+
+def test_metric2_gaussian_closed_form():
+    """Gaussian model: J_eps = diag(sigma / v_c), so metric2 = ||(sigma/v_c) eps_c - (sigma/v_u) eps_u||^2;
+    on a v-prediction model too (eps from v depends on x: the gradient goes through that term)."""
+    torch.manual_seed(0)
+    shape = (2, 3, 3)
+    mu, ls = torch.randn(2, *shape, dtype=torch.float64), 0.5 * torch.randn(2, *shape, dtype=torch.float64)
+    emb = gaussian_embedding(mu, ls)
+    lat = torch.randn(2, *shape, dtype=torch.float64)
+    for pred in ("epsilon", "v_prediction"):
+        sched = ddim_scheduler(pred)
+        unet = GaussianUNet(sched.alphas_cumprod.double(), shape, pred).double()
+        vals, _, _, _ = run_detectors(denoiser(unet, sched), Conditioning.of(emb[1:], emb[:1]), lat, ["metric2"],
+                                      settings_for())
+        t = sched.timesteps[0]
+        abar = sched.alphas_cumprod[int(t)].double()
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        v = [a ** 2 * ls[j].exp() + s ** 2 for j in (0, 1)]  # uncond, cond
+        eps = [s * (lat - a * mu[j]) / v[j] for j in (0, 1)]
+        want = ((s / v[1]) * eps[1] - (s / v[0]) * eps[0]).flatten(1).pow(2).sum(dim=1)
+        torch.testing.assert_close(vals["metric2"][0, :, 0].double(), want, rtol=1e-5, atol=0)
+
+
+def test_new_detectors_leave_the_others_bit_identical(setup):
+    pipe, cond, lat = setup
+    model = denoiser(pipe.unet, pipe.scheduler)
+    st = settings_for(hvp_sampling_num=2, wen_steps=3)
+    old = ["sharpness", "wen"]
+    new = ["metric2", "dsm"]
+    alone, ex_alone, _, _ = run_detectors(model, cond, lat, old, st)
+    together, ex, _, meter = run_detectors(model, cond, lat, old + new, st)
+    for m in old:
+        assert torch.equal(together[m], alone[m]), m
+        assert ex[m] == ex_alone[m], m
+    assert set(meter.summary(old)["sharpness"]) >= {"unet_forwards", "jvps"}
+    assert "vjps" not in meter.summary(old)["wen"]
+
+
+@pytest.mark.parametrize("metric,opts,msg", [("metric2", dict(metric2_step=50), "metric2: the target step 50"),
+                                             ("dsm", dict(dsm_step=49), "dsm: the steps 49 and 50")])
+def test_target_step_outside_the_schedule(setup, metric, opts, msg):
+    pipe, cond, lat = setup
+    with pytest.raises(ValueError, match=msg):
+        run_detectors(denoiser(pipe.unet, pipe.scheduler), cond, lat, [metric], settings_for(**opts))
