@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gaussian import GaussianUNet, ddim_scheduler, gaussian_embedding
+from utils.detection.curv_dh import CurvDh, CurvDhSettings
 from utils.detection.loop import run_detectors, settings_for
 from utils.models.conditioning import Conditioning
 from utils.models.denoisers import denoiser
@@ -93,9 +94,9 @@ def test_metric2_gaussian_closed_form():
 def test_new_detectors_leave_the_others_bit_identical(setup):
     pipe, cond, lat = setup
     model = denoiser(pipe.unet, pipe.scheduler)
-    st = settings_for(hvp_sampling_num=2, wen_steps=3)
+    st = settings_for(hvp_sampling_num=2, wen_steps=3, curv_step=3, curv_probes=2)
     old = ["sharpness", "wen"]
-    new = ["metric2", "dsm"]
+    new = ["metric2", "dsm", "curv_ds", "curv_dh"]
     alone, ex_alone, _, _ = run_detectors(model, cond, lat, old, st)
     together, ex, _, meter = run_detectors(model, cond, lat, old + new, st)
     for m in old:
@@ -106,8 +107,80 @@ def test_new_detectors_leave_the_others_bit_identical(setup):
 
 
 @pytest.mark.parametrize("metric,opts,msg", [("metric2", dict(metric2_step=50), "metric2: the target step 50"),
-                                             ("dsm", dict(dsm_step=49), "dsm: the steps 49 and 50")])
+                                             ("dsm", dict(dsm_step=49), "dsm: the steps 49 and 50"),
+                                             ("curv_dh", dict(curv_step=50), "curv_dh: the target step 50")])
 def test_target_step_outside_the_schedule(setup, metric, opts, msg):
     pipe, cond, lat = setup
     with pytest.raises(ValueError, match=msg):
         run_detectors(denoiser(pipe.unet, pipe.scheduler), cond, lat, [metric], settings_for(**opts))
+
+
+def test_curv_ds_equals_plain_score_difference(setup):
+    """curv_ds at a target step: the map sum_channels ((eps_c - eps_u) / sigma)^2 from plain diffusers calls along
+    the guided path, the score its spatial mean; the maps handed over per prompt as (n, h, w)."""
+    pipe, cond, lat = setup
+    vals, ex, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), cond, lat, ["curv_ds"],
+                                   settings_for(curv_step=3))
+    for k, prompt in enumerate(PROMPTS):
+        u, c = _embeds(pipe, prompt, 3)
+        t, x = _guided_path(pipe, u, c, lat, 4)[3]
+        with torch.no_grad():
+            d = pipe.unet(x, t, encoder_hidden_states=c).sample - pipe.unet(x, t, encoder_hidden_states=u).sample
+        want = (d / (1 - pipe.scheduler.alphas_cumprod[int(t)]).sqrt()).pow(2).sum(dim=1)
+        torch.testing.assert_close(ex["curv_ds"][k]["maps"], want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(vals["curv_ds"][k, :, 0], want.flatten(1).mean(dim=1), rtol=1e-4, atol=1e-6)
+
+
+def test_curv_dh_hutchinson_against_the_dense_jacobian(setup):
+    """curv_dh's map against the exact diagonal of d f / d x, f = -(eps_c - eps_u), from a dense Jacobian (one
+    VJP per latent entry): within 6 standard deviations of Hutchinson's estimator with K probes (per entry the
+    variance is sum_{j != i} J_ji^2 / K for Rademacher probes; the channel sum and the ReLU add at most the sum)."""
+    pipe, cond, lat = setup
+    K = 128
+    one = Conditioning.of(SD1.embed(pipe, PROMPTS[:1], "cpu"), SD1.embed(pipe, "", "cpu"))
+    vals, ex, _, meter = run_detectors(denoiser(pipe.unet, pipe.scheduler), one, lat[:1], ["curv_dh"],
+                                       settings_for(curv_step=1, curv_probes=K))
+    u, c = _embeds(pipe, PROMPTS[0], 1)
+    t, x = _guided_path(pipe, u, c, lat[:1], 2)[1]
+
+    def f(z):
+        z = z.view(1, *x.shape[1:])
+        return -(pipe.unet(z, t, encoder_hidden_states=c).sample - pipe.unet(z, t, encoder_hidden_states=u).sample)
+
+    J = torch.autograd.functional.jacobian(lambda z: f(z).flatten(), x.flatten())  # (D, D): J[i, j] = df_i/dx_j
+    diag = J.diagonal()
+    sd = ((J.pow(2).sum(dim=0) - diag.pow(2)) / K).sqrt()  # per entry i: sum_{j != i} J_ji^2 / K
+    exact = torch.relu(-diag.view(x.shape[1:]).sum(dim=0))
+    bound = 6 * sd.view(x.shape[1:]).sum(dim=0)
+    got = ex["curv_dh"][0]["maps"][0]
+    assert (got - exact).abs().le(bound).all()
+    # and exactly Hutchinson's sum with the detector's own probes, each v * (J^T v) from the dense J
+    probes = CurvDh(CurvDhSettings(curv_step=1, curv_probes=K)).probes(x, 1)
+    est = torch.stack([v.flatten() * (J.T @ v.flatten()) for v in probes]).mean(dim=0)
+    torch.testing.assert_close(got, torch.relu(-est.view(x.shape[1:]).sum(dim=0)), rtol=1e-4, atol=1e-6)
+    assert vals["curv_dh"][0, 0, 0].item() == pytest.approx(got.mean().item(), rel=1e-6)
+    cost = meter.summary(["curv_dh"])["curv_dh"]
+    assert (cost["unet_forwards"], cost["vjps"], cost["probes"]) == (3, K, K)
+
+
+def test_curv_maps_gaussian_closed_form():
+    """Gaussian model: the Jacobian of eps is diag(sigma / v_c), so Hutchinson is exact with any K and
+    dh = ReLU(sum_channels sigma (1/v_c - 1/v_u)); ds = sum_channels (s_c - s_u)^2 with s = -(x - alpha mu)/v."""
+    torch.manual_seed(1)
+    shape = (2, 3, 3)
+    mu, ls = torch.randn(2, *shape, dtype=torch.float64), 0.5 * torch.randn(2, *shape, dtype=torch.float64)
+    emb = gaussian_embedding(mu, ls)
+    lat = torch.randn(2, *shape, dtype=torch.float64)
+    sched = ddim_scheduler("epsilon")
+    unet = GaussianUNet(sched.alphas_cumprod.double(), shape).double()
+    vals, ex, _, _ = run_detectors(denoiser(unet, sched), Conditioning.of(emb[1:], emb[:1]), lat,
+                                   ["curv_ds", "curv_dh"], settings_for(curv_step=0, curv_probes=2))
+    abar = sched.alphas_cumprod[int(sched.timesteps[0])].double()
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    v = [a ** 2 * ls[j].exp() + s ** 2 for j in (0, 1)]  # uncond, cond
+    score = [-(lat - a * mu[j]) / v[j] for j in (0, 1)]
+    ds = (score[1] - score[0]).pow(2).sum(dim=1)
+    dh = torch.relu((s / v[1] - s / v[0]).sum(dim=0)).expand(2, -1, -1)
+    torch.testing.assert_close(ex["curv_ds"][0]["maps"].double(), ds, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ex["curv_dh"][0]["maps"].double(), dh, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(vals["curv_dh"][0, :, 0].double(), dh.flatten(1).mean(dim=1), rtol=1e-5, atol=1e-9)
