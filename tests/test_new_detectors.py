@@ -94,9 +94,9 @@ def test_metric2_gaussian_closed_form():
 def test_new_detectors_leave_the_others_bit_identical(setup):
     pipe, cond, lat = setup
     model = denoiser(pipe.unet, pipe.scheduler)
-    st = settings_for(hvp_sampling_num=2, wen_steps=3, curv_step=3, curv_probes=2)
+    st = settings_for(hvp_sampling_num=2, wen_steps=3, curv_step=3, curv_probes=2, nemo_ssim="single")
     old = ["sharpness", "wen"]
-    new = ["metric2", "dsm", "curv_ds", "curv_dh"]
+    new = ["metric2", "dsm", "curv_ds", "curv_dh", "nemo"]
     alone, ex_alone, _, _ = run_detectors(model, cond, lat, old, st)
     together, ex, _, meter = run_detectors(model, cond, lat, old + new, st)
     for m in old:
@@ -108,7 +108,8 @@ def test_new_detectors_leave_the_others_bit_identical(setup):
 
 @pytest.mark.parametrize("metric,opts,msg", [("metric2", dict(metric2_step=50), "metric2: the target step 50"),
                                              ("dsm", dict(dsm_step=49), "dsm: the steps 49 and 50"),
-                                             ("curv_dh", dict(curv_step=50), "curv_dh: the target step 50")])
+                                             ("curv_dh", dict(curv_step=50), "curv_dh: the target step 50"),
+                                             ("nemo", dict(nemo_step=50), "nemo: the target step 50")])
 def test_target_step_outside_the_schedule(setup, metric, opts, msg):
     pipe, cond, lat = setup
     with pytest.raises(ValueError, match=msg):
@@ -136,7 +137,7 @@ def test_curv_dh_hutchinson_against_the_dense_jacobian(setup):
     VJP per latent entry): within 6 standard deviations of Hutchinson's estimator with K probes (per entry the
     variance is sum_{j != i} J_ji^2 / K for Rademacher probes; the channel sum and the ReLU add at most the sum)."""
     pipe, cond, lat = setup
-    K = 128
+    K, lat = 64, lat[:, :, :4, :4]  # 4 x 4 latents: a 64 x 64 dense Jacobian
     one = Conditioning.of(SD1.embed(pipe, PROMPTS[:1], "cpu"), SD1.embed(pipe, "", "cpu"))
     vals, ex, _, meter = run_detectors(denoiser(pipe.unet, pipe.scheduler), one, lat[:1], ["curv_dh"],
                                        settings_for(curv_step=1, curv_probes=K))
@@ -184,3 +185,72 @@ def test_curv_maps_gaussian_closed_form():
     torch.testing.assert_close(ex["curv_ds"][0]["maps"].double(), ds, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(ex["curv_dh"][0]["maps"].double(), dh, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(vals["curv_dh"][0, :, 0].double(), dh.flatten(1).mean(dim=1), rtol=1e-5, atol=1e-9)
+
+
+def _nemo_plain(pipe, prompt, lat, guidance=0.0):
+    """Their compute_noise_diff with plain calls: the prediction at the schedule's step 1 on x_T, minus x_T, min-max
+    scaled per generation and channel."""
+    u, c = _embeds(pipe, prompt, lat.shape[0])
+    pipe.scheduler.set_timesteps(50)
+    t = pipe.scheduler.timesteps[1]
+    with torch.no_grad():
+        e_c = pipe.unet(lat, t, encoder_hidden_states=c).sample
+        e_u = pipe.unet(lat, t, encoder_hidden_states=u).sample
+    eps = e_c if guidance == 0 else e_c + guidance * (e_u - e_c)
+    d = eps - lat
+    lo, hi = d.amin(dim=(2, 3), keepdim=True), d.amax(dim=(2, 3), keepdim=True)
+    return (d - lo) / (hi - lo)
+
+
+def test_nemo_equals_pairwise_ssim_of_the_noise_difference(setup):
+    """Tiny pipeline (8 x 8 latents: the single-scale SSIM): the max over pairs of torchmetrics' SSIM module, pair by
+    pair; the guided variant with their threshold script's branch order; a copied generation gives 1."""
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+    pipe, cond, lat = setup
+    model = denoiser(pipe.unet, pipe.scheduler)
+    for guidance in (0.0, 7.0):
+        vals, ex, _, _ = run_detectors(model, cond, lat, ["nemo"], settings_for(nemo_guidance=guidance,
+                                                                                nemo_ssim="single"))
+        assert vals["nemo"].shape == (2, 1, 1)
+        for k, prompt in enumerate(PROMPTS):
+            d = _nemo_plain(pipe, prompt, lat, guidance)
+            want = [StructuralSimilarityIndexMeasure(kernel_size=11)(d[a:a + 1], d[b:b + 1]).item()
+                    for a, b in ((0, 1), (0, 2), (1, 2))]
+            assert ex["nemo"][k]["pairwise"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+            assert vals["nemo"][k, 0, 0].item() == pytest.approx(max(want), rel=1e-4, abs=1e-6)
+    same, _, _, _ = run_detectors(model, cond, torch.cat([lat[:1], lat[:1]]), ["nemo"],
+                                  settings_for(nemo_ssim="single"))
+    assert same["nemo"][:, 0, 0].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        run_detectors(model, cond, lat[:1], ["nemo"], settings_for())
+
+
+def test_nemo_ms_ssim_on_the_gaussian_model():
+    """Gaussian model at 4 x 48 x 48 (their MS-SSIM needs > 40 px): eps - x_T = x_T (sigma/v - 1) - sigma alpha
+    mu / v in closed form, MS-SSIM pair by pair with torchmetrics' module; a condition whose mean dominates that
+    difference (small variance, a structured mean: 'memorized') scores higher than one that does not."""
+    from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
+    shape = (4, 48, 48)
+    g = torch.Generator().manual_seed(4)
+    ramp = torch.linspace(-3, 3, 48).view(1, 1, 48).expand(*shape).contiguous()
+    mu = torch.stack([ramp, torch.zeros(shape)])           # memorized: a structured mean; other: none
+    ls = torch.stack([torch.full(shape, -6.0), torch.zeros(shape)])
+    emb = gaussian_embedding(mu, ls)
+    lat = torch.randn(3, *shape, generator=g)
+    sched = ddim_scheduler("epsilon")
+    unet = GaussianUNet(sched.alphas_cumprod, shape)
+    cond = Conditioning.of(emb, gaussian_embedding(torch.zeros(1, *shape), torch.zeros(1, *shape)))
+    vals, ex, _, _ = run_detectors(denoiser(unet, sched), cond, lat, ["nemo"], settings_for())
+    t = sched.timesteps[1]
+    abar = sched.alphas_cumprod[int(t)]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    for k in range(2):
+        v = a ** 2 * ls[k].exp() + s ** 2
+        d = s * (lat - a * mu[k]) / v - lat
+        lo, hi = d.amin(dim=(2, 3), keepdim=True), d.amax(dim=(2, 3), keepdim=True)
+        d = (d - lo) / (hi - lo)
+        want = [MultiScaleStructuralSimilarityIndexMeasure(kernel_size=11, betas=(0.33, 0.33, 0.33))(
+            d[i:i + 1], d[j:j + 1]).item() for i, j in ((0, 1), (0, 2), (1, 2))]
+        # abs 1e-3: for the noise-like condition eps - x_T = x_T (s/v - 1) cancels in float32 (s/v - 1 ~ -0.004)
+        assert ex["nemo"][k]["pairwise"] == pytest.approx(want, rel=1e-4, abs=1e-3)
+    assert vals["nemo"][0, 0, 0] > 0.9 > 0.2 > vals["nemo"][1, 0, 0]

@@ -2,5 +2,5 @@
 one file per detector registers itself when imported. The built-in ones, in the order their hooks run:"""
 from .base import DETECTORS, Detector, Sampling, register  # noqa: F401
 from . import sharpness, wen, anisotropy, tiled_l2, le, ae, be  # noqa: F401,E402  (each registers itself)
-from . import metric2, dsm, curv_ds, curv_dh  # noqa: F401,E402  (the 2024-26 detectors, docs/detection.md)
+from . import metric2, dsm, curv_ds, curv_dh, nemo  # noqa: F401,E402  (the 2024-26 detectors, docs/detection.md)
 from .sharpness import sharpness_scores  # noqa: F401,E402
