@@ -1,6 +1,7 @@
 """The 2024-26 detectors (metric2, dsm, curv_ds, curv_dh, nemo) against independent computations written here with
 plain torch/diffusers calls on the tiny pipeline and closed forms on the Gaussian model; computing them beside the
 others leaves the others' values bit-identical."""
+import numpy as np
 import pytest
 import torch
 
@@ -254,3 +255,44 @@ def test_nemo_ms_ssim_on_the_gaussian_model():
         # abs 1e-3: for the noise-like condition eps - x_T = x_T (s/v - 1) cancels in float32 (s/v - 1 ~ -0.004)
         assert ex["nemo"][k]["pairwise"] == pytest.approx(want, rel=1e-4, abs=1e-3)
     assert vals["nemo"][0, 0, 0] > 0.9 > 0.2 > vals["nemo"][1, 0, 0]
+
+
+def _map_result(folder, maps):
+    """A result sidecar naming curv_dh maps, with the maps saved beside it (utils/detection/maps.py's format)."""
+    import json
+    from utils.detection.maps import map_dir, save_maps
+    side = folder / "x_mem_curv_dh_gen1.json"
+    side.write_text(json.dumps(dict(metric=dict(name="curv_dh", stem="x_mem", gen_num=1))))
+    for i, m in enumerate(maps):
+        save_maps(map_dir(str(folder), "x_mem", 1, "curv_dh"), i, np.asarray(m, dtype=np.float32)[None])
+    return str(side)
+
+
+def test_localization_scores_kim_and_lee_rule(tmp_path, capsys):
+    """Quadrant map (0, 1, 3, 7) against the mask of quadrants {1, 7}: the predictions map > threshold are nested
+    ({7}, {3, 7}, {1, 3, 7}, all, none), so the best IoU is 2/3 ({1, 3, 7}) and the best accuracy 3/4; a map equal
+    to its mask scores 1. Missing masks and masks of the wrong size: one error line, exit 2."""
+    from PIL import Image
+    import detect_eval
+    from cli_run import exit_code
+    quad = np.zeros((256, 256))
+    quad[:128, 128:], quad[128:, :128], quad[128:, 128:] = 1, 3, 7
+    mask = ((quad == 1) | (quad == 7)).astype(np.uint8) * 255
+    side = _map_result(tmp_path, [quad, mask / 255.0 * 5])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(mask).save(masks / "00000_0.png")
+    Image.fromarray(mask).save(masks / "00001.png")
+    assert exit_code(detect_eval.main, ["--localization", str(masks), "--mem", side, "--out",
+                                        str(tmp_path / "loc.json")]) == 0
+    import json
+    got = json.loads((tmp_path / "loc.json").read_text())
+    # mean IoU over the two maps: (2/3 + 1) / 2 at the threshold where the quadrant map predicts {1, 3, 7}
+    assert (got["iou"], got["accuracy"], got["maps"]) == (pytest.approx(0.8), pytest.approx(7 / 8), 2)
+    assert got["miou"] == pytest.approx((2 / 3 + 1) / 2)
+    Image.fromarray(mask[:100, :100]).save(masks / "00001.png")
+    assert exit_code(detect_eval.main, ["--localization", str(masks), "--mem", side]) == 2
+    assert "integer multiple" in capsys.readouterr().err
+    (masks / "00001.png").unlink()
+    assert exit_code(detect_eval.main, ["--localization", str(masks), "--mem", side]) == 2
+    assert "1 missing" in capsys.readouterr().err
