@@ -16,6 +16,7 @@ from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
 from utils.detection import DETECTORS
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
+from utils.detection.maps import load_masks, localization_scores, resized_maps, result_maps
 from utils.detection.tables import (TABLE_STEPS, build_table, discover, load_paper, markdown, roc_figure, set_pairs,
     table_curves)
 from utils.results import read_detection_result
@@ -38,7 +39,21 @@ def parse_args(argv=None):
                    help="table mode: the two prompt sets (default: every <x>_mem / <x>_nmem pair in DIR)")
     p.add_argument("--table_steps", default=",".join(map(str, TABLE_STEPS)),
                    help="table mode: first-k-steps settings of multi-step metrics (the paper's 1, 5, 50)")
+    p.add_argument("--localization", default=None, metavar="MASKS_DIR",
+                   help="localization mode: IoU, mean IoU and pixel accuracy of --mem's maps (curv_ds, curv_dh) "
+                        "against the binary masks in MASKS_DIR (<index>_<k>.png or <index>.png; docs/detection.md)")
     return p.parse_args(argv)
+
+
+def run_localization(args):
+    maps = result_maps(args.mem)
+    scores = localization_scores(resized_maps(maps), load_masks(args.localization, maps))
+    out = args.out or os.path.splitext(args.mem)[0] + ".localization.json"
+    check_outputs({"--out": out}, {"--mem": args.mem})
+    print(f"IoU: {scores['iou']:.4f} | mIoU: {scores['miou']:.4f} | accuracy: {scores['accuracy']:.4f} "
+          f"({scores['maps']} maps)")
+    write_sidecar(out, vars(args), **scores)
+    print(f"saved {out}")
 
 
 def run_pair(args):
@@ -103,7 +118,7 @@ def run_table(args):
 @guarded
 def main(argv=None):
     args = parse_args(argv)
-    run_table(args) if args.table else run_pair(args)
+    run_table(args) if args.table else run_localization(args) if args.localization else run_pair(args)
 
 
 if __name__ == "__main__":

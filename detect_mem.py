@@ -21,6 +21,7 @@ from utils.cli import (ArgumentParser, UserError, bounded_int, guarded, positive
                        raise_arg, seed_int, settings_arguments, settings_from, warn)
 from utils.detection import DETECTORS, Sampling
 from utils.detection.loop import run_detectors
+from utils.detection.maps import map_dir, save_maps, take_maps
 from utils.detection.records import forward_seconds, output_base, prompt_record, save_result
 from utils.io import atomic_save_image, check_outputs, prepare_dir, sha256_file
 from utils.models.attention import prompt_lengths
@@ -173,6 +174,10 @@ def main(argv=None):
             for m in metrics:
                 if i in logs[m].done:
                     continue
+                maps = take_maps(extras[m][j])  # localization maps go to files of their own, not the record
+                if maps is not None:
+                    save_maps(map_dir(args.out_dir, stem, args.gen_num, m), i, maps)
+                    extras[m][j] = extras[m][j] or None
                 if not torch.isfinite(vals[m][j]).all():
                     warn(f"prompt {i + 1} gave a non-finite {m} value; saved as NaN: {prompts[i][:80]!r}")
                 logs[m].add(prompt_record(i, prompts[i], vals[m][j], extras[m][j], cost[m], secs, len(idx), fwd))

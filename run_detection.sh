@@ -10,13 +10,15 @@ cd "$(dirname "$0")"
 
 # ---- hyperparameters: edit here ----
 GEN_NUMS="1 4 16"       # n: generations per prompt (Table 1 reports n = 1, 4, 16)
-METRICS_N1="sharpness,wen,anisotropy,le,ae,be"            # metrics run at n = 1 (tiled_l2 needs two generations)
-METRICS_N4="sharpness,wen,anisotropy,tiled_l2,le,ae,be"   # at n = 4
-METRICS_N16="wen,anisotropy,tiled_l2,le,ae,be"            # at n = 16 (the paper has no sharpness row for n = 16)
+NEW="metric2,dsm,curv_ds,curv_dh"                         # the 2024-26 detectors (docs/detection.md); nemo needs n >= 2
+METRICS_N1="sharpness,wen,anisotropy,le,ae,be,$NEW"       # metrics run at n = 1 (tiled_l2 needs two generations)
+METRICS_N4="sharpness,wen,anisotropy,tiled_l2,le,ae,be,$NEW,nemo"   # at n = 4
+METRICS_N16="wen,anisotropy,tiled_l2,le,ae,be,$NEW,nemo"            # at n = 16 (the paper has no sharpness row for n = 16)
 HVP_SAMPLING_NUM=1      # sharpness: first sampling steps measured (Table 1: 1)
 WEN_STEPS=50            # wen: first steps measured; the table averages the first 1, 5 and 50 (Table 1)
 TILE_PX=128             # tiled_l2: tile side in pixels (the sharpness paper's 128)
 GEN_SEED=42             # torch seed of the shared initial noise
+NEMO_SSIM=ms            # nemo: ms = Hintersdorf et al.'s MS-SSIM (latents > 40 px); single = one scale (the demo's 8 px)
 SD_VERS="1 2"           # Stable Diffusion versions: 1 = v1.4 (epsilon), 2 = v2.0 (v-prediction); also 1.5, 2.1, xl
                         # (SDXL: no published prompt set; build prompts/sdxl_mem.txt and sdxl_nmem.txt, docs/families.md)
 BATCH_SIZE=1            # prompts per UNet call (same results; raise it on a large GPU)
@@ -29,6 +31,7 @@ PYTHON=${PYTHON:-python3}
 case "${1:-}" in
   demo|demo16)
     SD_VERS=demo; TILE_PX=8; BATCH_SIZE=8; SIDE_BY_SIDE=1   # 32x32 images: a 4x4 grid of 8-pixel tiles
+    NEMO_SSIM=single                                        # 8x8 latents: too small for the three-scale MS-SSIM
     GEN_NUMS="1 4"; [ "$1" = demo16 ] && GEN_NUMS="1 4 16"
     # tiny UNet ops: one thread per process is as fast and two processes share the cores without contention
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
@@ -45,7 +48,7 @@ fi
 run() {  # run() SET N METRICS: one detect_mem.py call
   "${LAUNCH[@]}" detect_mem.py --sd_ver "$ver" --data_path "$1" --gen_num "$2" --metrics "$3" \
     --hvp_sampling_num "$HVP_SAMPLING_NUM" --wen_steps "$WEN_STEPS" --tile_px "$TILE_PX" \
-    --gen_seed "$GEN_SEED" --batch_size "$BATCH_SIZE" --out_dir "$OUT_DIR" $EXTRA_ARGS
+    --nemo_ssim "$NEMO_SSIM" --gen_seed "$GEN_SEED" --batch_size "$BATCH_SIZE" --out_dir "$OUT_DIR" $EXTRA_ARGS
 }
 
 for ver in $SD_VERS; do

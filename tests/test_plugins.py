@@ -1,6 +1,6 @@
 """Detectors as plug-ins: a detector defined here, registered through the public registry, runs end to end through
 detect_mem.py (its flag made from its settings dataclass) and gives the number an independent diffusers call gives;
-the registry lists the seven built-in detectors with their directions."""
+the registry lists the built-in detectors with their directions."""
 import dataclasses
 import json
 
@@ -43,10 +43,11 @@ def toy():
     del DETECTORS["toy"]
 
 
-def test_registry_lists_the_seven_detectors_with_their_directions():
+def test_registry_lists_the_built_in_detectors_with_their_directions():
     assert {k: v.direction for k, v in DETECTORS.items()} == {
         "sharpness": "higher", "wen": "higher", "anisotropy": "higher", "tiled_l2": "lower", "le": "higher",
-        "ae": "higher", "be": "higher"}
+        "ae": "higher", "be": "higher", "metric2": "higher", "dsm": "higher",
+        "curv_ds": "higher", "curv_dh": "higher", "nemo": "higher"}
     with pytest.raises(ValueError):
         register(type("Bad", (Detector,), dict(name="bad", direction="sideways")))
     assert "bad" not in DETECTORS

@@ -1,5 +1,6 @@
 """Memorization detectors as plug-ins: DETECTORS (name -> Detector class) and `register` (utils/detection/base.py);
-one file per detector registers itself when imported. The built-in seven, in the order their hooks run:"""
+one file per detector registers itself when imported. The built-in ones, in the order their hooks run:"""
 from .base import DETECTORS, Detector, Sampling, register  # noqa: F401
 from . import sharpness, wen, anisotropy, tiled_l2, le, ae, be  # noqa: F401,E402  (each registers itself)
+from . import metric2, dsm, curv_ds, curv_dh, nemo  # noqa: F401,E402  (the 2024-26 detectors, docs/detection.md)
 from .sharpness import sharpness_scores  # noqa: F401,E402

@@ -17,6 +17,8 @@ import torch
 from ..models import attention as A
 from .base import DETECTORS, Pass, Sampling, Step
 
+OPTIONAL_KINDS = ("vjps", "probes")  # cost kinds that appear in a summary only when a detector used them
+
 
 def settings_for(**options):
     """{detector name: its settings} for every registered detector, each from the options that are its fields
@@ -47,7 +49,8 @@ class CostMeter:
     def unit(self, kind, metrics, step=None, count=1):
         """Time the block as `count` units of `kind`: unet_forwards (pair forwards in the model's dtype, the unit
         of the cost ratios), fd_forwards (the finite-difference forwards; also counted as unet_forwards in the
-        summary), jvps or vae_decodes."""
+        summary), jvps, vjps (one backward pass through a graph built by a counted forward; a Hutchinson probe is
+        one), probes (Hutchinson probes, counted beside their vjps) or vae_decodes."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -59,6 +62,10 @@ class CostMeter:
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
         self.units.append((kind, tuple(metrics), time.perf_counter() - t0, peak, step, count))
 
+    def count(self, kind, metrics, step=None, count=1):
+        """Record `count` units of `kind` without timing them (probes: their time is in their vjps' unit)."""
+        self.units.append((kind, tuple(metrics), 0.0, None, step, count))
+
     def summary(self, metrics):
         """{metric: {unet_forwards, jvps, vae_decodes, seconds, peak_bytes, shared_with, step_seconds}, total: {...}};
         step_seconds[i]: the seconds of the metric's units at sampling step i (what its first k steps cost)."""
@@ -68,7 +75,10 @@ class CostMeter:
                 if kind == "fd_forwards":
                     out["fd_forwards"] = out.get("fd_forwards", 0) + count
                     kind = "unet_forwards"
-                out[kind] += count
+                if kind in OPTIONAL_KINDS:  # absent unless used: the older detectors' cost records are unchanged
+                    out[kind] = out.get(kind, 0) + count
+                else:
+                    out[kind] += count
                 out["seconds"] += secs
                 if peak is not None:
                     out["peak_bytes"] = max(out["peak_bytes"] or 0, peak)

@@ -16,6 +16,7 @@ PAPER_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 MULTI_STEP = ("sharpness", "wen")  # metrics with one column per measured step
 TABLE_STEPS = (1, 5, 50)           # the paper's step settings (first k steps, averaged)
 SD_VERSIONS = {"CompVis/stable-diffusion-v1-4": "1.4", "stabilityai/stable-diffusion-2": "2.0"}
+OPTIONAL_COSTS = ("vjps", "probes")  # cost counts only some detectors have (utils.detection.loop.OPTIONAL_KINDS)
 _NAME = re.compile(r"^(?P<stem>.+?)(?:_(?P<metric>[a-z_0-9]+?))?_gen(?P<n>\d+)\.json$")
 
 
@@ -123,6 +124,7 @@ def _cost(side_m, side_n, metric, k, width):
         c.get(key) is not None for c in per) else None
     if metric not in MULTI_STEP:
         counts = dict(unet_forwards=mean("unet_forwards"), jvps=mean("jvps"))
+        counts.update({k: mean(k) for k in OPTIONAL_COSTS if mean(k) is not None})  # only the detectors using them
     secs, fwd = mean("seconds"), mean("forward_seconds")
     if metric in MULTI_STEP and k and all(len(c.get("step_seconds") or []) >= k for c in per):
         secs = float(np.mean([sum(c["step_seconds"][:k]) for c in per]))  # what the first k steps cost
@@ -140,7 +142,8 @@ def markdown(rows, title):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["cost"]
-        fw = "–" if c["unet_forwards"] is None else f"{c['unet_forwards']:g} + {c['jvps']:g}"
+        fw = "–" if c["unet_forwards"] is None else f"{c['unet_forwards']:g} + {c['jvps']:g}" + (
+            f" + {c['vjps']:g} VJPs" if "vjps" in c else "") + (f" (= {c['probes']:g} probes)" if "probes" in c else "")
         paper = "–" if r["paper"] is None else f"{r['paper']['auc']:.3f} / {r['paper']['tpr_1']:.3f}"
         lines.append(f"| {r['metric']} | {r['n']} | {r['steps']} | {f(r['auc'])} | {f(r['tpr_1_closest'])} | "
                      f"{f(r['tpr_1_strict'])} | {f(r['tpr_3_closest'])} | {fw} | {f(c['seconds'], 4)} | "
