@@ -296,3 +296,28 @@ def test_localization_scores_kim_and_lee_rule(tmp_path, capsys):
     (masks / "00001.png").unlink()
     assert exit_code(detect_eval.main, ["--localization", str(masks), "--mem", side]) == 2
     assert "1 missing" in capsys.readouterr().err
+
+
+def test_detect_mem_saves_maps_and_refuses_bad_steps(tiny_eps_dir, tmp_path, capsys):
+    """Through detect_mem.py: curv_ds's maps land beside the results as (n, h, w) arrays whose spatial means are the
+    saved values, with a grid image, and not in the result files; a target step outside the schedule and nemo with
+    one generation are one error line each, exit 2."""
+    import json
+    import detect_mem
+    from cli_run import exit_code
+    data = tmp_path / "p.txt"
+    data.write_text("\n".join(PROMPTS))
+    out = tmp_path / "o"
+    base = ["--model_id", tiny_eps_dir, "--data_path", str(data), "--device", "cpu", "--out_dir", str(out)]
+    assert exit_code(detect_mem.main, base + ["--gen_num", "2", "--metrics", "curv_ds", "--curv_step", "2"]) == 0
+    side = json.loads((out / "p_curv_ds_gen2.json").read_text())
+    assert side["extras"] == [None, None]
+    for i in range(2):
+        maps = np.load(out / "p_gen2_maps" / "curv_ds" / f"{i:05d}.npy")
+        assert maps.shape == (2, 8, 8) and (out / "p_gen2_maps" / "curv_ds" / f"{i:05d}.png").is_file()
+        np.testing.assert_allclose(np.array(side["per_generation"][i][0]), maps.mean(axis=(1, 2)), rtol=1e-6)
+    capsys.readouterr()
+    assert exit_code(detect_mem.main, base + ["--gen_num", "2", "--metrics", "curv_dh", "--curv_step", "50"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: curv_dh: the target step 50")
+    assert exit_code(detect_mem.main, base + ["--gen_num", "1", "--metrics", "nemo"]) == 2
+    assert "error:" in capsys.readouterr().err
