@@ -1,6 +1,6 @@
 """NeMo (utils/mitigation/nemo.py): deactivation changes exactly the chosen neurons' value outputs (a hook test);
 no neurons gives `none`'s images bit for bit; found neurons are recorded and refined below their threshold;
-strength below the threshold; statistics of another model and a missing statistics file are one error line."""
+statistics of another model and a missing statistics file are one error line."""
 import json
 import os
 
