@@ -11,7 +11,6 @@ import torch
 
 from .base import Method, Plan, grid_float, hp, is_count, is_finite, problems
 from ..cli import nonneg_float, nonneg_int, positive_float, bounded_int
-from ..models.denoisers import flat_norm
 from .sail import frozen
 
 
