@@ -12,13 +12,14 @@ import os
 
 import numpy as np
 
-from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, warn
+from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, settings_arguments, settings_from, warn
 from utils.detection import DETECTORS
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
-from utils.detection.tables import (TABLE_STEPS, build_table, discover, load_paper, markdown, roc_figure, set_pairs,
-    table_curves)
+from utils.detection.tables import (TABLE_STEPS, build_table, comparisons, discover, load_paper, markdown, roc_figure,
+    set_pairs, table_curves)
 from utils.results import read_detection_result
+from utils.stats import BootstrapSettings, metric_intervals
 
 TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
 
@@ -38,7 +39,10 @@ def parse_args(argv=None):
                    help="table mode: the two prompt sets (default: every <x>_mem / <x>_nmem pair in DIR)")
     p.add_argument("--table_steps", default=",".join(map(str, TABLE_STEPS)),
                    help="table mode: first-k-steps settings of multi-step metrics (the paper's 1, 5, 50)")
-    return p.parse_args(argv)
+    added = settings_arguments(p, BootstrapSettings, title="confidence intervals")
+    args = p.parse_args(argv)
+    args.bootstrap_settings = settings_from(BootstrapSettings, vars(args), added)
+    return args
 
 
 def run_pair(args):
@@ -66,10 +70,17 @@ def run_pair(args):
              "reported as is (check that --mem and --nmem are not swapped)")
     tprs = " | ".join(f"TPR@{f * 100:g}%FPR: {v:.3f}" for f, v in res["tpr_at_fpr"].items())
     print(f"AUC: {res['auc']:.3f} | {tprs}")
+    boot = args.bootstrap_settings
+    if boot.bootstrap > 0:  # the pair's TPR columns are the table's: closest rule at 1% and 3%, strict at 1%
+        res["ci"] = metric_intervals(mem, nmem, boot)
+        ci = res["ci"]
+        show = lambda key: "[" + ", ".join("?" if v is None else f"{v:.3f}" for v in ci[key]["interval"]) + "]"
+        print(f"{boot.ci_level * 100:g}% interval ({boot.ci_method}, {boot.bootstrap} resamples): AUC {show('auc')} | "
+              f"TPR@1%FPR {show('tpr_1_closest')} (strict {show('tpr_1_strict')}) | TPR@3%FPR {show('tpr_3_closest')}")
 
     res.update(mem_file=args.mem, nmem_file=args.nmem, steps=steps or "all",
                dropped_nan=dict(mem=int((~keep_m).sum()), nmem=int((~keep_n).sum())))
-    write_sidecar(out, vars(args), **res)
+    write_sidecar(out, _arguments(args), **res)
     if not args.no_plot:
         curve = [(f"AUC {res['auc']:.3f}", res["roc"]["fpr"], res["roc"]["tpr"])]
         png = figure_png(roc_figure(curve, f"{stem(args.mem)} vs {stem(args.nmem)}"))
@@ -87,17 +98,24 @@ def run_table(args):
         raise UserError(f"no pair of <x>_mem / <x>_nmem results in {args.table}; name the sets with --sets")
     paper = load_paper()
     for mem_stem, nmem_stem in pairs:
-        rows = build_table(results, mem_stem, nmem_stem, steps, paper)
+        rows = build_table(results, mem_stem, nmem_stem, steps, paper, args.bootstrap_settings)
         if not rows:
             raise UserError(f"no metric was computed for both {mem_stem} and {nmem_stem} in {args.table}")
         base = os.path.join(args.table, f"{mem_stem}_vs_{nmem_stem}.table")
-        text = markdown(rows, f"{mem_stem} vs {nmem_stem}")
+        compared = comparisons(rows, args.bootstrap_settings)
+        text = markdown(rows, f"{mem_stem} vs {nmem_stem}", compared)
         atomic_write_text(base + ".md", text)
-        write_sidecar(base + ".json", vars(args), mem=mem_stem, nmem=nmem_stem,
-                      rows=[{k: v for k, v in r.items() if k != "roc"} for r in rows])
+        extra = dict(comparisons=compared) if compared else {}
+        write_sidecar(base + ".json", _arguments(args), mem=mem_stem, nmem=nmem_stem,
+                      rows=[{k: v for k, v in r.items() if k not in ("roc", "scores")} for r in rows], **extra)
         atomic_write_bytes(base + ".roc.png", figure_png(roc_figure(table_curves(rows), f"{mem_stem} vs {nmem_stem}")))
         print(text)
         print(f"saved {base}.md, .json and .roc.png")
+
+
+def _arguments(args):
+    """The arguments as the sidecar records them (the settings object is recorded by its flags)."""
+    return {k: v for k, v in vars(args).items() if k != "bootstrap_settings"}
 
 
 @guarded

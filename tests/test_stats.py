@@ -1,0 +1,122 @@
+"""Bootstrap intervals of detection metrics (utils/stats.py) and their place in detect_eval.py."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score, roc_curve
+
+import detect_eval
+from tests.cli_run import exit_code
+from utils.metrics import detection_metrics
+from utils.stats import (BootstrapSettings, metric_intervals, paired_auc_difference, point_metrics, rank_auc,
+                         roc_points)
+
+
+def _tied(rng, n):
+    return rng.integers(0, 6, n).astype(np.float64)  # few distinct values: ties and collinear ROC points
+
+
+def test_resample_metrics_equal_sklearn_and_detection_metrics():
+    """The lean ROC/AUC used on every resample agree with sklearn and with the table's own numbers."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        a, b = _tied(rng, rng.integers(1, 25)), _tied(rng, rng.integers(1, 25))
+        y, s = np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b]
+        fpr, tpr, _ = roc_curve(y, s)
+        mine = roc_points(a, b)
+        assert np.array_equal(mine[0], fpr) and np.array_equal(mine[1], tpr)
+        assert rank_auc(a, b) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        ref, strict = detection_metrics(a, b, (0.01, 0.03), "closest"), detection_metrics(a, b, (0.01,), "strict")
+        assert point_metrics(a, b) == pytest.approx([ref["auc"], ref["tpr_at_fpr"][0.01], strict["tpr_at_fpr"][0.01],
+                                                     ref["tpr_at_fpr"][0.03]], abs=1e-12)
+
+
+def test_auc_interval_covers_the_true_auc_at_about_the_nominal_rate():
+    """Gaussian scores N(d, 1) vs N(0, 1) have AUC Phi(d / sqrt 2). 200 data sets (fixed seed, so the count is
+    fixed): the 90% percentile interval must cover the truth in 80-97% of them (nominal 90%, binomial sd 2%)."""
+    rng = np.random.default_rng(1)
+    d = 1.0
+    truth = norm.cdf(d / np.sqrt(2))
+    settings = BootstrapSettings(bootstrap=400, ci_level=0.9)
+    hits = 0
+    for rep in range(200):
+        mem, nmem = rng.normal(d, 1, 40), rng.normal(0, 1, 50)
+        lo, hi = metric_intervals(mem, nmem, settings, columns=())["auc"]["interval"]
+        hits += lo <= truth <= hi
+    assert 160 <= hits <= 194
+
+
+def test_intervals_are_seeded_and_hold_the_point_value():
+    rng = np.random.default_rng(2)
+    mem, nmem = rng.normal(1.5, 1, 30), rng.normal(0, 1, 30)
+    s = BootstrapSettings(bootstrap=300)
+    a, b = metric_intervals(mem, nmem, s), metric_intervals(mem, nmem, s)
+    assert a == b and a != metric_intervals(mem, nmem, BootstrapSettings(bootstrap=300, ci_seed=1))
+    point = point_metrics(mem, nmem)
+    for v, key in zip(point, ("auc", "tpr_1_closest", "tpr_1_strict", "tpr_3_closest")):
+        lo, hi = a[key]["interval"]
+        assert lo <= v <= hi and a[key]["standard_error"] > 0
+
+
+@pytest.mark.parametrize("method", ["percentile", "BCa"])
+def test_paired_difference_of_a_detector_with_itself_is_exactly_zero(method):
+    rng = np.random.default_rng(3)
+    mem, nmem = rng.normal(1, 1, 25), rng.normal(0, 1, 20)
+    res = paired_auc_difference(mem, nmem, mem, nmem, BootstrapSettings(bootstrap=200, ci_method=method))
+    assert res["difference"] == 0 and res["interval"] == [0.0, 0.0] and res["flip_share"] == 0
+    assert res["tie_share"] == 1 and res["standard_error"] == 0
+
+
+def test_paired_difference_is_paired_and_antisymmetric():
+    """B is A plus noise on the same prompts: the paired interval is far narrower than the two separate AUC
+    intervals would suggest, swapping A and B negates it, and the flip share matches the distribution's tail."""
+    rng = np.random.default_rng(4)
+    mem_a, nmem_a = rng.normal(1.2, 1, 60), rng.normal(0, 1, 60)
+    mem_b, nmem_b = mem_a + rng.normal(0, 0.3, 60), nmem_a + rng.normal(0, 0.3, 60)
+    s = BootstrapSettings(bootstrap=500)
+    ab = paired_auc_difference(mem_a, nmem_a, mem_b, nmem_b, s)
+    ba = paired_auc_difference(mem_b, nmem_b, mem_a, nmem_a, s)
+    assert ab["difference"] == pytest.approx(roc_auc_score(np.r_[np.ones(60), np.zeros(60)], np.r_[mem_a, nmem_a])
+                                             - roc_auc_score(np.r_[np.ones(60), np.zeros(60)], np.r_[mem_b, nmem_b]))
+    assert ba["difference"] == pytest.approx(-ab["difference"])
+    assert ba["interval"] == pytest.approx([-ab["interval"][1], -ab["interval"][0]])
+    assert ab["flip_share"] == ba["flip_share"]
+    single = metric_intervals(mem_a, nmem_a, s, columns=())["auc"]["standard_error"]
+    assert ab["standard_error"] < single / 2
+    # NaN in either detector drops that prompt from both
+    mem_b[0] = np.nan
+    assert paired_auc_difference(mem_a, nmem_a, mem_b, nmem_b, s)["n_mem"] == 59
+
+
+def _pair(tmp_path):
+    torch.save(torch.tensor([[4.0], [4.0], [1.0], [3.0]]), tmp_path / "m.pt")
+    torch.save(torch.tensor([[2.0], [0.5], [1.5]]), tmp_path / "n.pt")
+    return ["--mem", str(tmp_path / "m.pt"), "--nmem", str(tmp_path / "n.pt"), "--no_plot"]
+
+
+def test_detect_eval_pair_intervals_and_bootstrap_off(tmp_path, capsys):
+    argv = _pair(tmp_path)
+    assert exit_code(detect_eval.main, argv + ["--bootstrap", "0", "--out", str(tmp_path / "off.json")]) == 0
+    off_out = capsys.readouterr().out
+    assert exit_code(detect_eval.main, argv + ["--bootstrap", "300", "--out", str(tmp_path / "on.json")]) == 0
+    on_out = capsys.readouterr().out
+    off, on = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("off", "on"))
+    assert "ci" not in off and "interval (percentile, 300 resamples): AUC [" in on_out
+    assert off_out.splitlines()[0] == on_out.splitlines()[0]  # the point line is unchanged
+    # new keys only: every key and value of the run without intervals is there unchanged
+    assert {k: v for k, v in on.items() if k not in ("ci", "arguments", "versions")} == {
+        k: v for k, v in off.items() if k not in ("arguments", "versions")}
+    ref = metric_intervals(np.array([4.0, 4.0, 1.0, 3.0]), np.array([2.0, 0.5, 1.5]), BootstrapSettings(bootstrap=300))
+    assert on["ci"] == ref
+
+
+@pytest.mark.parametrize("flag,value,fragment", [("--bootstrap", "-1", "--bootstrap"),
+                                                 ("--bootstrap", "1000000000", "at most"),
+                                                 ("--ci_level", "1", "--ci_level"),
+                                                 ("--ci_method", "bootstrap-t", "--ci_method")])
+def test_detect_eval_bad_bootstrap_flags(tmp_path, capsys, flag, value, fragment):
+    assert exit_code(detect_eval.main, _pair(tmp_path) + [flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and fragment in err and "Traceback" not in err and len(err.splitlines()) == 1
