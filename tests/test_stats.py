@@ -1,5 +1,6 @@
 """Bootstrap intervals of detection metrics (utils/stats.py) and their place in detect_eval.py."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -120,3 +121,40 @@ def test_detect_eval_bad_bootstrap_flags(tmp_path, capsys, flag, value, fragment
     assert exit_code(detect_eval.main, _pair(tmp_path) + [flag, value]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and fragment in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def _save(folder, stem, metric, vals):
+    name = f"{stem}_gen4" if metric == "sharpness" else f"{stem}_{metric}_gen4"
+    torch.save(torch.tensor(vals, dtype=torch.float32), folder / f"{name}.pt")
+    (folder / f"{name}.json").write_text(json.dumps(dict(
+        metric=dict(name=metric, stem=stem, gen_num=4, settings={}, direction="higher"), values=vals,
+        identity=dict(model_id="m", gen_seed=1, data_sha256=stem))))
+
+
+def test_table_intervals_comparisons_and_bootstrap_off(tmp_path):
+    """--table: intervals in every cell, one paired comparison per pair of methods (a method against an exact copy
+    of itself: difference 0, zero width, no flip); --bootstrap 0 writes today's table (no interval anywhere) with
+    the same point values."""
+    rng = np.random.default_rng(5)
+    mem, nmem = rng.normal(1, 1, (12, 1)).tolist(), rng.normal(0, 1, (10, 1)).tolist()
+    for metric in ("sharpness", "anisotropy"):   # the same scores under two names
+        _save(tmp_path, "a_mem", metric, mem)
+        _save(tmp_path, "a_nmem", metric, nmem)
+    _save(tmp_path, "a_mem", "wen", (-np.asarray(mem)).tolist())  # the reversed ranking
+    _save(tmp_path, "a_nmem", "wen", (-np.asarray(nmem)).tolist())
+    assert exit_code(detect_eval.main, ["--table", str(tmp_path), "--bootstrap", "0"]) == 0
+    md_off, off = (tmp_path / "a_mem_vs_a_nmem.table.md").read_text(), json.loads((tmp_path / "a_mem_vs_a_nmem.table.json").read_text())
+    assert not re.search(r"\d \[\d", md_off) and "Paired" not in md_off and "bootstrap" not in md_off and "comparisons" not in off
+    assert exit_code(detect_eval.main, ["--table", str(tmp_path), "--bootstrap", "200"]) == 0
+    md, on = (tmp_path / "a_mem_vs_a_nmem.table.md").read_text(), json.loads((tmp_path / "a_mem_vs_a_nmem.table.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "ci"} for r in on["rows"]] == off["rows"]
+    auc = on["rows"][0]["auc"]
+    lo, hi = on["rows"][0]["ci"]["auc"]["interval"]
+    assert f"| {auc:.3f} [{lo:.3f}, {hi:.3f}] |" in md and "200 resamples" in md
+    pairs = {(c["a"].split()[0], c["b"].split()[0]): c for c in on["comparisons"]}
+    assert set(pairs) == {("anisotropy", "sharpness"), ("anisotropy", "wen"), ("sharpness", "wen")}
+    same = pairs[("anisotropy", "sharpness")]
+    assert same["difference"] == 0 and same["interval"] == [0.0, 0.0] and same["flip_share"] == 0
+    rev = pairs[("sharpness", "wen")]
+    assert rev["difference"] == pytest.approx(2 * auc - 1) and rev["interval"][0] > 0 and rev["flip_share"] < 0.05
+    assert "| sharpness (n=4, 1 step) | wen (n=4, 1 step) |" in md
