@@ -16,6 +16,7 @@ from utils.cli import ArgumentParser, UserError, guarded, parse_int_list, settin
 from utils.detection import DETECTORS
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, figure_png, write_sidecar
 from utils.metrics import TPR_RULES, detection_metrics
+from utils.detection.seeds import pooled_rows, seed_folders
 from utils.detection.tables import (TABLE_STEPS, build_table, comparisons, discover, load_paper, markdown, roc_figure,
     set_pairs, table_curves)
 from utils.results import read_detection_result
@@ -92,13 +93,17 @@ def run_table(args):
     if not os.path.isdir(args.table):
         raise UserError(f"--table {args.table} is not a folder")
     steps = parse_int_list(args.table_steps, 1, None, "--table_steps")
-    results = discover(args.table, tuple(DETECTORS))
+    # several seeds (detect_mem.py --gen_seed a,b): one folder per seed, pooled into one table here
+    folders = seed_folders(args.table) or [(None, args.table)]
+    found = [(seed, discover(folder, tuple(DETECTORS))) for seed, folder in folders]
+    results = found[0][1]
     pairs = [tuple(args.sets)] if args.sets else set_pairs(results)
     if not pairs:
-        raise UserError(f"no pair of <x>_mem / <x>_nmem results in {args.table}; name the sets with --sets")
+        raise UserError(f"no pair of <x>_mem / <x>_nmem results in {folders[0][1]}; name the sets with --sets")
     paper = load_paper()
     for mem_stem, nmem_stem in pairs:
-        rows = build_table(results, mem_stem, nmem_stem, steps, paper, args.bootstrap_settings)
+        boot = args.bootstrap_settings if len(found) == 1 else None  # pooled rows carry no intervals
+        rows = pooled_rows([(seed, build_table(res, mem_stem, nmem_stem, steps, paper, boot)) for seed, res in found])
         if not rows:
             raise UserError(f"no metric was computed for both {mem_stem} and {nmem_stem} in {args.table}")
         base = os.path.join(args.table, f"{mem_stem}_vs_{nmem_stem}.table")

@@ -158,3 +158,43 @@ def test_table_intervals_comparisons_and_bootstrap_off(tmp_path):
     rev = pairs[("sharpness", "wen")]
     assert rev["difference"] == pytest.approx(2 * auc - 1) and rev["interval"][0] > 0 and rev["flip_share"] < 0.05
     assert "| sharpness (n=4, 1 step) | wen (n=4, 1 step) |" in md
+
+
+# ------------------------------------------------------------------------------------------ several seeds
+
+def _seed_world(folder, seeds, rng):
+    for seed in seeds:
+        sub = folder / f"seed{seed}"
+        sub.mkdir(parents=True)
+        mem, nmem = rng.normal(1, 1, (8, 1)), rng.normal(0, 1, (6, 1))
+        for metric, sign in (("sharpness", 1), ("wen", -1)):
+            _save(sub, "a_mem", metric, (sign * mem).tolist())
+            _save(sub, "a_nmem", metric, (sign * nmem).tolist())
+
+
+def test_one_seed_folder_gives_the_single_seed_table_exactly(tmp_path):
+    _seed_world(tmp_path, [42], np.random.default_rng(6))
+    argv = ["--bootstrap", "50"]
+    assert exit_code(detect_eval.main, ["--table", str(tmp_path)] + argv) == 0
+    assert exit_code(detect_eval.main, ["--table", str(tmp_path / "seed42")] + argv) == 0
+    name = "a_mem_vs_a_nmem.table"
+    assert (tmp_path / f"{name}.md").read_text() == (tmp_path / "seed42" / f"{name}.md").read_text()
+    rows = lambda d: json.loads((d / f"{name}.json").read_text())["rows"]
+    assert rows(tmp_path) == rows(tmp_path / "seed42")
+
+
+def test_several_seeds_pool_and_spread(tmp_path):
+    _seed_world(tmp_path, [1, 2, 3], np.random.default_rng(7))
+    assert exit_code(detect_eval.main, ["--table", str(tmp_path)]) == 0
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "a_mem_vs_a_nmem.table.json").read_text())["rows"]}
+    load = lambda s, stem: torch.load(tmp_path / f"seed{s}" / f"{stem}_gen4.pt").numpy().ravel()
+    per = [detection_metrics(load(s, "a_mem"), load(s, "a_nmem"))["auc"] for s in (1, 2, 3)]
+    pooled = detection_metrics(np.concatenate([load(s, "a_mem") for s in (1, 2, 3)]),
+                               np.concatenate([load(s, "a_nmem") for s in (1, 2, 3)]))["auc"]
+    sh = rows["sharpness"]
+    assert sh["auc"] == pytest.approx(pooled) and sh["n_mem"] == 24 and sh["seeds"]["seeds"] == [1, 2, 3]
+    assert sh["seeds"]["auc"] == pytest.approx(per) and sh["seeds"]["mean"]["auc"] == pytest.approx(np.mean(per))
+    assert sh["seeds"]["sd"]["auc"] == pytest.approx(np.std(per, ddof=1))
+    assert rows["wen"]["auc"] == pytest.approx(1 - pooled) and "ci" not in sh
+    md = (tmp_path / "a_mem_vs_a_nmem.table.md").read_text()
+    assert "Several seeds (1, 2, 3)" in md and f"{np.mean(per):.3f} ± {np.std(per, ddof=1):.3f}" in md

@@ -143,7 +143,7 @@ def comparisons(rows, bootstrap):
     Returns a list of dicts: a, b (labels) and stats.paired_auc_difference's fields."""
     if bootstrap is None or bootstrap.bootstrap <= 0:
         return []
-    best = [r for _, r in _best(rows)]
+    best = [r for _, r in _best(rows) if "scores" in r]  # pooled several-seed rows have none
     out = []
     for x, ra in enumerate(best):
         for rb in best[x + 1:]:
@@ -200,6 +200,17 @@ def markdown(rows, title, compared=()):
                   "", "| A | B | AUC A − B | flip | tie | prompts |", "|---|---|---|---|---|---|"]
         lines += [f"| {c['a']} | {c['b']} | {interval_text(c['difference'], c['interval'])} | {c['flip_share']:.3f} | "
                   f"{c['tie_share']:.3f} | {c['n_mem']} + {c['n_nmem']} |" for c in compared]
+    several = [r for r in rows if r.get("seeds")]
+    if several:
+        seeds = ", ".join(map(str, several[0]["seeds"]["seeds"]))
+        ms = lambda r, k: f"{r['seeds']['mean'][k]:.3f} ± {r['seeds']['sd'][k]:.3f}"
+        lines += ["", f"Several seeds ({seeds}): the values above pool every seed's scores (each prompt once per "
+                  "seed); beside them the mean ± standard deviation of the per-seed values:", "",
+                  "| method | n | steps | AUC pooled | AUC mean ± sd | TPR@1%FPR pooled | TPR@1%FPR mean ± sd | "
+                  "per-seed AUC |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r['n']} | {r['steps']} | {f(r['auc'])} | {ms(r, 'auc')} | "
+                  f"{f(r['tpr_1_closest'])} | {ms(r, 'tpr_1_closest')} | "
+                  f"{', '.join(f'{v:.3f}' for v in r['seeds']['auc'])} |" for r in several]
     return "\n".join(lines) + "\n"
 
 
