@@ -198,3 +198,60 @@ def test_several_seeds_pool_and_spread(tmp_path):
     assert rows["wen"]["auc"] == pytest.approx(1 - pooled) and "ci" not in sh
     md = (tmp_path / "a_mem_vs_a_nmem.table.md").read_text()
     assert "Several seeds (1, 2, 3)" in md and f"{np.mean(per):.3f} ± {np.std(per, ddof=1):.3f}" in md
+
+
+# ------------------------------------------------------------------------------------------ labelled subsets
+
+CAPTIONS = ["a cat", "a dog", "an owl", "a fox", "a hen"]
+
+
+def _labelled_world(tmp_path):
+    """Memorized scores 5, 4, 1, 3, 0.5 against 2, 0.8, 1.5: the prompts that copy (1, 2, 4) all score above
+    every non-memorized prompt, the others (3, 5) below."""
+    for stem, vals in (("a_mem", [5.0, 4.0, 1.0, 3.0, 0.5]), ("a_nmem", [2.0, 0.8, 1.5])):
+        _save(tmp_path, stem, "sharpness", [[v] for v in vals])
+        side = json.loads((tmp_path / f"{stem}_gen4.json").read_text())
+        side["prompts"] = CAPTIONS if stem == "a_mem" else ["x", "y", "z"]
+        (tmp_path / f"{stem}_gen4.json").write_text(json.dumps(side))
+    rows = [("a cat", "copies", "MV"), ("a dog", "copies", "TV"), ("an owl", "does not copy", "TV"),
+            ("a fox", "copies", "MV"), ("a hen", "no training image", "TV")]
+    (tmp_path / "labels.csv").write_text("prompt,status,source_label\n" + "".join(f"{p},{s},{k}\n" for p, s, k in rows))
+    return tmp_path / "labels.csv"
+
+
+def test_labelled_subsets_pair_and_table(tmp_path, capsys):
+    labels = _labelled_world(tmp_path)
+    pair = ["--mem", str(tmp_path / "a_mem_gen4.pt"), "--nmem", str(tmp_path / "a_nmem_gen4.pt"), "--no_plot",
+            "--bootstrap", "0", "--labels", str(labels)]
+    # all: 5, 4, 1, 3, 0.5 vs 2, 0.8, 1.5 -> (3 + 3 + 1 + 3 + 0) / 15; copies (5, 4, 3): 1; verbatim (5, 3): 1;
+    # template (4, 1, 0.5): (3 + 1 + 0) / 9
+    for subset, auc in (("all", 10 / 15), ("copies", 1.0), ("verbatim", 1.0), ("template", 4 / 9)):
+        assert exit_code(detect_eval.main, pair + ["--subset", subset]) == 0
+        res = json.loads((tmp_path / f"a_mem_gen4_vs_a_nmem_gen4.{subset}.eval.json").read_text())
+        assert res["auc"] == pytest.approx(auc) and res["subset"] == subset
+    assert res["subset_size"] == 3 and res["set_size"] == 5
+    assert exit_code(detect_eval.main, ["--table", str(tmp_path), "--bootstrap", "0", "--labels", str(labels),
+                                        "--subset", "template"]) == 0
+    md = (tmp_path / "a_mem_vs_a_nmem.template.table.md").read_text()
+    assert md.startswith("### a_mem vs a_nmem, subset template: 3 of 5 memorized prompts")
+    row = json.loads((tmp_path / "a_mem_vs_a_nmem.template.table.json").read_text())["rows"][0]
+    assert row["auc"] == pytest.approx(4 / 9) and row["n_mem"] == 3
+    assert not (tmp_path / "a_mem_vs_a_nmem.table.md").exists()  # the whole set's table is another file
+
+
+def test_labelled_subset_bad_input(tmp_path, capsys):
+    labels = _labelled_world(tmp_path)
+    pair = ["--mem", str(tmp_path / "a_mem_gen4.pt"), "--nmem", str(tmp_path / "a_nmem_gen4.pt"), "--no_plot",
+            "--bootstrap", "0"]
+    other = tmp_path / "other.csv"
+    other.write_text(labels.read_text().replace("an owl", "a mole"))
+    few = tmp_path / "few.csv"
+    few.write_text(labels.read_text().replace(",MV", ",TV", 1).replace("a fox,copies,MV", "a fox,copies,TV"))
+    for argv, fragment in ((["--labels", str(other)], "line 4 reads 'a mole'"),
+                           (["--labels", str(other), "--table", str(tmp_path)], "line 4 reads 'a mole'"),
+                           (["--labels", str(few), "--subset", "verbatim"], "leaves 0 memorized"),
+                           (["--subset", "copies"], "needs --labels"),
+                           (["--labels", str(tmp_path / "none.csv")], "cannot read the labels file")):
+        assert exit_code(detect_eval.main, pair + argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and fragment in err and len(err.splitlines()) == 1, err

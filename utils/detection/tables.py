@@ -70,11 +70,12 @@ def _settings(side):
     return meta.get("settings"), ident
 
 
-def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, bootstrap=None):
+def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, bootstrap=None, mem_mask=None):
     """Rows (dicts) for every (metric, n) present for both sets. A mismatch between the two sets' settings of the
     same metric and n (other model, seed, steps, options) is a UserError: the numbers would not be comparable.
     bootstrap: a stats.BootstrapSettings with resamples > 0 adds each row's intervals under "ci". Every row keeps
-    its per-prompt scores under "scores" (for comparisons; not written to the JSON)."""
+    its per-prompt scores under "scores" (for comparisons; not written to the JSON). mem_mask: a boolean mask
+    over the memorized prompts (a labelled subset); only those count."""
     by = {(r["stem"], r["metric"], r["n"]): r for r in results}
     rows = []
     for (stem, metric, n), mem in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
@@ -96,6 +97,11 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, boo
         ks = sorted({k for k in steps if k <= width} | {width}) if metric in MULTI_STEP else [None]
         for k in ks:
             mem_s, nmem_s = _scores(mem["pt"], k or width), _scores(nmem["pt"], k or width)
+            if mem_mask is not None:
+                if len(mem_mask) != len(mem_s):
+                    raise UserError(f"{os.path.basename(mem['pt'])} has {len(mem_s)} prompts and the labels "
+                                    f"{len(mem_mask)}")
+                mem_s = mem_s[mem_mask]
             keep_m, keep_n = np.isfinite(mem_s), np.isfinite(nmem_s)
             if not keep_m.any() or not keep_n.any():
                 warn(f"{metric} n = {n}: no finite scores; skipped")
