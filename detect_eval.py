@@ -109,6 +109,8 @@ def run_table(args):
     steps = parse_int_list(args.table_steps, 1, None, "--table_steps")
     # several seeds (detect_mem.py --gen_seed a,b): one folder per seed, pooled into one table here
     folders = seed_folders(args.table) or [(None, args.table)]
+    if folders[0][0] is not None and discover(args.table, tuple(DETECTORS)):
+        warn(f"{args.table} has seed<s>/ folders: they are pooled, and the results directly in it are not used")
     found = [(seed, discover(folder, tuple(DETECTORS))) for seed, folder in folders]
     results = found[0][1]
     pairs = [tuple(args.sets)] if args.sets else set_pairs(results)
