@@ -9,6 +9,7 @@ every other metric m writes <stem>_<m>_gen<n>.pt and .json the same way. One pas
 sharing UNet calls (utils/detectors.py). Results are flushed per prompt and metric to *.progress.jsonl, so
 re-running the same command resumes an interrupted run; tiled_l2 also saves the generated images.
 """
+import argparse
 import dataclasses
 import os
 import time
@@ -43,6 +44,14 @@ def metric_list(text):
     return names
 
 
+def seed_list(text):
+    """argparse type: one seed, or comma-separated seeds, none twice (a list of int)."""
+    seeds = [seed_int(t.strip()) for t in text.split(",") if t.strip()] or [seed_int(text)]
+    if len(set(seeds)) != len(seeds):
+        raise_arg(f"seeds must not repeat, got {text!r}")
+    return seeds
+
+
 def parse_args(argv=None):
     """The arguments, and {detector name: (field, dest) pairs of its flags} (every registered detector's flags
     are accepted; a field two detectors share, such as wen_space, is one flag)."""
@@ -51,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--data_path", default="prompts/sd1_mem.txt", help="prompt file, one prompt per line")
     p.add_argument("--metrics", type=metric_list, default=["sharpness"], help=f"any of {', '.join(DETECTORS)}")
     p.add_argument("--gen_num", type=bounded_int(1, 65536), default=4, help="n: generations averaged per prompt")
-    p.add_argument("--gen_seed", type=seed_int, default=42, help="torch seed before each prompt's initial noise")
+    p.add_argument("--gen_seed", type=seed_list, default=42,
+                   help="torch seed before each prompt's initial noise; several (comma-separated): one result per "
+                        "seed, each in <out_dir>/seed<s>/")
     p.add_argument("--out_dir", default="det_outputs")
     p.add_argument("--batch_size", type=bounded_int(1, 65536), default=1, help="prompts per UNet call (same results)")
     p.add_argument("--v_score", default="correct", choices=V_SCORE_FORMS,
@@ -110,6 +121,17 @@ def detectors(args, flags, hparam=None):
 @guarded(memory_hint="use fewer generations (--gen_num), a smaller --batch_size, or a lower --max_memory_gb")
 def main(argv=None):
     args, flags = parse_args(argv)
+    seeds = args.gen_seed if isinstance(args.gen_seed, list) else [args.gen_seed]
+    if len(seeds) == 1:  # one seed: today's run, files and arguments exactly
+        args.gen_seed = seeds[0]
+        return run(args, flags)
+    for seed in seeds:  # each seed its own result (and progress logs) in its own folder: resumable one by one
+        run(argparse.Namespace(**dict(vars(args), gen_seed=seed, out_dir=os.path.join(args.out_dir, f"seed{seed}"))),
+            flags)
+
+
+def run(args, flags):
+    """One detection run (one seed) of the parsed arguments."""
     quiet_library_warnings()
     # several processes under accelerate launch / torchrun: prompts are sharded
     shard, device = start_process(args.device, vars(args))

@@ -17,7 +17,7 @@ METRICS_N16="wen,anisotropy,tiled_l2,le,ae,be,$NEW,nemo"            # at n = 16 
 HVP_SAMPLING_NUM=1      # sharpness: first sampling steps measured (Table 1: 1)
 WEN_STEPS=50            # wen: first steps measured; the table averages the first 1, 5 and 50 (Table 1)
 TILE_PX=128             # tiled_l2: tile side in pixels (the sharpness paper's 128)
-GEN_SEED=42             # torch seed of the shared initial noise
+GEN_SEED=42             # torch seed of the shared initial noise ("42,0,1": one result per seed in seed<s>/, pooled)
 NEMO_SSIM=ms            # nemo: ms = Hintersdorf et al.'s MS-SSIM (latents > 40 px); single = one scale (the demo's 8 px)
 SD_VERS="1 2"           # Stable Diffusion versions: 1 = v1.4 (epsilon), 2 = v2.0 (v-prediction); also 1.5, 2.1, xl
                         # (SDXL: no published prompt set; build prompts/sdxl_mem.txt and sdxl_nmem.txt, docs/families.md)

@@ -181,3 +181,22 @@ def test_tpr_rules_on_a_hand_made_roc():
     assert tpr_at_fpr(fpr, tpr, 0.015, "closest") == 0.9  # nearest FPR is 0.02 > target: allowed by 'closest'
     assert tpr_at_fpr(fpr, tpr, 0.015, "strict") == 0.6   # strict never exceeds the target
     assert tpr_at_fpr(fpr, tpr, 0.0, "strict") == 0.3
+
+
+def test_several_seeds_each_their_own_result(tiny_eps_dir, tmp_path, capsys):
+    """--gen_seed 3,5: one result per seed in seed<s>/, each the file a single-seed run writes; repeats refused."""
+    f = _write(tmp_path / "p.txt", "digit seven\na photo of a cat\n")
+    base = ["mem", "--model_id", tiny_eps_dir, "--data_path", f, "--gen_num", "1", "--device", "cpu",
+            "--metrics", "wen", "--wen_steps", "1"]
+    assert _run(base + ["--gen_seed", "3,5", "--out_dir", str(tmp_path / "multi")]) == 0
+    assert _run(base + ["--gen_seed", "5", "--out_dir", str(tmp_path / "single")]) == 0
+    load = lambda p: torch.load(p, weights_only=True)
+    assert torch.equal(load(tmp_path / "multi" / "seed5" / "p_wen_gen1.pt"), load(tmp_path / "single" / "p_wen_gen1.pt"))
+    assert not torch.equal(load(tmp_path / "multi" / "seed3" / "p_wen_gen1.pt"),
+                           load(tmp_path / "single" / "p_wen_gen1.pt"))
+    single = json.loads((tmp_path / "single" / "p_wen_gen1.json").read_text())
+    assert single["arguments"]["gen_seed"] == 5  # one seed: recorded as today, an integer
+    capsys.readouterr()
+    assert _run(base + ["--gen_seed", "3,5,3", "--out_dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "must not repeat" in err and not (tmp_path / "bad").exists()

@@ -4,7 +4,7 @@
 
 Layers, bottom to top (a module may import its own package and any lower layer, never a peer or a higher one):
   0  utils.cli, utils.metrics, utils.eigen, utils.imagemath   plain: errors and flags, math
-  1  utils.io                                                  files
+  1  utils.io, utils.stats                                      files; bootstrap intervals (use metrics)
   2  utils.prompts, utils.distributed, utils.results          prompt files, several processes, result files
   3  utils.models                                              families, denoisers, instruments
   4  utils.detection | utils.mitigation | utils.evaluation | utils.demo   (peers: none imports another)
@@ -16,7 +16,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = {"utils.cli": 0, "utils.metrics": 0, "utils.eigen": 0, "utils.imagemath": 0, "utils.io": 1,
+LAYERS = {"utils.cli": 0, "utils.metrics": 0, "utils.eigen": 0, "utils.imagemath": 0, "utils.io": 1, "utils.stats": 1,
           "utils.prompts": 2, "utils.distributed": 2, "utils.results": 2, "utils.models": 3, "utils.detection": 4,
           "utils.mitigation": 4, "utils.evaluation": 4, "utils.demo": 4, "utils.startup": 5}
 

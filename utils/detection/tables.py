@@ -10,6 +10,7 @@ import numpy as np
 from ..cli import UserError, warn
 from ..metrics import detection_metrics
 from ..results import read_detection_result
+from ..stats import interval_text, metric_intervals, paired_auc_difference
 
 PAPER_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "paper",
                            "table1.json")
@@ -70,9 +71,12 @@ def _settings(side):
     return meta.get("settings"), ident
 
 
-def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None):
+def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, bootstrap=None, mem_mask=None):
     """Rows (dicts) for every (metric, n) present for both sets. A mismatch between the two sets' settings of the
-    same metric and n (other model, seed, steps, options) is a UserError: the numbers would not be comparable."""
+    same metric and n (other model, seed, steps, options) is a UserError: the numbers would not be comparable.
+    bootstrap: a stats.BootstrapSettings with resamples > 0 adds each row's intervals under "ci". Every row keeps
+    its per-prompt scores under "scores" (for comparisons; not written to the JSON). mem_mask: a boolean mask
+    over the memorized prompts (a labelled subset); only those count."""
     by = {(r["stem"], r["metric"], r["n"]): r for r in results}
     rows = []
     for (stem, metric, n), mem in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
@@ -94,6 +98,11 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None):
         ks = sorted({k for k in steps if k <= width} | {width}) if metric in MULTI_STEP else [None]
         for k in ks:
             mem_s, nmem_s = _scores(mem["pt"], k or width), _scores(nmem["pt"], k or width)
+            if mem_mask is not None:
+                if len(mem_mask) != len(mem_s):
+                    raise UserError(f"{os.path.basename(mem['pt'])} has {len(mem_s)} prompts and the labels "
+                                    f"{len(mem_mask)}")
+                mem_s = mem_s[mem_mask]
             keep_m, keep_n = np.isfinite(mem_s), np.isfinite(nmem_s)
             if not keep_m.any() or not keep_n.any():
                 warn(f"{metric} n = {n}: no finite scores; skipped")
@@ -106,6 +115,10 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None):
                        tpr_3_closest=res["tpr_at_fpr"][0.03], n_mem=int(keep_m.sum()), n_nmem=int(keep_n.sum()),
                        dropped_nan=int((~keep_m).sum() + (~keep_n).sum()), roc=res["roc"],
                        cost=_cost(mem["sidecar"], nmem["sidecar"], metric, k, width))
+            if bootstrap is not None and bootstrap.bootstrap > 0:
+                row["ci"] = metric_intervals(mem_s[keep_m], nmem_s[keep_n], bootstrap)
+            row["scores"] = dict(mem=mem_s, nmem=nmem_s, data=tuple((s.get("identity") or {}).get("data_sha256")
+                                                                     for s in (mem["sidecar"], nmem["sidecar"])))
             sd = SD_VERSIONS.get((mem["sidecar"].get("identity") or {}).get("model_id"))
             p = (paper or {}).get((metric, sd, n, used))
             row["paper"] = None if p is None else dict(auc=p["auc"], tpr_1=p["tpr_at_1pct_fpr"])
@@ -132,10 +145,42 @@ def _cost(side_m, side_n, metric, k, width):
                 run_steps=width, vae_decodes=mean("vae_decodes"))
 
 
-def markdown(rows, title):
-    """The table as Markdown text."""
+def comparisons(rows, bootstrap):
+    """Paired AUC comparisons between methods on the same prompts: every pair of the rows table_curves plots (one
+    per method), A before B in the table's order. Pairs whose prompt files differ (their hashes) are skipped.
+    Returns a list of dicts: a, b (labels) and stats.paired_auc_difference's fields."""
+    if bootstrap is None or bootstrap.bootstrap <= 0:
+        return []
+    best = [r for _, r in _best(rows) if "scores" in r]  # pooled several-seed rows have none
+    out = []
+    for x, ra in enumerate(best):
+        for rb in best[x + 1:]:
+            sa, sb = ra["scores"], rb["scores"]
+            if sa["data"] != sb["data"] or sa["mem"].shape != sb["mem"].shape or sa["nmem"].shape != sb["nmem"].shape:
+                warn(f"{_label(ra)} and {_label(rb)} were not computed on the same prompts; not compared")
+                continue
+            try:
+                res = paired_auc_difference(sa["mem"], sa["nmem"], sb["mem"], sb["nmem"], bootstrap)
+            except UserError as e:
+                warn(f"{_label(ra)} vs {_label(rb)}: {e}; not compared")
+                continue
+            out.append(dict(a=_label(ra), b=_label(rb), **res))
+    return out
+
+
+def _label(r):
+    return f"{r['metric']} (n={r['n']}, {r['steps']} step{'s' if r['steps'] > 1 else ''})"
+
+
+def markdown(rows, title, compared=()):
+    """The table as Markdown text; cells show bootstrap intervals where rows carry them ("ci"), and `compared`
+    (comparisons()) adds the paired AUC differences below."""
     def f(v, d=3):
         return "–" if v is None else f"{v:.{d}f}"
+
+    def fi(r, key):
+        ci = (r.get("ci") or {}).get(key)
+        return interval_text(r[key], None if ci is None else ci["interval"])
     lines = [f"### {title}", "",
              "| method | n | steps | AUC | TPR@1%FPR (closest) | TPR@1%FPR (strict) | TPR@3%FPR | UNet forwards + JVPs"
              " / prompt | s / prompt | × one forward | paper AUC / TPR@1% |",
@@ -145,8 +190,8 @@ def markdown(rows, title):
         fw = "–" if c["unet_forwards"] is None else f"{c['unet_forwards']:g} + {c['jvps']:g}" + (
             f" + {c['vjps']:g} VJPs" if "vjps" in c else "") + (f" (= {c['probes']:g} probes)" if "probes" in c else "")
         paper = "–" if r["paper"] is None else f"{r['paper']['auc']:.3f} / {r['paper']['tpr_1']:.3f}"
-        lines.append(f"| {r['metric']} | {r['n']} | {r['steps']} | {f(r['auc'])} | {f(r['tpr_1_closest'])} | "
-                     f"{f(r['tpr_1_strict'])} | {f(r['tpr_3_closest'])} | {fw} | {f(c['seconds'], 4)} | "
+        lines.append(f"| {r['metric']} | {r['n']} | {r['steps']} | {fi(r, 'auc')} | {fi(r, 'tpr_1_closest')} | "
+                     f"{fi(r, 'tpr_1_strict')} | {fi(r, 'tpr_3_closest')} | {fw} | {f(c['seconds'], 4)} | "
                      f"{f(c['ratio'], 1)} | {paper} |")
     lines += ["", "steps: sampling steps used (sharpness, wen: the first k measured steps, averaged; anisotropy: the "
               "first step plus one low-noise forward; tiled_l2: full generations and the VAE decode). s / prompt: the "
@@ -154,6 +199,27 @@ def markdown(rows, title):
               "prompt; × one forward: that time over one [uncond; cond] UNet forward of the same run. closest: the "
               "ROC point with FPR nearest the target (the reference's rule); strict: the best TPR with FPR <= "
               "target."]
+    ci = next((r["ci"] for r in rows if r.get("ci")), None)
+    if ci:
+        lines += ["", f"[low, high]: {ci['level'] * 100:g}% bootstrap interval ({ci['method']}, {ci['resamples']} "
+                  f"resamples of the prompts within each class, seed {ci['seed']})."]
+    if compared:
+        lines += ["", "Paired AUC differences (A − B on the same resamples of the same prompts; flip: share of "
+                  "resamples where the order of A and B is the reverse of the observed one; tie: difference exactly 0):",
+                  "", "| A | B | AUC A − B | flip | tie | prompts |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['a']} | {c['b']} | {interval_text(c['difference'], c['interval'])} | {c['flip_share']:.3f} | "
+                  f"{c['tie_share']:.3f} | {c['n_mem']} + {c['n_nmem']} |" for c in compared]
+    several = [r for r in rows if r.get("seeds")]
+    if several:
+        seeds = ", ".join(map(str, several[0]["seeds"]["seeds"]))
+        ms = lambda r, k: f"{r['seeds']['mean'][k]:.3f} ± {r['seeds']['sd'][k]:.3f}"
+        lines += ["", f"Several seeds ({seeds}): the values above pool every seed's scores (each prompt once per "
+                  "seed); beside them the mean ± standard deviation of the per-seed values:", "",
+                  "| method | n | steps | AUC pooled | AUC mean ± sd | TPR@1%FPR pooled | TPR@1%FPR mean ± sd | "
+                  "per-seed AUC |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r['n']} | {r['steps']} | {f(r['auc'])} | {ms(r, 'auc')} | "
+                  f"{f(r['tpr_1_closest'])} | {ms(r, 'tpr_1_closest')} | "
+                  f"{', '.join(f'{v:.3f}' for v in r['seeds']['auc'])} |" for r in several]
     return "\n".join(lines) + "\n"
 
 
@@ -174,12 +240,16 @@ def roc_figure(curves, title):
     return fig
 
 
-def table_curves(rows):
-    """One ROC curve per method for roc_figure: its row with the largest n, then the fewest steps."""
+def _best(rows):
+    """(metric, row) per method, sorted by metric: its row with the largest n, then the fewest steps."""
     best = {}
     for r in rows:
         key = (r["n"], -r["steps"])
         if r["metric"] not in best or key > best[r["metric"]][0]:
             best[r["metric"]] = (key, r)
-    return [(f"{metric} (n={r['n']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}): AUC {r['auc']:.3f}",
-             r["roc"]["fpr"], r["roc"]["tpr"]) for metric, (_, r) in sorted(best.items())]
+    return [(metric, r) for metric, (_, r) in sorted(best.items())]
+
+
+def table_curves(rows):
+    """One ROC curve per method for roc_figure: its row with the largest n, then the fewest steps."""
+    return [(f"{_label(r)}: AUC {r['auc']:.3f}", r["roc"]["fpr"], r["roc"]["tpr"]) for _, r in _best(rows)]
