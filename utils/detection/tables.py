@@ -17,6 +17,8 @@ PAPER_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 MULTI_STEP = ("sharpness", "wen")  # metrics with one column per measured step
 TABLE_STEPS = (1, 5, 50)           # the paper's step settings (first k steps, averaged)
 SD_VERSIONS = {"CompVis/stable-diffusion-v1-4": "1.4", "stabilityai/stable-diffusion-2": "2.0"}
+TARGET_STEPS = dict(metric2=("metric2_step", 1), dsm=("dsm_step", 2), curv_ds=("curv_step", 1),
+                    curv_dh=("curv_step", 1))  # and nemo: 1 (it reads x_T only, at step 0)
 OPTIONAL_COSTS = ("vjps", "probes")  # cost counts only some detectors have (utils.detection.loop.OPTIONAL_KINDS)
 _NAME = re.compile(r"^(?P<stem>.+?)(?:_(?P<metric>[a-z_0-9]+?))?_gen(?P<n>\d+)\.json$")
 
@@ -109,7 +111,8 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, boo
                 continue
             res = detection_metrics(mem_s[keep_m], nmem_s[keep_n], (0.01, 0.03), "closest")
             strict = detection_metrics(mem_s[keep_m], nmem_s[keep_n], (0.01,), "strict")
-            used = k or (1 if metric in ("anisotropy", "le") else settings.get("num_inference_steps", 50))
+            used = k or (1 if metric in ("anisotropy", "le") else _target_steps(metric, settings)
+                         or settings.get("num_inference_steps", 50))
             row = dict(metric=metric, n=n, steps=used, direction=direction, auc=res["auc"],
                        tpr_1_closest=res["tpr_at_fpr"][0.01], tpr_1_strict=strict["tpr_at_fpr"][0.01],
                        tpr_3_closest=res["tpr_at_fpr"][0.03], n_mem=int(keep_m.sum()), n_nmem=int(keep_n.sum()),
@@ -124,6 +127,14 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, boo
             row["paper"] = None if p is None else dict(auc=p["auc"], tpr_1=p["tpr_at_1pct_fpr"])
             rows.append(row)
     return rows
+
+
+def _target_steps(metric, settings):
+    """Trajectory steps a one-step detector of 2024-26 uses (its target step + 1; dsm: + 2), else None."""
+    if metric == "nemo":
+        return 1
+    field, extra = TARGET_STEPS.get(metric, (None, 0))
+    return settings[field] + extra if field in settings else None
 
 
 def _cost(side_m, side_n, metric, k, width):
