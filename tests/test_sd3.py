@@ -108,3 +108,23 @@ def test_detect_mem_on_flow_models_bad_inputs_are_one_line(tmp_path, capsys):
     msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny", "--flow_space", "score", *common]))
     assert "rectified-flow" in msg
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pt"))
+
+
+def test_mitigate_mem_none_equals_the_pipeline_and_undefined_methods_are_one_line(t5_pipe, tmp_path, capsys):
+    import mitigate_mem
+    from PIL import Image
+    from cli_run import exit_code
+    data = tmp_path / "p.txt"
+    data.write_text(PROMPTS[0] + "\n")
+    common = ["--model_id", "tiny-sd3", "--data_path", str(data), "--gen_num", "1", "--device", "cpu",
+              "--num_inference_steps", "3", "--out_dir", str(tmp_path / "o")]
+    assert exit_code(mitigate_mem.main, [*common, "--method", "none"]) == 0
+    png = next((tmp_path / "o" / "tiny-sd3" / "mem_nomiti").glob("*.png"))
+    torch.manual_seed(42)  # --gen_seed's default, before the pipeline draws its noise
+    ref = t5_pipe(PROMPTS[0], num_inference_steps=3, guidance_scale=7.5).images[0]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(ref))
+    capsys.readouterr()
+    msg = _one_error_line(capsys, exit_code(mitigate_mem.main, [*common, "--method", "ren"]))
+    assert "ren is not defined for the sd3 family" in msg
+    msg = _one_error_line(capsys, exit_code(mitigate_mem.main, [*common, "--method", "sail", "--miti_thres", "1"]))
+    assert "no value for alpha" in msg

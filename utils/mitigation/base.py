@@ -112,6 +112,8 @@ class Method:
     title: str = ""                      # heading of its flags in --help
     batch: Optional[Callable] = None     # (ctx, settings, prompts, indices, k) -> ctx searching k prompts at once
     family_defaults: tuple = ()          # (field, family hparam key): a field left None takes the family's value
+    family_needs: tuple = ()             # (field, family hparam key): the method resolves it itself; one of the two
+                                         # must be set (checked before the run, the settings unchanged)
 
 
 def folder_tag(label):
