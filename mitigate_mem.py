@@ -134,6 +134,7 @@ def main(argv=None):
         raise UserError(f"{a.method}: {e}") from None
     flags, scores, gate_info = gate(a, prompts, model_id)  # every check before anything is loaded or written
     loaded = load_model(a.sd_ver, a.model_id, device, a.dtype, a.height, a.width)
+    loaded.family.refusal([a.method])  # e.g. Ren et al.'s cross-attention edit on a joint-attention model
     sampler, guidance, author = MI.sampling(a.method, loaded.family, a.sampler, a.author_settings, GUIDANCE_SCALE)
     model, dtype = loaded.denoiser(sampler, a.num_inference_steps), loaded.dtype
     try:

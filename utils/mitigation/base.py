@@ -125,6 +125,8 @@ class Method:
     # family -> the sampling of the authors' released code where it differs from the harness's (DDIM, guidance
     # 7.5): {'sampler': name, 'guidance_scale': w, 'source': where it is from}; None: the harness is theirs
     author: Optional[Callable] = None
+    family_needs: tuple = ()             # (field, family hparam key): the method resolves it itself; one of the two
+                                         # must be set (checked before the run, the settings unchanged)
 
 
 def folder_tag(label):

@@ -68,6 +68,9 @@ def with_family_defaults(method, settings, family):
             if value is None:
                 raise ValueError(f"the {family.name} family has no value for {field}; give it")
             fill[field] = value
+    for field, key in METHODS[method].family_needs:
+        if getattr(settings, field) is None and family.hparam(key) is None:
+            raise ValueError(f"the {family.name} family has no value for {field}; give it")
     return dataclasses.replace(settings, **fill) if fill else settings
 
 

@@ -318,8 +318,10 @@ def plan_sail(ctx, index, prompt, settings):
                search_backward_calls=2 * info["opt_steps"], search_batch=2 * settings.budget)
     if "batch_prompts" in info:  # searched together with other prompts (mitigate_mem --miti_prompt_batch)
         rec.update(batch_prompts=info["batch_prompts"], batch_search_seconds=info["batch_search_seconds"])
-    # the pipeline scales given latents by init_noise_sigma (1 for DDIM); kept for the same arithmetic
-    return Plan(lat * ctx.model.scheduler.init_noise_sigma, cond, ctx.guidance_scale, [prompt] * n, rec)
+    # the pipeline scales given latents by init_noise_sigma (1 for DDIM); kept for the same arithmetic (flow
+    # schedulers have none: their pipelines take the latents as they are)
+    scale = getattr(ctx.model.scheduler, "init_noise_sigma", 1.0)
+    return Plan(lat * scale, cond, ctx.guidance_scale, [prompt] * n, rec)
 
 
 def batched_context(ctx, settings, prompts, indices, k):
@@ -335,4 +337,4 @@ def batched_context(ctx, settings, prompts, indices, k):
 METHOD = Method("sail", SailSettings, plan_sail, "thres", lambda x: {"thres": grid_float(x)},
                 label=lambda s: f"thres={s['thres']:g}", flag_prefix="miti_",
                 title="SAIL (paper, Algorithm 2 and Appendix D)", batch=batched_context,
-                family_defaults=(("thres", "sail_thres"),))
+                family_defaults=(("thres", "sail_thres"),), family_needs=(("alpha", "sail_alpha"),))

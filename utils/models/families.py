@@ -47,6 +47,14 @@ class Family:
     hparams: dict = dataclasses.field(default_factory=dict)  # per-family hyperparameters, with their sources
     paths: tuple = ()               # local folders that are this family whatever their config says
     by_rule: tuple = ()             # hparams keys whose values come from a documented rule, not from the authors
+    refuses: dict = dataclasses.field(default_factory=dict)  # detector/method name -> why it is not defined here
+
+    def refusal(self, names):
+        """UserError naming the family for the first of `names` (detectors or methods) it does not define."""
+        for name in names:
+            if name in self.refuses:
+                raise UserError(f"{name} is not defined for the {self.name} family ({self.title}): "
+                                f"{self.refuses[name]}")
 
     def matches(self, pipeline_class, prediction_type, unet_config=None):
         """Whether a model with this pipeline class, prediction type and UNet config (a dict) is this family."""
@@ -78,10 +86,15 @@ class Family:
         of size (height, width) (None: native; only families whose conditions depend on it read it)."""
         raise NotImplementedError
 
-    def denoiser(self, pipe, scheduler=None, **kwargs):
+    def denoiser(self, pipe, scheduler=None, size=None, **kwargs):
         """The pipeline's denoiser as a utils.models.denoisers.Denoiser (subclass by prediction type), sampling with
-        the pipeline's scheduler (DDIM) or the given one (utils.models.samplers.build_scheduler)."""
+        the pipeline's scheduler (DDIM) or the given one (utils.models.samplers.build_scheduler), for images of
+        `size` (h, w) px (None: native; only families whose schedule depends on it read it)."""
         return denoiser(pipe.unet, scheduler or pipe.scheduler, **kwargs)
+
+    def backbone(self, pipe):
+        """The network the denoiser calls (the UNet; a transformer for flow families)."""
+        return pipe.unet
 
     def tokenizer(self, pipe):
         return pipe.tokenizer
