@@ -114,9 +114,13 @@ class StableDiffusion3(Family):
 
 # The attention methods read or edit a cross-attention map whose keys are the prompt's tokens; MMDiT has none: text and
 # image tokens attend jointly, and the text stream is itself updated by every block (docs/flow.md).
-_JOINT = ("MMDiT has joint text-image attention, no cross-attention layer; the attention detectors and Ren et al.'s "
-          "mitigation are not carried over (docs/flow.md)")
+_JOINT = ("MMDiT has joint text-image attention, no cross-attention layer; the attention detectors and the "
+          "attention-editing mitigations (Ren et al., GUARD) are not carried over (docs/flow.md)")
+# NeMo (both the detector and the mitigation's strength) and Metric 2 read the noise prediction at the first step; on a
+# flow model that step has sigma = 1, where eps_hat = x + (1 - sigma) v = x for every prompt (docs/flow.md).
+_FIRST_EPS = ("its statistic reads the noise prediction at the first step, where sigma = 1 and eps_hat = x for every "
+              "prompt on a flow model, so it is identically 0 there (docs/flow.md)")
 SD3 = register(StableDiffusion3(
     name="sd3", title="Stable Diffusion 3 / 3.5 (rectified flow, MMDiT, T5 optional)", prediction_type="flow",
     hparams=dict(eval_keywords=(), paper_usable=None),
-    refuses={m: _JOINT for m in ("le", "ae", "be", "ren")}))
+    refuses={**{m: _JOINT for m in ("le", "ae", "be", "ren", "guard")}, "nemo": _FIRST_EPS, "metric2": _FIRST_EPS}))
