@@ -99,6 +99,9 @@ def test_detect_mem_on_flow_models_bad_inputs_are_one_line(tmp_path, capsys):
     common = ["--data_path", str(data), "--gen_num", "1", "--device", "cpu", "--out_dir", str(tmp_path / "o")]
     msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--metrics", "le", *common]))
     assert "le is not defined for the sd3 family" in msg
+    msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--metrics", "metric2",
+                                                              *common]))
+    assert "metric2 is not defined for the sd3 family" in msg and "identically 0" in msg
     msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--flow_space", "score",
                                                               *common]))
     assert "sigma = 1" in msg
@@ -126,5 +129,9 @@ def test_mitigate_mem_none_equals_the_pipeline_and_undefined_methods_are_one_lin
     capsys.readouterr()
     msg = _one_error_line(capsys, exit_code(mitigate_mem.main, [*common, "--method", "ren"]))
     assert "ren is not defined for the sd3 family" in msg
+    msg = _one_error_line(capsys, exit_code(mitigate_mem.main, [*common, "--method", "guard"]))
+    assert "guard is not defined for the sd3 family" in msg
+    msg = _one_error_line(capsys, exit_code(mitigate_mem.main, [*common, "--method", "none", "--sampler", "euler"]))
+    assert "flow model" in msg
     msg = _one_error_line(capsys, exit_code(mitigate_mem.main, [*common, "--method", "sail", "--miti_thres", "1"]))
     assert "no value for alpha" in msg
