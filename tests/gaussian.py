@@ -50,3 +50,34 @@ def ddim_scheduler(prediction_type="epsilon"):
     """DDIM with Stable Diffusion v1's schedule."""
     from utils.demo.model import ddim_scheduler as sd_ddim
     return sd_ddim(prediction_type)
+
+
+class GaussianFlow(torch.nn.Module):
+    """The same Gaussian data N(mu_c, diag(s2_c)) under rectified flow, x = (1 - sigma) x0 + sigma eps, as a
+    transformer (SD3Transformer2DModel's call signature) predicting the exact velocity v = E[eps - x0 | x]:
+        marginal N((1 - sigma) mu, diag(var)), var = (1 - sigma)^2 s2 + sigma^2,
+        v = k (x - (1 - sigma) mu) - mu,   dv/dx = diag(k),   k = (sigma - (1 - sigma) s2) / var.
+    sigma is the scheduler's own value at the timestep (looked up in `scheduler`, taken in float64)."""
+
+    def __init__(self, scheduler, shape=(4, 4, 4)):
+        super().__init__()
+        self.scheduler, self.shape = scheduler, tuple(shape)
+        self.config = types.SimpleNamespace(in_channels=shape[0], sample_size=shape[1])
+        self.calls = 0
+
+    def coefficients(self, t, emb):
+        """sigma, mu, var and the Jacobian diagonal k of condition rows emb (B, 2, D) at timestep t."""
+        t = t.reshape(-1)[0]
+        sigma = self.scheduler.sigmas[self.scheduler.index_for_timestep(t)].double()
+        mu = emb[:, 0].reshape(-1, *self.shape)
+        s2 = emb[:, 1].exp().reshape(-1, *self.shape)
+        var = (1 - sigma) ** 2 * s2 + sigma ** 2
+        return sigma, mu, var, (sigma - (1 - sigma) * s2) / var
+
+    def velocity(self, x, t, emb):
+        sigma, mu, _, k = self.coefficients(t, emb)
+        return k * (x - (1 - sigma) * mu) - mu
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, return_dict=False):
+        self.calls += 1
+        return (self.velocity(hidden_states, timestep, encoder_hidden_states),)

@@ -9,6 +9,7 @@ from . import distributed as D
 from .cli import UserError, bounded_int, device_name, warn
 from .models import families as F
 from .models import sdxl  # noqa: F401  (registers the SDXL family)
+from .models import sd3  # noqa: F401  (registers the SD3 family)
 from .models.loading import DTYPES, SD_MODELS, model_label, resolve_device, resolve_dtype, resolve_model_id
 from .prompts import truncated_prompts
 
@@ -19,8 +20,8 @@ def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on C
                    help="1 (SD v1.4), 1.5, 2 (SD v2.0), 2.1, xl (SDXL base 1.0), demo (bundled tiny model) or demo_flow "
                         "(its rectified-flow twin, SD3-shaped)")
     p.add_argument("--model_id", default=None,
-                   help="Hub id, local folder, 'demo', 'demo_flow', or a random CPU model ('tiny', 'tiny-xl'); overrides "
-                        "--sd_ver; its family is read from its model_index.json")
+                   help="Hub id, local folder, 'demo', 'demo_flow', or a random CPU model ('tiny', 'tiny-xl', 'tiny-sd3'); "
+                        "overrides --sd_ver; its family is read from its model_index.json")
     p.add_argument("--height", type=bounded_int(8, 16384), default=None,
                    help="image height in pixels (default: the model's native size); a multiple of the VAE factor")
     p.add_argument("--width", type=bounded_int(8, 16384), default=None, help="image width in pixels (as --height)")
@@ -58,7 +59,7 @@ class Model:
         return self.family.decode(self.pipe, latents)
 
     def denoiser(self, **kwargs):
-        return self.family.denoiser(self.pipe, **kwargs)
+        return self.family.denoiser(self.pipe, size=self.size, **kwargs)
 
     @property
     def tokenizer(self):

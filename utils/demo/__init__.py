@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from ..cli import UserError, one_line
+from ..models import sd3  # noqa: F401  (the family of 'tiny-sd3')
 from ..models.clip import register_clip
 from ..models.families import SD1, register, register_builder
 from ..models.loading import DEMO_MODEL_DIR
@@ -27,8 +28,14 @@ def _tiny_xl():
     return tiny_xl_pipeline()
 
 
+def _tiny_sd3():
+    from .model import tiny_sd3_pipeline
+    return tiny_sd3_pipeline()
+
+
 register_builder("tiny", "sd1", _tiny)
 register_builder("tiny-xl", "sdxl", _tiny_xl)
+register_builder("tiny-sd3", "sd3", _tiny_sd3)
 
 
 def _load_demo_clip(folder, device):

@@ -263,3 +263,74 @@ def make_pairs(data, caption_index, dup):
     rows += [(i, caption_index[c], 2) for c, i in data["shared"]]
     rows += [(i, caption_index[c], 0) for i, c in enumerate(data["generic"])]
     return torch.tensor(rows, dtype=torch.int64)
+
+
+def offline_t5_tokenizer(model_max_length=32):
+    """A T5-style tokenizer (T5TokenizerFast: SentencePiece-like Unigram over whitespace-marked pieces, '</s>' appended,
+    '<pad>' = 0) with a small vocabulary built in code by the `tokenizers` package: single letters and digits, so
+    every prompt tokenizes without an '<unk>'. For tiny test pipelines only (no download)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    pieces += [("\u2581" + c, -2.5) for c in string.ascii_lowercase + string.digits]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_sd3_pipeline(seed=0, sample_size=8, with_t5=True):
+    """A StableDiffusion3Pipeline with SD3's layout at toy size (random weights, seeded), its own flow-matching
+    scheduler with SD3's shift (3.0).
+
+    As SD3: an SD3Transformer2DModel (joint attention, 2 x 2 patches, 16 latent channels), two CLIP text encoders
+    with projections (pooled 16 + 16 = the transformer's pooled_projection_dim 32; their penultimate hidden states
+    concatenated, 32 wide, zero-padded to the T5 width 48) and a T5 encoder (d_model 48 = joint_attention_dim),
+    or no T5 (with_t5=False: text_encoder_3 = None, as the pipeline allows; its tokens are then zeros). Both CLIP
+    tokenizers are the real CLIP BPE rebuilt offline; the T5 tokenizer is offline_t5_tokenizer. For tests and
+    smoke runs: no download.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from ..models.clip import offline_clip_tokenizer
+
+    t5_dim = 48
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=t5_dim, caption_projection_dim=16, pooled_projection_dim=32,
+        out_channels=16, pos_embed_max_size=sample_size)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16, sample_size=sample_size * 2, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    text = dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, projection_dim=16)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(pad_token_id=49407, **text))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(pad_token_id=49407, **text))
+    text_encoder_3 = tokenizer_3 = None
+    if with_t5:
+        tokenizer_3 = offline_t5_tokenizer()
+        torch.manual_seed(seed + 4)
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=t5_dim, d_kv=8, d_ff=32,
+                                                 num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=offline_clip_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=offline_clip_tokenizer(), text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        if module is not None:
+            module.eval()  # as from_pretrained leaves them: no dropout (T5's would draw from the global RNG)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -78,9 +78,14 @@ class Family:
         of size (height, width) (None: native; only families whose conditions depend on it read it)."""
         raise NotImplementedError
 
-    def denoiser(self, pipe, **kwargs):
-        """The pipeline's denoiser as a utils.models.denoisers.Denoiser (subclass by prediction type)."""
+    def denoiser(self, pipe, size=None, **kwargs):
+        """The pipeline's denoiser as a utils.models.denoisers.Denoiser (subclass by prediction type), for images of
+        `size` (h, w) px (None: native; only families whose schedule depends on it read it)."""
         return denoiser(pipe.unet, pipe.scheduler, **kwargs)
+
+    def backbone(self, pipe):
+        """The network the denoiser calls (the UNet; a transformer for flow families)."""
+        return pipe.unet
 
     def tokenizer(self, pipe):
         return pipe.tokenizer
