@@ -36,7 +36,7 @@ def build_flow_components(seed, demo_dir, tokenizer):
 
     vae: the demo's AutoencoderKL (frozen; shift_factor 0 added to its config, which SD3's pipeline reads);
     text_encoder: CLIPTextModelWithProjection holding the demo's CLIPTextModel weights (width 32) and a seeded
-    32 x 32 projection; text_encoder_2: a seeded 1-layer CLIP encoder of width TEXT2_WIDTH; transformer:
+    32 x 32 projection; text_encoder_2: a seeded 2-layer CLIP encoder of width TEXT2_WIDTH; transformer:
     SD3Transformer2DModel (FLOW_TRANSFORMER) reading the concatenated 40-wide context and 40-wide pooled vector;
     scheduler: FlowMatchEulerDiscreteScheduler with shift 1 (SD3 uses 3 at 1024 px; a tiny latent needs none).
     """
