@@ -28,7 +28,8 @@ from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
 from utils.models.denoisers import V_SCORE_FORMS
 from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts
-from utils.startup import add_model_arguments, load_model, model_id_of, report_long_prompts, size_identity, start_process
+from utils.startup import (add_flow_argument, add_model_arguments, check_flow_first_step, flow_options, load_model,
+                           model_id_of, report_long_prompts, size_identity, start_process)
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
 
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--v_score", default="correct", choices=V_SCORE_FORMS,
                    help="sharpness on v-prediction models: correct -(alpha v + sigma x)/sigma, or the reference's "
                         "(alpha v - x)/sigma^2 (metric scaled by 1/sigma_t^2)")
+    add_flow_argument(p)
     p.add_argument("--jvp_dtype", default="model", choices=JVP_DTYPES,
                    help="model: the JVP in the model's dtype, what the reference effectively does (its float32 "
                         "CUDA autocast is disabled by torch); float32: a float32 copy of the UNet for the JVP")
@@ -126,13 +128,17 @@ def main(argv=None):
     if fd == "tf32" and device.type != "cuda":
         raise UserError("--fd_precision tf32 needs CUDA; on the CPU use float32")
     loaded = load_model(args.sd_ver, args.model_id, device, args.dtype, args.height, args.width)
-    pipe, dtype = loaded.pipe, loaded.dtype
-    model = loaded.denoiser(score_form=args.v_score,
-                            jvp_unet=jvp_unet_copy(pipe.unet, args.jvp_dtype) if needs.get("jvp") else None,
-                            fd_unet=jvp_unet_copy(pipe.unet, "float32") if fd not in (None, "model") else None,
+    pipe, dtype, net = loaded.pipe, loaded.dtype, loaded.family.backbone(loaded.pipe)
+    loaded.family.refusal(args.metrics)
+    flow = flow_options(loaded, args.flow_space, args.v_score,
+                        args.max_memory_gb is not None or args.jvp_attention != "auto")
+    model = loaded.denoiser(score_form=args.v_score, **flow,
+                            jvp_unet=jvp_unet_copy(net, args.jvp_dtype) if needs.get("jvp") else None,
+                            fd_unet=jvp_unet_copy(net, "float32") if fd not in (None, "model") else None,
                             fd_precision=fd or "model",
                             jvp_memory=JvpMemory(None if args.max_memory_gb is None
                                                  else int(args.max_memory_gb * 2 ** 30), args.jvp_attention))
+    check_flow_first_step(model, SAMPLING.num_inference_steps)
     dets = detectors(args, flags, loaded.hparam)
     for m, det in dets.items():
         try:
@@ -142,7 +148,8 @@ def main(argv=None):
                 from None
     # Everything that changes a metric's numbers; a resumed run must match it exactly.
     common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
-                  gen_seed=args.gen_seed, dtype=str(dtype), device=device.type, **size_identity(args.height, args.width))
+                  gen_seed=args.gen_seed, dtype=str(dtype), device=device.type, **size_identity(args.height, args.width),
+                  **flow)  # flow_space on flow models only: other runs' identities are unchanged
     identities = {m: dict(common, **{o: getattr(args, o) for o in det.model_options}, **det.identity())
                   for m, det in dets.items()}
     logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard,

@@ -13,9 +13,14 @@ from utils.models.sd3 import SD3
 PROMPTS = ["a photo of a cat", "an oil painting of a red house"]
 
 
+@pytest.fixture(scope="module")
+def t5_pipe():
+    return tiny_sd3_pipeline()
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["t5", "no_t5"])
-def pipe(request):
-    return tiny_sd3_pipeline(with_t5=request.param)
+def pipe(request, t5_pipe):
+    return t5_pipe if request.param else tiny_sd3_pipeline(with_t5=False)
 
 
 def _velocity_difference(pipe, t, ctx, pooled, uctx, upooled):
@@ -32,8 +37,9 @@ def _velocity_difference(pipe, t, ctx, pooled, uctx, upooled):
     return f
 
 
-def test_metric_equals_an_independent_jvp_of_the_velocity_difference(pipe):
+def test_metric_equals_an_independent_jvp_of_the_velocity_difference(t5_pipe):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    pipe = t5_pipe
     emb = SD3.encode(pipe, PROMPTS)
     lat = SD3.initial_latents(pipe, 2, seed=3)
     vals, _ = sharpness_scores(SD3.denoiser(pipe), emb, lat, num_inference_steps=4, hvp_sampling_num=2,
@@ -77,3 +83,28 @@ def test_family_read_from_a_saved_folder_without_t5(tmp_path):
     tiny_sd3_pipeline(with_t5=False).save_pretrained(str(folder))
     fam, loaded = F.load(str(folder), torch.device("cpu"), torch.float32)
     assert fam is SD3 and loaded.text_encoder_3 is None and F.family_of("tiny-sd3") is SD3
+
+
+def _one_error_line(capsys, code):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_detect_mem_on_flow_models_bad_inputs_are_one_line(tmp_path, capsys):
+    import detect_mem
+    from cli_run import exit_code
+    data = tmp_path / "p.txt"
+    data.write_text("a photo of a cat\n")
+    common = ["--data_path", str(data), "--gen_num", "1", "--device", "cpu", "--out_dir", str(tmp_path / "o")]
+    msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--metrics", "le", *common]))
+    assert "le is not defined for the sd3 family" in msg
+    msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--flow_space", "score",
+                                                              *common]))
+    assert "sigma = 1" in msg
+    msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--max_memory_gb", "1",
+                                                              *common]))
+    assert "planner" in msg
+    msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny", "--flow_space", "score", *common]))
+    assert "rectified-flow" in msg
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pt"))

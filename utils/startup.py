@@ -10,6 +10,7 @@ from .cli import UserError, bounded_int, device_name, warn
 from .models import families as F
 from .models import sdxl  # noqa: F401  (registers the SDXL family)
 from .models import sd3  # noqa: F401  (registers the SD3 family)
+from .models.flow import FLOW_SPACES
 from .models.loading import DTYPES, SD_MODELS, model_label, resolve_device, resolve_dtype, resolve_model_id
 from .prompts import truncated_prompts
 
@@ -76,6 +77,40 @@ class Model:
     def hparam(self, key, default=None):
         """The family's hyperparameter; one that is a rule on the model is evaluated on this pipeline."""
         return self.family.hparam(key, default, self.pipe)
+
+
+def add_flow_argument(p):
+    """--flow_space: what the sharpness of a rectified-flow model probes (docs/flow.md)."""
+    p.add_argument("--flow_space", default="velocity", choices=list(FLOW_SPACES),
+                   help="flow models (SD3, Flux): velocity = ||J_{v_delta} v_delta|| (default, defined at sigma = 1); "
+                        "score = ||H_delta s_delta||, only at steps with sigma < 1 (docs/flow.md)")
+
+
+def flow_options(model, flow_space, v_score="correct", jvp_capped=False):
+    """The denoiser keywords --flow_space adds: {'flow_space': ...} for a flow family, {} for the others. UserError
+    for a flag of the other kind of model (a non-default --flow_space on a diffusion model, --v_score reference on
+    a flow model) or a JVP memory cap on a flow model (jvp_capped: the planner models UNets only)."""
+    if model.family.prediction_type != "flow":
+        if flow_space != "velocity":
+            raise UserError(f"--flow_space is for rectified-flow models; {model.model_id} is a {model.family.title}")
+        return {}
+    if v_score != "correct":
+        raise UserError("--v_score is for v-prediction models; a flow model's score form is set by --flow_space")
+    if jvp_capped:
+        raise UserError("--max_memory_gb / --jvp_attention: the JVP memory planner models UNets; on a flow "
+                        "transformer the JVP runs unchunked (docs/flow.md)")
+    return {"flow_space": flow_space}
+
+
+def check_flow_first_step(denoiser, num_inference_steps):
+    """UserError when the denoiser probes the score of a flow model (--flow_space score) and the schedule's first
+    step, which every detector measures, has sigma = 1, where s_delta is identically 0."""
+    if getattr(denoiser, "flow_space", "velocity") != "score":
+        return
+    sigma = float(denoiser.sigma(denoiser.timesteps(num_inference_steps)[0]))
+    if sigma >= 1:
+        raise UserError(f"--flow_space score: the first step has sigma = {sigma:g}, where the score difference of a "
+                        "flow model is 0 for every prompt; use --flow_space velocity (docs/flow.md)")
 
 
 def model_id_of(sd_ver, model_id=None):

@@ -47,6 +47,14 @@ class Family:
     hparams: dict = dataclasses.field(default_factory=dict)  # per-family hyperparameters, with their sources
     paths: tuple = ()               # local folders that are this family whatever their config says
     by_rule: tuple = ()             # hparams keys whose values come from a documented rule, not from the authors
+    refuses: dict = dataclasses.field(default_factory=dict)  # detector/method name -> why it is not defined here
+
+    def refusal(self, names):
+        """UserError naming the family for the first of `names` (detectors or methods) it does not define."""
+        for name in names:
+            if name in self.refuses:
+                raise UserError(f"{name} is not defined for the {self.name} family ({self.title}): "
+                                f"{self.refuses[name]}")
 
     def matches(self, pipeline_class, prediction_type, unet_config=None):
         """Whether a model with this pipeline class, prediction type and UNet config (a dict) is this family."""

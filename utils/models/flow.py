@@ -135,6 +135,11 @@ class FlowDenoiser(Denoiser):
     def branch_output(self, x, t, cond, which, unet=None):
         return self.call(unet or self.unet, x, t, cond.branch(which))
 
+    def jvp_plan(self, x, cond):
+        """None: one unchunked JVP. The memory planner (utils.models.jvp_memory) models UNets only; detect_mem.py
+        refuses --max_memory_gb / --jvp_attention on flow models rather than ignore them."""
+        return None
+
     # ---------------------------------------------------------------- sampling
 
     def guided_step(self, out, t, x, guidance_scale):

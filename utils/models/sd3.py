@@ -112,6 +112,11 @@ class StableDiffusion3(Family):
         return pipe.image_processor.postprocess(image, output_type="pil")
 
 
+# The attention methods read or edit a cross-attention map whose keys are the prompt's tokens; MMDiT has none: text and
+# image tokens attend jointly, and the text stream is itself updated by every block (docs/flow.md).
+_JOINT = ("MMDiT has joint text-image attention, no cross-attention layer; the attention detectors and Ren et al.'s "
+          "mitigation are not carried over (docs/flow.md)")
 SD3 = register(StableDiffusion3(
     name="sd3", title="Stable Diffusion 3 / 3.5 (rectified flow, MMDiT, T5 optional)", prediction_type="flow",
-    hparams=dict(eval_keywords=(), paper_usable=None)))
+    hparams=dict(eval_keywords=(), paper_usable=None),
+    refuses={m: _JOINT for m in ("le", "ae", "be", "ren")}))
