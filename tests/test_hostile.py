@@ -90,7 +90,8 @@ def changes(before, after, allowed=()):
 
 def committed_state():
     """What no failing run may touch in the repository: its top-level names and the committed model and prompts."""
-    return (sorted(os.listdir(ROOT)), tree(os.path.join(ROOT, "demo_model")), tree(os.path.join(ROOT, "prompts")))
+    return (sorted(os.listdir(ROOT)), tree(os.path.join(ROOT, "demo_model")), tree(os.path.join(ROOT, "prompts")),
+            tree(os.path.join(ROOT, "demo_flow_model")))
 
 
 def check_row(module, argv, code, fragment, w, allowed=()):
