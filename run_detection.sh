@@ -3,6 +3,8 @@
 #   bash run_detection.sh          SD v1.4 and v2.0, the Table 1 grid (GPU)
 #   bash run_detection.sh demo     the bundled demo model on its own prompt sets, n = 1 and 4 (CPU, offline, minutes)
 #   bash run_detection.sh demo16   the demo with n = 16 added (longer)
+#   bash run_detection.sh demo_flow   the flow demo (SD3-shaped, rectified flow) on the demo's prompt sets, n = 1 and 4,
+#                                     the detectors defined on flow models; results in det_outputs/demo_flow
 # Results: $OUT_DIR/<prompt file stem>[_<metric>]_gen<n>.pt/.json, generated images of tiled_l2 runs, and
 # <mem>_vs_<nmem>.table.md/.json/.roc.png per model (detect_eval.py --table).
 set -euo pipefail
@@ -35,8 +37,15 @@ case "${1:-}" in
     GEN_NUMS="1 4"; [ "$1" = demo16 ] && GEN_NUMS="1 4 16"
     # tiny UNet ops: one thread per process is as fast and two processes share the cores without contention
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
+  demo_flow)
+    SD_VERS=demo_flow; TILE_PX=8; BATCH_SIZE=8; SIDE_BY_SIDE=1; GEN_NUMS="1 4"
+    OUT_DIR=det_outputs/demo_flow   # the same prompt files as the demo: a folder of its own keeps the tables apart
+    # the detectors defined on flow models that need no per-family calibration (the SD3 profile carries no
+    # anisotropy weights; le/ae/be are refused on joint attention)
+    METRICS_N1="sharpness,wen"; METRICS_N4="sharpness,wen,tiled_l2"
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
   "") ;;
-  *) echo "error: unknown mode '$1' (use demo, demo16, or nothing for Stable Diffusion)" >&2; exit 2 ;;
+  *) echo "error: unknown mode '$1' (use demo, demo16, demo_flow, or nothing for Stable Diffusion)" >&2; exit 2 ;;
 esac
 
 LAUNCH=("$PYTHON")
@@ -52,7 +61,7 @@ run() {  # run() SET N METRICS: one detect_mem.py call
 }
 
 for ver in $SD_VERS; do
-  if [ "$ver" = "demo" ]; then mem=prompts/demo_mem.txt; nmem=prompts/demo_nmem.txt
+  if [ "$ver" = "demo" ] || [ "$ver" = "demo_flow" ]; then mem=prompts/demo_mem.txt; nmem=prompts/demo_nmem.txt
   else mem=prompts/sd${ver}_mem.txt; nmem=prompts/sd${ver}_nmem.txt; fi
   for n in $GEN_NUMS; do
     case "$n" in 1) metrics=$METRICS_N1 ;; 4) metrics=$METRICS_N4 ;; *) metrics=$METRICS_N16 ;; esac

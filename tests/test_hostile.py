@@ -90,7 +90,8 @@ def changes(before, after, allowed=()):
 
 def committed_state():
     """What no failing run may touch in the repository: its top-level names and the committed model and prompts."""
-    return (sorted(os.listdir(ROOT)), tree(os.path.join(ROOT, "demo_model")), tree(os.path.join(ROOT, "prompts")))
+    return (sorted(os.listdir(ROOT)), tree(os.path.join(ROOT, "demo_model")), tree(os.path.join(ROOT, "prompts")),
+            tree(os.path.join(ROOT, "demo_flow_model")))
 
 
 def check_row(module, argv, code, fragment, w, allowed=()):
@@ -389,6 +390,30 @@ TRAIN_ROWS = [
 @pytest.mark.parametrize("argv,code,fragment", TRAIN_ROWS, ids=lambda v: None)
 def test_train_demo_bad_inputs(world, argv, code, fragment):
     check_row("train_demo", argv, code, fragment, world)
+
+
+FLOW_TRAIN_ROWS = [
+    (["--smoke"], 2, "pass --out_dir"),
+    (["--smoke", "--out_dir", "{repo}/demo_flow_model"], 2, "--overwrite_committed"),
+    (["--smoke", "--out_dir", "{repo}/demo_flow_model/../demo_flow_model"], 2, "--overwrite_committed"),
+    (["--smoke", "--overwrite_committed"], 2, "--smoke never writes"),
+    (["--smoke", "--out_dir", "{w}/afile"], 2, "not a folder"),
+    (["--smoke", "--out_dir", "{w}/model_like"], 2, "not replaced"),
+    (["--smoke", "--out_dir", ""], 2, "must not be empty"),
+    (["--smoke", "--out_dir", "{repo}/demo_model/flow"], 2, "--demo_dir"),
+    (["--smoke", "--out_dir", "{w}/m", "--demo_dir", "{w}"], 2, "holds no saved demo model"),
+    (["--out_dir", "{w}/m", "--seed", "-1"], 2, "--seed"),
+    (["--out_dir", "{w}/m", "--lr", "nan"], 2, "finite"),
+    (["--out_dir", "{w}/m", "--stop_frac", "0"], 2, "(0, 1]"),
+    (["--out_dir", "{w}/m", "--p_uncond", "1"], 2, "[0, 1)"),
+    (["--out_dir", "{w}/m", "--batch_size", "1000000"], 2, "at most"),
+    (["--out_dir", "{w}/m", "--threads", "0"], 2, "--threads"),
+]
+
+
+@pytest.mark.parametrize("argv,code,fragment", FLOW_TRAIN_ROWS, ids=lambda v: None)
+def test_train_demo_flow_bad_inputs(world, argv, code, fragment):
+    check_row("train_demo_flow", argv, code, fragment, world)
 
 
 def test_diverged_weights_are_never_saved(tmp_path):

@@ -167,7 +167,7 @@ def test_rule_values_are_sd14s_scaled_by_the_latent_norm():
 
 
 def test_short_names_and_family_from_configs(xl_dir, tiny_eps_dir, tiny_v_dir, tmp_path):
-    assert [k for k in SD_MODELS if k != "demo"] == ["1", "1.5", "2", "2.1", "xl"]
+    assert [k for k in SD_MODELS if k not in ("demo", "demo_flow")] == ["1", "1.5", "2", "2.1", "xl"]
     assert resolve_model_id("xl") == "stabilityai/stable-diffusion-xl-base-1.0"
     assert model_label("2.1") == "sd2.1" and model_label("xl") == "sdxl"
     assert F.family_of(xl_dir) is SDXL and F.family_of("tiny-xl") is SDXL

@@ -19,10 +19,11 @@ from .prompts import truncated_prompts
 def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on CUDA (as the reference), float32 on CPU"):
     """The model, device and precision options every script shares (values checked when resolved)."""
     p.add_argument("--sd_ver", default="1", choices=list(SD_MODELS),
-                   help="1 (SD v1.4), 1.5, 2 (SD v2.0), 2.1, xl (SDXL base 1.0) or demo (bundled tiny model)")
+                   help="1 (SD v1.4), 1.5, 2 (SD v2.0), 2.1, xl (SDXL base 1.0), demo (bundled tiny model) or demo_flow "
+                        "(its rectified-flow twin, SD3-shaped)")
     p.add_argument("--model_id", default=None,
-                   help="Hub id, local folder, 'demo', or a random CPU model ('tiny', 'tiny-xl', 'tiny-sd3'); overrides "
-                        "--sd_ver; its family is read from its model_index.json")
+                   help="Hub id, local folder, 'demo', 'demo_flow', or a random CPU model ('tiny', 'tiny-xl', 'tiny-sd3'); "
+                        "overrides --sd_ver; its family is read from its model_index.json")
     p.add_argument("--height", type=bounded_int(8, 16384), default=None,
                    help="image height in pixels (default: the model's native size); a multiple of the VAE factor")
     p.add_argument("--width", type=bounded_int(8, 16384), default=None, help="image width in pixels (as --height)")

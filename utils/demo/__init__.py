@@ -6,10 +6,10 @@ import dataclasses
 import os
 
 from ..cli import UserError, one_line
-from ..models import sd3  # noqa: F401  (the family of 'tiny-sd3')
+from ..models.sd3 import SD3  # also the family of 'tiny-sd3'
 from ..models.clip import register_clip
 from ..models.families import SD1, register, register_builder
-from ..models.loading import DEMO_MODEL_DIR
+from ..models.loading import DEMO_FLOW_MODEL_DIR, DEMO_MODEL_DIR
 
 DEMO = register(dataclasses.replace(
     SD1, name="demo", title="the bundled demo model (SD-shaped, epsilon, 32 px)", paths=(DEMO_MODEL_DIR,),
@@ -20,6 +20,12 @@ DEMO = register(dataclasses.replace(
         # noise norm (16 against 128), l_target by the ratio of the demo's Wen grid to SD v1.4's (1/4)
         "han_batch": [{"rho": v} for v in (1.25, 3.125, 6.25, 9.375, 12.5)],
         "han_sample": [{"target_loss": v} for v in (0.175, 0.2, 0.225, 0.25, 0.275)]}, paper_usable=None)))
+
+# The flow demo (train_demo_flow.py, docs/demo.md "The flow demo"): the SD3 profile on its own folder, so that its
+# results are labelled as the demo's and it can carry demo-calibrated values of its own.
+DEMO_FLOW = register(dataclasses.replace(
+    SD3, name="demo_flow", title="the bundled flow demo (SD3-shaped, rectified flow, 32 px)",
+    paths=(DEMO_FLOW_MODEL_DIR,)))
 
 
 def _tiny(prediction_type="epsilon"):

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_MODEL_DIR = os.path.join(REPO_ROOT, "demo_model")
+DEMO_FLOW_MODEL_DIR = os.path.join(REPO_ROOT, "demo_flow_model")
 
 # --sd_ver -> model; the prediction type always comes from the loaded scheduler's config.
 SD_MODELS = {
@@ -27,14 +28,15 @@ SD_MODELS = {
     "2.1": "stabilityai/stable-diffusion-2-1",                 # v-prediction, 768x768
     "xl": "stabilityai/stable-diffusion-xl-base-1.0",          # epsilon, 1024x1024, two text encoders
     "demo": DEMO_MODEL_DIR,                                    # the project's tiny digits model (CPU, offline)
+    "demo_flow": DEMO_FLOW_MODEL_DIR,                          # its rectified-flow (SD3-shaped) twin (CPU, offline)
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_id(sd_ver, model_id=None):
-    """A model id wins ('demo' and 'tiny' are accepted as ids); else the model that the version names."""
+    """A model id wins ('demo', 'demo_flow' and 'tiny' are accepted as ids); else the model that the version names."""
     if model_id:
-        return SD_MODELS["demo"] if model_id == "demo" else model_id
+        return SD_MODELS[model_id] if model_id in ("demo", "demo_flow") else model_id
     key = str(sd_ver)
     if key not in SD_MODELS:
         raise UserError(f"unknown Stable Diffusion version {sd_ver!r}; choose one of {', '.join(SD_MODELS)} "
