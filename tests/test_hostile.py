@@ -811,13 +811,22 @@ def test_total_timeout_bounds_a_trickled_tls_handshake_and_cancel_is_immediate(t
     assert e.value.status == "pending" and time.monotonic() - t < 2
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT back to its default disposition. A suite started where SIGINT is ignored
+    (a background job of a shell without job control, nohup) passes SIG_IGN on to its children, and Python then
+    installs no KeyboardInterrupt handler: the signal below would be dropped and the fetch would run to its
+    --total_timeout. Ctrl-C in a terminal always reaches a process whose SIGINT is at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_fetch_at_once_with_the_manifest_saved(trickle, tmp_path):
     recs = [{"caption": f"c{i}", "index": i, "url": f"{trickle}/body/{i}"} for i in range(6)]
     _jsonl(tmp_path / "r.jsonl", recs)
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mitigate_eval.py"), "fetch", "--jsonl",
                           str(tmp_path / "r.jsonl"), "--out", str(out), "--workers", "2", "--timeout", "60",
-                          "--total_timeout", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          "--total_timeout", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_sigint_default)
     try:
         deadline = time.monotonic() + 60
         while not (out / "fetch_manifest.csv").exists():  # the run has started its downloads
