@@ -93,6 +93,12 @@ def folder_name(prompt_type, method, label, gridded, gated):
 def describe_run(header):
     """(method, setting label, settings dict, gated) of a generation manifest header; headers written before the
     method registry (SAIL and --no_mitigation runs) are understood too."""
+    from ..cli import UserError, one_line
     method = header.get("method") or ("none" if header.get("no_mitigation") else "sail")
     settings = header.get("settings") or header.get("sail") or {}
-    return method, setting_label(method, settings), settings, bool(header.get("gate"))
+    try:
+        label = setting_label(method, settings)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged or hand-edited header
+        raise UserError(f"a generation header of method {method!r} without its settings ({type(e).__name__}: "
+                        f"{one_line(e)}): not a header written by mitigate_mem.py") from None
+    return method, label, settings, bool(header.get("gate"))
