@@ -21,7 +21,7 @@ from utils.detection.maps import load_masks, localization_scores, resized_maps, 
 from utils.detection.seeds import pooled_rows, seed_folders
 from utils.detection.tables import (TABLE_STEPS, build_table, comparisons, discover, load_paper, markdown, roc_figure,
     set_pairs, table_curves)
-from utils.results import read_detection_result
+from utils.results import describe_differences, differences, read_detection_result
 from utils.stats import BootstrapSettings, metric_intervals
 
 TARGET_FPRS = (0.01, 0.03)  # the paper reports TPR@1%FPR; 3% is printed too, as the reference does
@@ -37,6 +37,8 @@ def parse_args(argv=None):
                    help="closest: ROC point with FPR nearest the target (reference); strict: best TPR with FPR<=target")
     p.add_argument("--out", default=None, help="JSON path (default: <mem stem>_vs_<nmem stem>.eval.json beside --mem)")
     p.add_argument("--no_plot", action="store_true", help="skip the ROC curve PNG")
+    p.add_argument("--allow_mixed", action="store_true",
+                   help="pair mode: compare results of different settings (model, seed, n, metric, ...) on purpose")
     p.add_argument("--table", default=None, metavar="DIR", help="table mode: every result found in DIR")
     p.add_argument("--sets", nargs=2, default=None, metavar=("MEM_STEM", "NMEM_STEM"),
                    help="table mode: the two prompt sets (default: every <x>_mem / <x>_nmem pair in DIR)")
@@ -77,6 +79,10 @@ def run_pair(args):
     check_outputs({"--out": out, "the ROC PNG": os.path.splitext(out)[0] + ".roc.png"},
                   {"--mem": args.mem, "--nmem": args.nmem})
     results = [read_detection_result(p) for p in (args.mem, args.nmem)]
+    diff = differences(*results)
+    if diff and not args.allow_mixed:
+        raise UserError(f"--mem and --nmem come from different settings ({describe_differences(*results, diff)}); "
+                        "their scores are not comparable (--allow_mixed compares them anyway)")
     widths = [r.values.shape[1] for r in results]
     if steps is None and widths[0] != widths[1]:
         raise UserError(f"--mem has {widths[0]} measured step(s) and --nmem {widths[1]}: their means over all steps "

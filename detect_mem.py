@@ -30,6 +30,7 @@ from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
 from utils.models.denoisers import V_SCORE_FORMS
 from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts
+from utils.schemas import DetectionRecord
 from utils.startup import (add_flow_argument, add_model_arguments, check_flow_first_step, flow_options, load_model,
                            model_id_of, report_long_prompts, size_identity, start_process)
 
@@ -176,7 +177,7 @@ def run(args, flags):
     identities = {m: dict(common, **{o: getattr(args, o) for o in det.model_options}, **det.identity())
                   for m, det in dets.items()}
     logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard,
-                          fields={"prompt": str, "per_generation": list}) for m in args.metrics}
+                          fields=DetectionRecord) for m in args.metrics}
     todo = [i for i in range(len(prompts)) if any(i not in logs[m].done for m in args.metrics)]
     if len(todo) < len(prompts) and shard.main:
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")

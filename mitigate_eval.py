@@ -11,6 +11,7 @@ cache (checked by SHA-256; --sscd PATH offline). Writes <out>.json (summary, per
 and <out>.csv. plot: one point per scored generation folder (method x setting): PREFIX.png and PREFIX.csv, and
 with --grid_prompts a per-prompt image grid PREFIX_grid.png.
 """
+import glob
 import os
 import sys
 
@@ -23,7 +24,7 @@ from utils.evaluation import similarity as S
 from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint,
     guarded, nonneg_int, nonneg_seconds, seconds, warn)
 from utils.evaluation.images import MIN_SIDE
-from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, write_sidecar
+from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, lock_holder, write_sidecar
 from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_weights
 from utils.mitigation import methods
 from utils.models.families import FAMILIES
@@ -94,6 +95,8 @@ def parse_args(argv=None):
     g.add_argument("--grid_pick", nargs="*", default=[], metavar="METHOD=SETTING",
                    help="setting shown per method in the grid (label or folder tag, e.g. sail=thres0.6)")
     g.add_argument("--gt", default=None, help="training-image folder: the grid's first column")
+    g.add_argument("--allow_mixed", action="store_true",
+                   help="plot runs of different models, seeds, n, steps or prompt lists in one figure on purpose")
     return p.parse_args(argv)
 
 
@@ -132,6 +135,10 @@ def run_score(a):
     if not os.path.isfile(manifest):
         raise UserError(f"generation manifest {manifest} " + ("is not a regular file" if os.path.exists(manifest) else
                         "not found (pass --manifest, or --images pointing at the output folder of mitigate_mem.py)"))
+    running = [pid for lock in [manifest + ".lock"] + sorted(glob.glob(glob.escape(manifest[:-len(".jsonl")]) +
+               ".*.jsonl.lock")) if (pid := lock_holder(lock))] if manifest.endswith(".jsonl") else []
+    if running:  # its manifest is the live progress log: scoring it now would score part of the run
+        raise UserError(f"the generation of {manifest} is still running (pid {running[0]}); score it once it ends")
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
     check_score_outputs(a, manifest, out)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
@@ -195,11 +202,17 @@ def run_plot(a):
             raise UserError(f"{r} is neither a score result nor a folder")
     outs = {"--out (figure)": a.out + ".png", "--out (numbers)": a.out + ".csv",
             "--out (image grid)": a.out + "_grid.png" if a.grid_prompts else None}
-    check_outputs(outs, [("a result", p) for p in paths])  # never replace a result read here
+    # never replace a result read here, nor anything in its folder (generated images, score CSV, manifest) or in
+    # the training-image folder
+    check_outputs(outs, [("a result", p) for p in paths] + [("a result's folder", os.path.dirname(os.path.abspath(p)))
+                                                            for p in paths] + [("--gt", a.gt)])
     results = [E.load_result(p) for p in paths]
     names = {r["similarity"]["name"] for r in results}
     if len(names) > 1:
         raise UserError(f"the results mix measures ({', '.join(sorted(names))}); choose one with --similarity")
+    mixed = E.mixed_runs(results, paths)
+    if mixed and not a.allow_mixed:
+        raise UserError(f"the results come from different runs ({mixed}); plot them apart, or --allow_mixed")
     thresholds = sorted({t for r in results for t in r["thresholds"]})
     if any(r["thresholds"] != results[0]["thresholds"] for r in results):
         raise UserError("the results were scored with different --thresholds; score them alike")

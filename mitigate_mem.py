@@ -158,7 +158,7 @@ def main(argv=None):
                                                             gate_info is not None,
                                                             MI.sampling_tag(sampler, guidance, GUIDANCE_SCALE)),
                           what="--prompt_type / model name")
-        prepare_dir(folder)
+        prepare_dir(folder, inside=a.out_dir)  # no link below --out_dir takes the writes elsewhere
         check_outputs({"the output folder": folder}, {"--data_path": a.data_path, "--flagged_by": a.flagged_by,
                                                      "--flag_nmem": a.flag_nmem})
         identity = dict(common, settings=st.to_dict(), setting=setting, **({"gate": gate_info} if gate_info else {}))
@@ -198,7 +198,11 @@ def run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores,
         t0 = time.time()
         plan = (MI.METHODS[a.method].plan if mitigate else MI.plan_none)(ctx, i, prompts[i], st)
         t1 = time.time()
-        images = loaded.decode(MI.run_plan(ctx, plan))
+        latents = MI.run_plan(ctx, plan)
+        if not bool(latents.isfinite().all()):  # overflow: never saved as black images with exit 0
+            raise UserError(f"prompt {i}: --method {a.method} {setting or '(defaults)'} produced non-finite latents "
+                            "(a guidance or step size too large for this model?); nothing was saved for it")
+        images = loaded.decode(latents)
         names = [safe_filename(i, prompts[i], suffix=f"_{k}.png") for k in range(len(images))]
         for name, img in zip(names, images):
             atomic_save_image(os.path.join(folder, name), img)

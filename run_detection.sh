@@ -27,7 +27,7 @@ BATCH_SIZE=1            # prompts per UNet call (same results; raise it on a lar
 OUT_DIR=det_outputs
 EXTRA_ARGS=""           # e.g. "--dtype float32", "--hvp fd" (fast sharpness), "--max_memory_gb 22" (a 24 GB GPU)
 SIDE_BY_SIDE=0          # 1: run the memorized and non-memorized sets at once (the demo: one CPU thread each)
-NUM_PROCESSES=1         # >1: shard the prompts over this many processes, one GPU each (accelerate launch)
+NUM_PROCESSES=${NUM_PROCESSES:-1}  # >1: shard the prompts over this many processes, one GPU each (accelerate launch)
 PYTHON=${PYTHON:-python3}
 
 case "${1:-}" in
@@ -60,15 +60,29 @@ run() {  # run() SET N METRICS: one detect_mem.py call
     --nemo_ssim "$NEMO_SSIM" --gen_seed "$GEN_SEED" --batch_size "$BATCH_SIZE" --out_dir "$OUT_DIR" $EXTRA_ARGS
 }
 
+together() {  # together F G: run shell commands F and G at once; the first to fail stops the other, and the
+              # script ends with its exit code (2 for bad input)
+  "$1" & local a=$!
+  "$2" & local b=$!
+  local rc=0 first=
+  wait -n -p first "$a" "$b" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    for p in "$a" "$b"; do pkill -TERM -P "$p" 2>/dev/null || true; kill -TERM "$p" 2>/dev/null || true; done
+    wait "$a" "$b" 2>/dev/null || true
+    exit "$rc"
+  fi
+  wait "$([ "$first" = "$a" ] && echo "$b" || echo "$a")" || exit $?
+}
+
 for ver in $SD_VERS; do
   if [ "$ver" = "demo" ] || [ "$ver" = "demo_flow" ]; then mem=prompts/demo_mem.txt; nmem=prompts/demo_nmem.txt
   else mem=prompts/sd${ver}_mem.txt; nmem=prompts/sd${ver}_nmem.txt; fi
   for n in $GEN_NUMS; do
     case "$n" in 1) metrics=$METRICS_N1 ;; 4) metrics=$METRICS_N4 ;; *) metrics=$METRICS_N16 ;; esac
     if [ "$SIDE_BY_SIDE" = 1 ]; then
-      run "$mem" "$n" "$metrics" & pid=$!
-      TQDM_DISABLE=1 run "$nmem" "$n" "$metrics"   # one progress bar on the screen
-      wait "$pid"
+      run_mem() { run "$mem" "$n" "$metrics"; }
+      run_nmem() { TQDM_DISABLE=1 run "$nmem" "$n" "$metrics"; }   # one progress bar on the screen
+      together run_mem run_nmem
     else
       run "$mem" "$n" "$metrics"
       run "$nmem" "$n" "$metrics"

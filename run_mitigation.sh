@@ -28,7 +28,7 @@ SIMILARITY=sscd
 FIGURE=""                # prefix of the figure (default: $OUT_DIR/sd<ver>_fig6)
 GRID_PROMPTS="0,1,2,3"   # prompts shown under each method (the paper's Figures 7-8)
 EXTRA_ARGS=""            # e.g. "--dtype float32" or "--prompt_mirror /path/to/prompt/copies"
-NUM_PROCESSES=1          # >1: shard the prompts over this many processes, one GPU each (accelerate launch)
+NUM_PROCESSES=${NUM_PROCESSES:-1}  # >1: shard the prompts over this many processes, one GPU each (accelerate launch)
 PYTHON=${PYTHON:-python3}
 
 case "${1:-}" in

@@ -836,32 +836,40 @@ def test_total_timeout_bounds_a_trickled_tls_handshake_and_cancel_is_immediate(t
     assert e.value.status == "pending" and time.monotonic() - t < 2
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT back to its default disposition. A suite started where SIGINT is ignored
+    (a background job of a shell without job control, nohup) passes SIG_IGN on to its children, and Python then
+    installs no KeyboardInterrupt handler: the signal below would be dropped and the fetch would run to its
+    --total_timeout. Ctrl-C in a terminal always reaches a process whose SIGINT is at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_fetch_at_once_with_the_manifest_saved(trickle, tmp_path):
     recs = [{"caption": f"c{i}", "index": i, "url": f"{trickle}/body/{i}"} for i in range(6)]
     _jsonl(tmp_path / "r.jsonl", recs)
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mitigate_eval.py"), "fetch", "--jsonl",
                           str(tmp_path / "r.jsonl"), "--out", str(out), "--workers", "2", "--timeout", "60",
-                          "--total_timeout", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          "--total_timeout", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_sigint_default)
     try:
         deadline = time.monotonic() + 60
         while not (out / "fetch_manifest.csv").exists():  # the run has started its downloads
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() else "slow start"
             time.sleep(0.1)
         time.sleep(1.0)
-        t = time.monotonic()
         p.send_signal(signal.SIGINT)
-        p.wait(timeout=20)
-        took = time.monotonic() - t
+        p.wait(timeout=20)  # the downloads themselves would run for --total_timeout 100 s
     finally:
         if p.poll() is None:
             p.kill()
     err = p.stderr.read()
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
-    assert took < 3, took
+    # Ended by the cancellation, not by a deadline: no row timed out. No wall-clock threshold on the exit (a
+    # loaded machine's interpreter exit once took 3.03 s against the former 3 s limit).
     from utils.evaluation.fetch_manifest import read_manifest
     rows = read_manifest(str(out / "fetch_manifest.csv"))
-    assert len(rows) == 6 and {r["status"] for r in rows} <= {"pending", "timeout"}
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"pending"}, rows
 
 
 def test_loopback_only():
@@ -870,3 +878,319 @@ def test_loopback_only():
     hosts = {h for h in re.findall(r"https?://([^/:\"'{ ]+)", src)}
     assert hosts == {"127.0.0.1"}, hosts
     assert socket.gethostbyname("127.0.0.1") == "127.0.0.1"
+
+
+# ------------------------------------------------------------- round 3 (issue 26): one way in for files read back
+
+def _sidecar(**over):
+    side = dict(metric=dict(name="sharpness", direction="higher", settings={}, stem="a_mem", gen_num=1),
+                prompts=["p0", "p1"], shape=[2, 1], values=[[1.0], [float("nan")]], model_id="tiny",
+                identity={"seed": 0}, arguments={})
+    side.update(over)
+    return side
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (dict(prompts="p0"), "prompts: Input should be a valid list"),
+    (dict(metric=dict(name="sharpness", direction="sideways")), "metric.direction"),
+    (dict(metric=dict(direction="higher")), "metric.name: Field required"),
+    (dict(values=[["1.0"], [2.0]]), "values.0.0"),
+    (dict(identity=[1, 2]), "identity"),
+])
+def test_class5_a_hand_edited_sidecar_is_one_error_naming_the_field(tmp_path, edit, fragment):
+    """Class 5: wrong types in a sidecar are one UserError naming the field, in the reader and in the table."""
+    import torch
+    from utils.cli import UserError
+    from utils.results import read_detection_result
+    torch.save(torch.tensor([[1.0], [2.0]]), tmp_path / "a_mem_gen1.pt")
+    (tmp_path / "a_mem_gen1.json").write_text(json.dumps(_sidecar(**edit)))
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        read_detection_result(str(tmp_path / "a_mem_gen1.pt"))
+    err = check_row(DETECT_EVAL, ["--table", str(tmp_path)], 2, fragment, tmp_path)
+    assert "damaged or was edited by hand" in err
+
+
+def test_class4_fifo_device_link_and_size_are_refused_without_reading(tmp_path):
+    """Class 4 (and 3): a FIFO or a link to /dev/zero in place of a JSON file read back is refused at once,
+    a link out of the folder is never followed, and the size is capped."""
+    from utils.cli import UserError
+    from utils.io import read_json_file
+    from utils.schemas import ScoreResult
+    os.mkfifo(tmp_path / "fifo.json")
+    os.symlink("/dev/zero", tmp_path / "zero.json")
+    os.symlink(os.path.join(ROOT, "paper", "table1.json"), tmp_path / "out.json")
+    (tmp_path / "big.json").write_text("[" + "0," * 600 + "0]")
+    (tmp_path / "real.json").write_text("{}")
+    os.symlink("real.json", tmp_path / "inside.json")  # a link inside its folder is fine
+    with time_limit(20):
+        with pytest.raises(UserError, match="not a regular file"):
+            read_json_file(str(tmp_path / "fifo.json"))
+        for name in ("zero.json", "out.json"):
+            with pytest.raises(UserError, match="outside its folder"):
+                read_json_file(str(tmp_path / name))
+        with pytest.raises(UserError, match="larger than 1000 bytes"):
+            read_json_file(str(tmp_path / "big.json"), max_bytes=1000)
+        assert read_json_file(str(tmp_path / "inside.json")) == {}
+        with pytest.raises(UserError, match="similarity: Field required"):
+            read_json_file(str(tmp_path / "inside.json"), "score result", ScoreResult)
+
+
+def test_class5_a_record_with_no_values_is_refused_on_read_and_never_written(tmp_path):
+    """Class 5: a detect_mem.py progress record without values (or ragged, or of wrong types) is an error when the
+    log is read back, and ProgressLog.add refuses to save one."""
+    from utils.cli import UserError
+    from utils.io import ProgressLog, read_run_log
+    from utils.schemas import DetectionRecord
+    good = dict(index=0, prompt="p", per_generation=[[1.0, 2.0]], seconds=1.0, unet_forwards=2, jvps=1)
+    log = tmp_path / "run.progress.jsonl"
+    with ProgressLog(log, {"seed": 1}, fields=DetectionRecord) as p:
+        p.add(good)
+        for bad in (dict(good, index=1, per_generation=[]), dict(good, index=1, per_generation=[[]]),
+                    dict(good, index=1, per_generation=[[1.0], [1.0, 2.0]]), dict(good, index=1, seconds="1")):
+            with pytest.raises(UserError):
+                p.add(bad)
+    assert len(read_run_log(str(log), fields=DetectionRecord)[1]) == 1
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(good, index=1, per_generation=[])) + "\n" + json.dumps(dict(good, index=2)) + "\n")
+    with pytest.raises(UserError, match="line 3 .*per_generation"):
+        read_run_log(str(log), "progress log", fields=DetectionRecord)
+
+
+# ---------------------------------------------------------- round 3 (issue 26): one way out, results name no path
+
+def test_class1_links_in_place_of_a_lock_log_or_folder_are_never_followed(tmp_path):
+    """Class 1: a lock file or progress log that is a symbolic link (dangling or not), and a link below the output
+    folder, are refused: the target elsewhere is neither truncated nor created."""
+    from utils.cli import UserError
+    from utils.io import ProgressLog, prepare_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(elsewhere / "precious", out / "a.progress.jsonl.lock")
+    with pytest.raises(UserError, match="lock file .* is a symbolic link"):
+        ProgressLog(out / "a.progress.jsonl", {"seed": 1})
+    os.symlink(elsewhere / "new.jsonl", out / "b.progress.jsonl")  # dangling
+    with pytest.raises(UserError, match="progress log .* is a symbolic link"):
+        ProgressLog(out / "b.progress.jsonl", {"seed": 1})
+    os.symlink(elsewhere, out / "label")
+    with pytest.raises(UserError, match="is a symbolic link"):
+        prepare_dir(str(out / "label" / "mem"), inside=str(out))
+    assert sorted(os.listdir(elsewhere)) == ["precious"] and (elsewhere / "precious").read_text() == "keep me"
+    assert not os.path.exists(out / "b.progress.jsonl.lock")  # released
+
+
+@pytest.fixture(scope="module")
+def scored(world, tmp_path_factory):
+    """A copy of the world's generation folder, scored (pixel) into gen/eval_pixel.json."""
+    import shutil
+    s = tmp_path_factory.mktemp("scored")
+    shutil.copytree(world / "gen", s / "gen")
+    _jsonl(s / "gen" / "manifest.jsonl", [{"header": {"method": "none", "settings": {}}},
+                                          {"index": 0, "prompt": "Red Rug", "images": ["0_0.png"]},
+                                          {"index": 1, "prompt": "Blue Rug", "images": ["1_0.png"]}])
+    assert run_script("mitigate_eval", ["score", "--images", str(s / "gen"), "--gt", str(world / "gt"),
+                                        "--similarity", "pixel", "--clip_model", "none"])[0] == 0
+    return s
+
+
+@pytest.mark.parametrize("prefix,fragment", [("{s}/gen/0_0", "a result's folder"), ("{s}/gen/eval_pixel", "a result"),
+                                             ("{w}/gt/fetch_manifest", "--gt")])
+def test_class2_plot_out_never_replaces_an_input(world, scored, prefix, fragment):
+    """Class 2: plot --out may not name a generated image, the score CSV, or anything in the training folder."""
+    check_row("mitigate_eval", ["plot", str(scored / "gen" / "eval_pixel.json"), "--y", "not_blank", "--gt",
+                                str(world / "gt"), "--out", prefix.format(s=scored, w=world)], 2, fragment, world)
+
+
+def test_class3_a_score_result_cannot_lead_to_another_runs_manifest(world, scored, tmp_path):
+    """Class 3: the 'manifest' field of a score result is data: pointing it at another run's manifest is refused
+    (its header is not the one scored), so the plot never reads that run's records or images."""
+    res = json.loads((scored / "gen" / "eval_pixel.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    _jsonl(other / "manifest.jsonl", [{"header": {"sd_ver": "other"}}, {"index": 0, "prompt": "x", "images": []}])
+    res["manifest"] = str(other / "manifest.jsonl")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "eval_pixel.json").write_text(json.dumps(res))
+    check_row("mitigate_eval", ["plot", str(tmp_path / "r" / "eval_pixel.json"), "--y", "not_blank", "--out",
+                                str(tmp_path / "fig")], 2, "not the run it scored", world)
+    assert not os.path.exists(tmp_path / "fig.png")
+
+
+# ------------------------------------------------------ round 3 (issue 26): results carry their identity (class 6)
+
+def _result(folder, stem, metric="sharpness", n=1, values=((1.0,), (2.0,)), **ident):
+    """A detect_mem.py result written by its one writer, with identity fields overridden by ident."""
+    import torch
+    from utils.detection.records import output_base
+    from utils.results import write_detection_result
+    base = output_base(str(folder), stem, metric, n)
+    identity = dict(dict(model_id="tiny", gen_num=n, gen_seed=0, dtype="torch.float32", device="cpu",
+                         data_sha256=stem), **ident)
+    t = torch.tensor(values, dtype=torch.float32)
+    write_detection_result(base, t, {}, metric=dict(name=metric, direction="higher", settings={}, stem=stem,
+                                                    gen_num=n),
+                           prompts=[f"p{i}" for i in range(len(values))], per_generation=[], extras=[],
+                           model_id="tiny", prediction_type="epsilon", identity=identity, cost={})
+    return base
+
+
+def test_class6_pair_mode_and_table_refuse_results_of_other_settings(tmp_path):
+    a = _result(tmp_path, "a_mem")
+    b = _result(tmp_path, "a_nmem", values=((0.0,), (0.5,)), gen_seed=7)
+    err = check_row(DETECT_EVAL, ["--mem", a + ".pt", "--nmem", b + ".pt", "--no_plot"], 2, "gen_seed 0 vs 7",
+                    tmp_path)
+    assert "--allow_mixed" in err
+    check_row(DETECT_EVAL, ["--mem", a + ".pt", "--nmem", b + ".pt", "--no_plot", "--allow_mixed"], 0, "",
+              tmp_path, allowed=("a_mem_gen1_vs_a_nmem_gen1.eval.json",))
+    check_row(DETECT_EVAL, ["--table", str(tmp_path)], 2, "gen_seed 0 vs 7", tmp_path)
+
+
+@pytest.mark.parametrize("case,fragment", [("stem", "do not match its file name"), ("dup", "do not match its file"),
+                                           ("shape", "its sidecar says"), ("complex", "complex tensor")])
+def test_class6_the_table_checks_names_shapes_and_claims(tmp_path, case, fragment):
+    import torch
+    a = _result(tmp_path, "a_mem")
+    _result(tmp_path, "a_nmem", values=((0.0,), (0.5,)))
+    side = json.loads(open(a + ".json").read())
+    if case == "stem":  # a stem from a sidecar would name the table's output: ../x escapes
+        side["metric"]["stem"] = "../x_mem"
+        open(a + ".json", "w").write(json.dumps(side))
+    elif case == "dup":  # a second file claiming the same (set, metric, n): refused by the name rule
+        import shutil
+        shutil.copy(a + ".pt", tmp_path / "a_mem_sharpness_gen1.pt")
+        side["metric"]["name"] = "sharpness"
+        shutil.copy(a + ".json", tmp_path / "a_mem_sharpness_gen1.json")
+        side = json.loads(open(tmp_path / "a_mem_sharpness_gen1.json").read())
+        side["metric"]["stem"] = "a_mem"
+        (tmp_path / "a_mem_sharpness_gen1.json").write_text(json.dumps(side))
+    elif case == "shape":
+        torch.save(torch.ones(2, 3), a + ".pt")
+    else:
+        torch.save(torch.ones(2, 1, dtype=torch.complex64), a + ".pt")
+    check_row(DETECT_EVAL, ["--table", str(tmp_path)], 2, fragment, tmp_path)
+
+
+def test_class6_plot_refuses_runs_of_other_seeds(world, scored, tmp_path):
+    for name, seed in (("r1", 0), ("r2", 1)):
+        res = json.loads((scored / "gen" / "eval_pixel.json").read_text())
+        res["generation_header"] = dict(res["generation_header"], gen_seed=seed)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_pixel.json").write_text(json.dumps(res))
+    check_row("mitigate_eval", ["plot", str(tmp_path / "r1"), str(tmp_path / "r2"), "--y", "not_blank", "--out",
+                                str(tmp_path / "fig")], 2, "gen_seed 0 in", world)
+
+
+def test_class6_score_refuses_a_generation_that_is_still_running(world, tmp_path):
+    import shutil
+    shutil.copytree(world / "gen", tmp_path / "gen")
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from utils.io import RunLock\n"
+            "lock = RunLock(sys.argv[1]); print('ready', flush=True); sys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "gen" / "manifest.jsonl.lock"), ROOT],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        check_row("mitigate_eval", ["score", "--images", str(tmp_path / "gen"), "--gt", str(world / "gt"),
+                                    "--similarity", "pixel", "--clip_model", "none"], 2, "still running", tmp_path)
+    finally:
+        p.kill()
+        p.wait()
+
+
+# --------------------------------------------------------------- round 3 (issue 26): validation before work (7)
+
+def test_class7_non_finite_latents_are_an_error_and_never_an_image(detect_world, monkeypatch):
+    """Class 7: a generation that overflows (here: NaN injected into the method's latents) stops with one line
+    naming the method and setting; no image file is written."""
+    from utils.mitigation import methods
+    real = methods.run_plan
+    monkeypatch.setattr(methods, "run_plan", lambda ctx, plan: real(ctx, plan) * float("nan"))
+    argv = ["--model_id", "tiny", "--data_path", "{w}/det/p.txt", "--device", "cpu", "--gen_num", "1",
+            "--out_dir", "{w}/nan_out", "--method", "none", "--num_inference_steps", "2"]
+    check_row(MITI, argv, 2, "non-finite latents", detect_world, allowed=("nan_out",))
+    assert not [f for _, _, fs in os.walk(detect_world / "nan_out") for f in fs if f.endswith(".png")]
+
+
+# --------------------------------------------------------------------- round 3 (issue 26): run scripts (class 8)
+
+def _fake(path, body):
+    path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_class8_demo_side_by_side_stops_the_other_run_and_passes_on_exit_2(tmp_path):
+    """Class 8: when one of the demo's two parallel runs fails (exit 2), the script stops the other at once and
+    ends with 2. PYTHON is a stand-in: the memorized run waits, the non-memorized one fails."""
+    py = _fake(tmp_path / "py", f'echo $$ >> {tmp_path}/pids; case "$*" in *demo_nmem*) exit 2 ;; '
+                                f'*) exec sleep 120 ;; esac')
+    p = subprocess.run(["bash", os.path.join(ROOT, "run_detection.sh"), "demo"], env=dict(os.environ, PYTHON=py),
+                       capture_output=True, text=True, timeout=100)
+    assert p.returncode == 2, p.stderr
+    pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 2
+    for pid in pids:  # the waiting run was stopped (TERM is delivered before the script's wait returns)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"run {pid} was left running")
+
+
+def test_class8_num_processes_from_the_environment_reaches_the_launcher(tmp_path):
+    """Class 8: NUM_PROCESSES=2 bash run_detection.sh demo launches through accelerate with 2 processes (a
+    stand-in accelerate records its arguments and fails, which the script passes on)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake(bindir / "accelerate", f'echo "$*" >> {tmp_path}/calls; exit 2')
+    p = subprocess.run(["bash", os.path.join(ROOT, "run_detection.sh"), "demo"], capture_output=True, text=True,
+                       env=dict(os.environ, NUM_PROCESSES="2", PATH=f"{bindir}:{os.environ['PATH']}"), timeout=100)
+    assert p.returncode == 2, p.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls and all("--num_processes 2" in c and "detect_mem.py" in c for c in calls), calls
+
+
+# ------------------------------------------------------- round 3 (issue 26): encodings (class 9)
+
+def test_class9_a_lone_surrogate_in_a_caption_or_a_manifest_prompt_is_one_error(world, tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"caption": "a \\ud800 rug", "index": 1, "file": "x.png"}\n')
+    check_row("mitigate_eval", ["fetch", "--jsonl", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o")], 2,
+              "line 1 holds a lone surrogate", tmp_path)
+    import shutil
+    shutil.copytree(world / "gen", tmp_path / "gen")
+    (tmp_path / "gen" / "manifest.jsonl").write_text('{"header": {}}\n{"index": 0, "prompt": "Red \\udfff Rug", '
+                                                     '"images": ["0_0.png"]}\n')
+    check_row("mitigate_eval", ["score", "--images", str(tmp_path / "gen"), "--gt", str(world / "gt"),
+                                "--similarity", "pixel", "--clip_model", "none"], 2, "line 2 holds a lone surrogate",
+              tmp_path)
+
+
+# ------------------------------------------- round 3 (issue 26): model folders of an unsupported kind (class 10)
+
+@pytest.mark.parametrize("damage,fragment", [("no_unet", "no file named config.json"),
+                                             ("weights", "Unable to load weights"),
+                                             ("fifo_config", "config.json"),  # never a hang
+                                             ("class", "supported families")])
+def test_class10_a_damaged_or_foreign_model_folder_is_one_line(detect_world, tmp_path, damage, fragment):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "demo_model"), model)
+    if damage == "no_unet":
+        shutil.rmtree(model / "unet")
+    elif damage == "weights":
+        f = model / "unet" / "diffusion_pytorch_model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+    elif damage == "fifo_config":
+        os.remove(model / "unet" / "config.json")
+        os.mkfifo(model / "unet" / "config.json")
+    else:
+        idx = json.loads((model / "model_index.json").read_text())
+        (model / "model_index.json").write_text(json.dumps(dict(idx, _class_name="KandinskyPipeline")))
+    with time_limit(120):
+        check_row(DETECT, ["--model_id", str(model), "--data_path", "{w}/det/p.txt", "--device", "cpu", "--gen_num",
+                           "1", "--metrics", "wen", "--out_dir", str(tmp_path / "o")], 2, fragment, detect_world)

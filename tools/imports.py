@@ -16,7 +16,8 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = {"utils.cli": 0, "utils.metrics": 0, "utils.eigen": 0, "utils.imagemath": 0, "utils.io": 1, "utils.stats": 1,
+LAYERS = {"utils.cli": 0, "utils.metrics": 0, "utils.eigen": 0, "utils.imagemath": 0, "utils.schemas": 0,
+          "utils.io": 1, "utils.stats": 1,
           "utils.prompts": 2, "utils.distributed": 2, "utils.results": 2, "utils.models": 3, "utils.detection": 4,
           "utils.mitigation": 4, "utils.evaluation": 4, "utils.demo": 4, "utils.startup": 5}
 

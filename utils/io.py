@@ -34,9 +34,17 @@ def writing(path, what="output"):
         raise UserError(f"cannot write {what} {path}: {e.strerror or one_line(e)}") from None
 
 
-def prepare_dir(path, what="output folder"):
+def prepare_dir(path, what="output folder", inside=None):
     """Create folder path (and parents) if needed, at the start of a run: a path that is a file, lies under a
-    file or cannot be created is one UserError now, not after hours of computing. Returns path."""
+    file or cannot be created is one UserError now, not after hours of computing. inside: the output folder the
+    user named, when path is a folder the tool names under it: no part of path below inside may be a symbolic
+    link (a link there would take the run's writes outside the output folder). Returns path."""
+    if inside is not None:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(inside))
+        part = os.path.abspath(inside)
+        for name in ([] if rel == os.curdir else rel.split(os.sep)):
+            part = os.path.join(part, name)
+            refuse_link(part, what)
     with writing(path, what):
         os.makedirs(path, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):
@@ -143,8 +151,8 @@ def read_run_log(path, what="run log", fields=None):
     "index" (the format of ProgressLog, and of mitigate_mem.py's manifest.jsonl).
 
     fields: optional {name: type or tuple of types} every record must have (bool never counts as int), e.g.
-    {"prompt": str, "images": list}; a record without them is a UserError naming its line, so a corrupted log
-    stops the run with one message instead of a KeyError deep inside it.
+    {"prompt": str, "images": list}, or a pydantic model (utils.schemas) every record must be of; a record
+    without them is a UserError naming its line and field, so a corrupted log stops the run with one message instead of a KeyError deep inside it.
     Returns (header dict, {index: record}, number of intact lines). A torn last line (a crash mid-write) is
     dropped with a warning; any other unreadable line (binary garbage, not UTF-8, not JSON), a missing header,
     or a record without an integer index is a UserError naming the line. A repeated index keeps the later
@@ -152,6 +160,7 @@ def read_run_log(path, what="run log", fields=None):
     """
     if not os.path.lexists(path):
         raise UserError(f"{what} {path} not found")
+    check_link(path, what)
     lines = read_text_file(path, what).split("\n")
     numbered = [(i, ln) for i, ln in enumerate(lines, start=1) if ln.strip()]
     records, good = {}, 0
@@ -165,6 +174,8 @@ def read_run_log(path, what="run log", fields=None):
                 break
             raise UserError(f"{path} line {i} is not valid JSON ({getattr(e, 'msg', type(e).__name__)}); "
                             f"is it a {what} of this tool?")
+        if lone_surrogate(obj) is not None:
+            raise UserError(f"{path} line {i} holds a lone surrogate escape (\\ud800-\\udfff), which is not text")
         if pos == 0:
             if not (isinstance(obj, dict) and isinstance(obj.get("header"), dict)):
                 raise UserError(f"{path} is not a {what} of this tool (no header line)")
@@ -183,12 +194,34 @@ def read_run_log(path, what="run log", fields=None):
     return header, records, good
 
 
+def lone_surrogate(obj):
+    """The first string in parsed JSON obj (nested lists and dicts, keys too) that holds a lone surrogate
+    ("\\ud800": valid JSON, but no text: it cannot be written as UTF-8, printed or tokenized), or None."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return v
+        elif isinstance(v, dict):
+            stack += list(v.keys()) + list(v.values())
+        elif isinstance(v, list):
+            stack += v
+    return None
+
+
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_fields(obj, fields, where):
-    """UserError unless obj has every field of {name: type or tuple of types} (bool is not an int here)."""
+    """UserError unless obj has every field of {name: type or tuple of types} (bool is not an int here), or, when
+    fields is a pydantic model (utils.schemas), unless obj is of that type."""
+    if fields is not None and not isinstance(fields, dict):
+        check_type(obj, fields, where)
+        return
     for name, types in (fields or {}).items():
         v = obj.get(name)
         types = types if isinstance(types, tuple) else (types,)
@@ -228,10 +261,11 @@ class ProgressLog:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._lock = RunLock(self.path + ".lock", what=f"progress log {self.path}")
         try:
+            refuse_link(self.path, "progress log")
             if os.path.exists(self.path):
                 self._load()
             else:
-                with writing(self.path, "progress log"), open(self.path, "w", encoding="utf-8") as f:
+                with writing(self.path, "progress log"), _open_new(self.path, "w") as f:
                     f.write(_log_line({"header": identity}))
         except BaseException:
             self.close()
@@ -249,8 +283,10 @@ class ProgressLog:
             atomic_write_text(self.path, "\n".join(lines[:good]) + "\n")
 
     def add(self, record):
-        """Append one finished item and flush it to disk at once."""
-        with writing(self.path, "progress log"), open(self.path, "a", encoding="utf-8") as f:
+        """Append one finished item and flush it to disk at once; a record that is not of the log's type (e.g. no
+        values) is a UserError and is never written."""
+        _check_fields(record, self.fields, f"{self.path} (new record {record.get('index')})")
+        with writing(self.path, "progress log"), _open_new(self.path, "a") as f:
             f.write(_log_line(record))
             f.flush()
             os.fsync(f.fileno())
@@ -273,6 +309,13 @@ class ProgressLog:
             pass
 
 
+def _open_new(path, mode):
+    """A text file opened for writing ("w": created, never an existing file) or appending ("a"), never through a
+    symbolic link (O_NOFOLLOW: a link put in its place is an error, not followed)."""
+    flags = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | (os.O_CREAT | os.O_EXCL if mode == "w" else os.O_APPEND)
+    return os.fdopen(os.open(path, flags, 0o666), mode, encoding="utf-8")
+
+
 class RunLock:
     """An exclusive lock on a lock file for as long as a run writes somewhere; a second process asking for the
     same lock gets a UserError at once (never waits).
@@ -290,8 +333,9 @@ class RunLock:
         except ImportError:
             return
         while self.fd is None:
+            refuse_link(self.path, "lock file")  # a link here would have its target truncated and overwritten
             with writing(self.path, "lock file"):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -317,6 +361,31 @@ class RunLock:
         except OSError:
             pass
         os.close(fd)  # closing the descriptor drops the process's lock on the file
+
+
+def lock_holder(path):
+    """The pid text of the live process that holds the RunLock on lock file path, or None (no such file, or
+    nobody holds it). Probes with a non-blocking lock; POSIX locks belong to the process, so call it only where
+    this process holds no lock on that file (closing the probe would drop it)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _same_inode(fd, path):
@@ -415,6 +484,56 @@ def read_text_file(path, what="file", max_bytes=1 << 30):
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{what} {path} is not UTF-8 text (bad byte at offset {e.start}, line {line})") from None
+
+
+MAX_JSON_BYTES = 256 << 20  # a sidecar or score result is read whole; real ones are a few MB
+
+
+def refuse_link(path, what="output"):
+    """UserError when path is a symbolic link (dangling or not): a file or folder the tool writes is never
+    reached through a link, which could lead anywhere on disk."""
+    if os.path.islink(path):
+        raise UserError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); the tool never writes through "
+                        "a link: remove it, or choose another output folder")
+
+
+def check_link(path, what="file"):
+    """UserError when path is a symbolic link that leads out of its own folder (a link inside it is fine)."""
+    if os.path.islink(path):
+        folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        target = os.path.realpath(path)
+        if not _inside(target, folder):
+            raise UserError(f"{what} {path} is a link to {target}, outside its folder; refusing to follow it")
+
+
+def check_type(obj, model, where):
+    """Validate parsed JSON obj against a pydantic model (utils.schemas); the first problem is a UserError that
+    names where (file, line) and the field."""
+    from pydantic import ValidationError
+    try:
+        model.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "top level"
+        raise UserError(f"{where}: {loc}: {err['msg']}; the file is damaged or was edited by hand "
+                        "(rerun the command that wrote it)") from None
+    return obj
+
+
+def read_json_file(path, what="JSON file", model=None, max_bytes=MAX_JSON_BYTES):
+    """The one way in for a JSON file a run reads back (sidecars, score results): not a link out of its folder,
+    a regular file (a FIFO or device is refused without blocking), at most max_bytes, UTF-8, valid JSON, and of
+    the type `model` (a pydantic model of utils.schemas) when given. Returns the parsed JSON as it is; any
+    failure is one UserError naming what the file is."""
+    check_link(path, what)
+    text = read_text_file(path, what, max_bytes)
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{what} {path} is not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+    if lone_surrogate(obj) is not None:
+        raise UserError(f"{what} {path} holds a lone surrogate escape (\\ud800-\\udfff), which is not text")
+    return obj if model is None else check_type(obj, model, f"{what} {path}")
 
 
 def read_data_file(base_dir, relative, max_bytes):

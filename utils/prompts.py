@@ -4,7 +4,7 @@ import os
 import urllib.request
 
 from .cli import UserError, warn
-from .io import atomic_write_bytes, read_text_file, sha256_file
+from .io import atomic_write_bytes, lone_surrogate, read_text_file, sha256_file
 
 # The paper's benchmark prompt sets (third-party data), fetched on first use from the paper's code release.
 UPSTREAM = "https://raw.githubusercontent.com/Dongjae0324/sharpness_memorization_diffusion/main/prompts/"
@@ -130,6 +130,8 @@ def read_jsonl(path, mirror=None):
             out.append(json.loads(line))
         except (ValueError, RecursionError) as e:  # ValueError: also over-long integers; RecursionError: nesting
             raise UserError(f"{path} line {i} is not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+        if lone_surrogate(out[-1]) is not None:
+            raise UserError(f"{path} line {i} holds a lone surrogate escape (\\ud800-\\udfff), which is not text")
     if not out:
         raise UserError(f"{path} holds no records")
     return out

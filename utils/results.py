@@ -8,13 +8,13 @@ lower values mean memorized, so a larger score always means more likely memorize
 """
 import dataclasses
 import io
-import json
 import os
 
 import torch
 
 from .cli import UserError
-from .io import DataPathError, atomic_torch_save, read_limited, write_sidecar
+from .io import DataPathError, atomic_torch_save, read_json_file, read_limited, write_sidecar
+from .schemas import DetectionSidecar
 
 MAX_RESULT_BYTES = 1 << 30  # a result tensor is read whole, so its size is capped
 
@@ -72,12 +72,14 @@ def read_detection_result(path, need_sidecar=False):
         raise UserError(f"{path} is not a detect_mem.py result ({type(e).__name__})") from None
     if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dim() != 2 or t.shape[0] == 0:
         raise UserError(f"{path} does not hold a [prompts, steps] tensor")
-    try:
-        with open(sidecar_path(path), encoding="utf-8") as f:
-            side = json.load(f)
-        side = side if isinstance(side, dict) else None
-    except (OSError, ValueError):
-        side = None
+    if t.is_complex():  # its imaginary part would be dropped with only a library warning
+        raise UserError(f"{path} holds a complex tensor ({t.dtype}); a detection result is real")
+    # No sidecar: a result older than sidecars. One that is there must be intact (never dropped in silence).
+    side = (read_json_file(sidecar_path(path), "result sidecar", DetectionSidecar)
+            if os.path.lexists(sidecar_path(path)) else None)
+    if side is not None and side.get("shape") is not None and list(side["shape"]) != list(t.shape):
+        raise UserError(f"{path} holds a {list(t.shape)} tensor but its sidecar says {side['shape']} (prompts, steps): "
+                        "one of the two was replaced; rerun detect_mem.py")
     if need_sidecar:
         prompts = (side or {}).get("prompts")
         if side is None:
@@ -98,3 +100,31 @@ def write_detection_result(base, values, arguments, *, metric, prompts, per_gene
                   prediction_type=prediction_type, identity=identity, cost=cost,
                   **({"family": family} if family else {}))
 
+
+
+# What may differ between two results that are compared (a memorized and a non-memorized set): the prompt file.
+PER_SET = ("data_sha256",)
+
+
+def differences(a, b):
+    """What differs between two results a comparison needs alike (list of names, [] when comparable): the
+    metric's name, direction and settings, the model, and every identity field (seed, n, steps, dtype, device,
+    size, options) but the prompt file's hash. Results without a sidecar (the reference's naming) have
+    nothing to compare: []."""
+    if a.sidecar is None or b.sidecar is None:
+        return []
+    out = [f"metric {k}" for k in ("name", "direction", "settings") if a.metric.get(k) != b.metric.get(k)]
+    if a.sidecar.get("model_id") != b.sidecar.get("model_id"):
+        out.append("model_id")
+    ia, ib = a.sidecar.get("identity") or {}, b.sidecar.get("identity") or {}
+    out += sorted(k for k in set(ia) | set(ib) if k not in PER_SET and k != "model_id" and ia.get(k) != ib.get(k))
+    return out
+
+
+def describe_differences(a, b, names):
+    """One line naming each difference with both values, e.g. "gen_num 4 vs 8"."""
+    def value(r, name):
+        if name.startswith("metric "):
+            return r.metric.get(name.split()[1])
+        return r.sidecar.get("model_id") if name == "model_id" else (r.sidecar.get("identity") or {}).get(name)
+    return "; ".join(f"{n} {value(a, n)!r:.60} vs {value(b, n)!r:.60}" for n in names)

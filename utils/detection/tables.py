@@ -9,7 +9,9 @@ import numpy as np
 
 from ..cli import UserError, warn
 from ..metrics import detection_metrics
-from ..results import read_detection_result
+from ..io import read_json_file
+from ..results import DetectionResult, describe_differences, differences, read_detection_result
+from ..schemas import DetectionSidecar
 from ..stats import interval_text, metric_intervals, paired_auc_difference
 
 PAPER_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "paper",
@@ -32,11 +34,7 @@ def discover(folder, known_metrics):
         pt = os.path.join(folder, name[:-5] + ".pt")
         if not m or not os.path.isfile(pt):
             continue
-        try:
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                side = json.load(f)
-        except (OSError, ValueError):
-            continue
+        side = read_json_file(os.path.join(folder, name), "result sidecar", DetectionSidecar)  # damaged: an error
         meta = side.get("metric") if isinstance(side, dict) else None
         if isinstance(meta, dict):
             metric, stem = meta.get("name"), meta.get("stem")
@@ -46,8 +44,18 @@ def discover(folder, known_metrics):
             metric, stem = m.group("metric"), m.group("stem")
         if metric not in known_metrics:
             continue
-        out.append(dict(stem=stem, metric=metric, n=int(m.group("n")), pt=pt, sidecar=side))
-    return out
+        n = int(m.group("n"))
+        # The names of the table's outputs come from the stems: a sidecar's stem (data) must be its file's own,
+        # which also makes (stem, metric, n) name one file (two files can never claim the same result).
+        expected = f"{stem}_gen{n}.json" if metric == "sharpness" else f"{stem}_{metric}_gen{n}.json"
+        if not isinstance(stem, str) or name != expected or os.sep in stem or stem.startswith("."):
+            raise UserError(f"{os.path.join(folder, name)}: its sidecar names set {stem!r:.80} and metric {metric!r}, "
+                            "which do not match its file name; the file was renamed or edited by hand")
+        if isinstance(meta, dict) and meta.get("gen_num") not in (None, n):
+            raise UserError(f"{os.path.join(folder, name)}: the file name says n = {n}, its sidecar "
+                            f"{meta.get('gen_num')}; the file was renamed or edited by hand")
+        out.append(dict(stem=stem, metric=metric, n=n, pt=pt, sidecar=side))
+    return out  # (stem, metric, n) is unique: each names one file, so no two results can replace each other
 
 
 def set_pairs(results):
@@ -60,10 +68,6 @@ def load_paper(path=PAPER_TABLE):
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)["table1"]
     return {(r["metric"], r["sd"], r["n"], r["steps"]): r for r in rows}
-
-
-def _scores(pt, steps):
-    return read_detection_result(pt).scores(steps)
 
 
 def _settings(side):
@@ -88,18 +92,22 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, boo
         if nmem is None:
             warn(f"{metric} n = {n}: found for {mem_stem} but not for {nmem_stem}; skipped")
             continue
-        if _settings(mem["sidecar"]) != _settings(nmem["sidecar"]):
+        a, b = (DetectionResult(r["pt"], None, r["sidecar"]) for r in (mem, nmem))
+        diff = differences(a, b)
+        if _settings(mem["sidecar"]) != _settings(nmem["sidecar"]) or diff:
             raise UserError(f"{os.path.basename(mem['pt'])} and {os.path.basename(nmem['pt'])} were computed with "
-                            "different settings (model, seed, dtype, steps or metric options); rerun one of them")
-        width = len(mem["sidecar"].get("values", [[None]])[0])
-        if width != len(nmem["sidecar"].get("values", [[None]])[0]):
+                            f"different settings ({describe_differences(a, b, diff) or 'metric settings'}); rerun "
+                            "one of them")
+        rm, rn = read_detection_result(mem["pt"]), read_detection_result(nmem["pt"])  # shapes checked on read
+        width = rm.values.shape[1]  # the tensor's, not what a sidecar says
+        if width != rn.values.shape[1]:
             raise UserError(f"{metric} n = {n}: the two sets have different numbers of measured steps")
         meta = mem["sidecar"].get("metric") if isinstance(mem["sidecar"].get("metric"), dict) else {}
         direction = meta.get("direction", "higher")
         settings = meta.get("settings") or {}
         ks = sorted({k for k in steps if k <= width} | {width}) if metric in MULTI_STEP else [None]
         for k in ks:
-            mem_s, nmem_s = _scores(mem["pt"], k or width), _scores(nmem["pt"], k or width)
+            mem_s, nmem_s = rm.scores(k or width), rn.scores(k or width)
             if mem_mask is not None:
                 if len(mem_mask) != len(mem_s):
                     raise UserError(f"{os.path.basename(mem['pt'])} has {len(mem_s)} prompts and the labels "

@@ -480,10 +480,10 @@ def fetch_all(records, base_dir, out_dir, fetcher, workers=8, min_side=MIN_SIDE,
             last[0] = time.monotonic()
 
     save(force=True)  # creates out_dir, or stops with one error line when it cannot be written
-    _remove_stale_temp(out_dir)
     done = queue.SimpleQueue()
-    _start_workers(lambda it: fetch_item(it, out_dir, fetcher, min_side), items, workers, done, fetcher.stop)
-    try:
+    try:  # from the moment the manifest exists: a Ctrl-C while the workers start also cancels the started ones
+        _remove_stale_temp(out_dir)
+        _start_workers(lambda it: fetch_item(it, out_dir, fetcher, min_side), items, workers, done, fetcher.stop)
         with tqdm(total=len(items), desc="fetch", unit="img", disable=not progress) as bar:
             for _ in range(len(items)):
                 it, row, error = _next_result(done)

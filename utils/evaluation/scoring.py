@@ -7,7 +7,6 @@ score (image vs prompt). Prompts are matched to training images by caption text 
 """
 import csv
 import io
-import json
 import math
 import os
 
@@ -19,7 +18,8 @@ from . import similarity as S
 from ..cli import UserError, warn
 from .fetch_manifest import MANIFEST_NAME, read_manifest
 from .images import MAX_FILE_BYTES
-from ..io import DataPathError, atomic_write_text, read_limited, write_sidecar
+from ..io import DataPathError, atomic_write_text, read_json_file, read_limited, write_sidecar
+from ..schemas import ScoreResult
 
 CSV_COLUMNS = ["index", "prompt", "status", "gt_indices", "n_gt_images", "n_images", "n_missing", "similarity_mean",
                "similarity_max", "similarity_per_image", "clip_mean", "clip_per_image", "n_blank"]
@@ -207,13 +207,12 @@ def write_score_result(path, arguments, result):
 
 def load_result(path):
     """A results JSON written by `mitigate_eval.py score` (write_score_result); anything else is a UserError."""
+    if not os.path.lexists(path):
+        raise UserError(f"{path} not found: not a results JSON of mitigate_eval.py score")
     try:
-        with open(path, encoding="utf-8") as f:
-            r = json.load(f)
-        r["similarity"]["name"], r["per_prompt"], r["thresholds"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a results JSON of mitigate_eval.py score ({type(e).__name__})")
-    return r
+        return read_json_file(path, "score result", ScoreResult)
+    except UserError as e:
+        raise UserError(f"{path} is not a results JSON of mitigate_eval.py score: {e}") from None
 
 
 def print_compare(this, other, other_path):
@@ -249,14 +248,49 @@ FIG6_COLUMNS = ["method", "setting", "gated", "mean_similarity", "mean_clip", "f
                 "unet_forwards_per_image", "unet_backwards_per_image", "cost_ratio", "result"]
 
 
-def run_cost(manifest):
-    """Mean per-prompt cost of a generation run from its manifest records: search seconds, generation seconds,
-    search UNet calls, how many prompts were mitigated, and UNet evaluations per image with their ratio to plain
-    generation (utils.evaluation.cost). Missing fields (older runs) give None."""
-    try:
-        header, recs = M.read_generation_manifest(manifest)
-    except UserError:
+# What every point of one Figure 6 shares: the generation run's identity but the method, its settings and its sampling
+# (--sampler / --author_settings: a method's point says so in its label), and the training images scored against.
+SHARED_RUN_FIELDS = ("model", "model_id", "data_sha256", "gen_num", "gen_seed", "dtype", "device",
+                     "num_inference_steps", "height", "width")
+
+
+def mixed_runs(results, paths):
+    """The first difference between score results that one figure must not mix (None when alike): a line
+    naming the field and the two results, e.g. "gen_seed 0 in a.json vs 1 in b.json"."""
+    def fields(res):
+        head = res.get("generation_header") or {}
+        return dict({k: head.get(k) for k in SHARED_RUN_FIELDS}, gt=res.get("gt"))
+    first = fields(results[0])
+    for res, path in zip(results[1:], paths[1:]):
+        other = fields(res)
+        for k in first:
+            if first[k] != other[k]:
+                return f"{k} {first[k]!r:.60} in {paths[0]} vs {other[k]!r:.60} in {path}"
+    return None
+
+
+def scored_manifest(res, path):
+    """(header, records) of the generation manifest the score result res (read from path) names, only when it is
+    the manifest that result scored: its header equals the result's generation_header. A result file's
+    'manifest' field is data, so it may never lead the tool to another run's files (UserError otherwise)."""
+    m = res.get("manifest")
+    if not (isinstance(m, str) and os.path.isabs(m)):
+        raise UserError(f"{path}: 'manifest' is not an absolute path; the file is damaged or was edited by hand")
+    header, recs = M.read_generation_manifest(m)
+    if header != res.get("generation_header"):
+        raise UserError(f"{path} names the generation manifest {m}, which is not the run it scored (another "
+                        "header); rescore that folder")
+    return header, recs
+
+
+def run_cost(res, path):
+    """Mean per-prompt cost of a generation run from its manifest records (scored_manifest): search seconds,
+    generation seconds, search UNet calls, how many prompts were mitigated, and UNet evaluations per image with
+    their ratio to plain generation (utils.evaluation.cost). Missing fields (older runs), or a manifest no longer
+    there, give None."""
+    if not os.path.lexists(res.get("manifest") or ""):
         return {}
+    header, recs = scored_manifest(res, path)
 
     def mean(*keys):
         vals = [next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None) for r in recs]
@@ -280,7 +314,7 @@ def figure6_rows(results, paths, naming):
         rows.append(dict(method=method, setting=setting, gated=gated, mean_similarity=s["mean_similarity"],
                          mean_clip=s["mean_clip"], frac_above={t: s[f"frac_above_{t:g}"] for t in res["thresholds"]},
                          frac_blank=s.get("frac_blank"), n_prompts=c["n_evaluated"], n_images=c["n_images"],
-                         result=path, **run_cost(res.get("manifest", "")),
+                         result=path, **run_cost(res, path),
                          _key=(list(METHODS).index(method) if method in METHODS else len(METHODS), gated,
                                setting_sort_key(method, settings))))
     rows.sort(key=lambda r: r["_key"])
@@ -362,7 +396,7 @@ def image_grid(results, prompt_indices, naming, picks=None, gt_dir=None):
         if want and not hit:
             raise UserError(f"no {method} result with setting {want!r}; there are: {', '.join(c[1] for c in cands)}")
         _, label, res = hit[0] if want else cands[(len(cands) - 1) // 2]
-        _, records = M.read_generation_manifest(res["manifest"])
+        _, records = scored_manifest(res, "a score result")
         chosen.append((method, label, os.path.dirname(res["manifest"]), {r["index"]: r for r in records}))
     gt = _first_training_images(gt_dir) if gt_dir else None
     ncol = len(chosen) + (gt is not None)

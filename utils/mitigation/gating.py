@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from ..cli import UserError
-from ..results import read_detection_result
+from ..results import describe_differences, differences, read_detection_result
 
 
 def check_same_prompts(det_prompts, prompts, what):
@@ -50,8 +50,10 @@ def gate_prompts(prompts, detection, model_id=None, *, threshold=None, fpr=None,
         if (nm.metric.get("name"), nm.sidecar.get("model_id")) != (info["metric"], meta.get("model_id")):
             raise UserError(f"{nmem} comes from another detector or model than {detection}; calibrate on the "
                             "same one")
-        if nm.sidecar.get("identity", {}).get("gen_num") != meta.get("identity", {}).get("gen_num"):
-            warn(f"{nmem} and {detection} average different numbers of generations")
+        diff = differences(det, nm)  # seed, n, steps, direction, settings: a threshold only transfers when alike
+        if diff:
+            raise UserError(f"{detection} and {nmem} come from different settings "
+                            f"({describe_differences(det, nm, diff)}); calibrate on a result of the same settings")
         info.update(threshold=calibrated_threshold(nm.scores(), fpr), fpr=fpr, nmem=os.path.abspath(nmem),
                     nmem_sha256=sha256_file(nmem))
     flags = flag_prompts(scores, info["threshold"])

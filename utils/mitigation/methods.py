@@ -131,9 +131,14 @@ def describe_run(header):
     """(method, setting label, settings dict, gated) of a generation manifest header; headers written before the
     method registry (SAIL and --no_mitigation runs) are understood too. A run with another sampler or guidance
     than the harness's (DDIM, 7.5) says so in its label, e.g. 'C=1.25, euler, w=7'."""
+    from ..cli import UserError, one_line
     method = header.get("method") or ("none" if header.get("no_mitigation") else "sail")
     settings = header.get("settings") or header.get("sail") or {}
-    label = setting_label(method, settings)
+    try:
+        label = setting_label(method, settings)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged or hand-edited header
+        raise UserError(f"a generation header of method {method!r} without its settings ({type(e).__name__}: "
+                        f"{one_line(e)}): not a header written by mitigate_mem.py") from None
     extra = [header["sampler"]] if header.get("sampler") else []
     if header.get("guidance_scale", 7.5) != 7.5:
         extra.append(f"w={header['guidance_scale']:g}")

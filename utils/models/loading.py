@@ -125,14 +125,13 @@ def read_model_index(model_id):
 
 def _json_object(path, max_bytes=1 << 20):
     """A small JSON object file (a model config); UserError if it is not one."""
+    from ..io import read_text_file  # a regular file (a FIFO is refused without blocking), capped, UTF-8
+    text = read_text_file(path, "model config", max_bytes)  # (Hub cache files are links: not check_link)
     try:
-        if os.path.getsize(path) > max_bytes:
-            raise ValueError(f"larger than {max_bytes} bytes")
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = json.loads(text)
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{path} is not a readable model config ({one_line(e)[:160]})") from None
     return obj
 
