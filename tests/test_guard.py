@@ -12,7 +12,8 @@ from PIL import Image
 
 from cli_run import exit_code
 import mitigate_mem
-from utils.evaluation.scoring import run_cost
+from utils.evaluation.scoring import manifest_cost
+from utils.evaluation.matching import read_generation_manifest
 from utils.mitigation import guard as GUARD, methods as MI
 from utils.models.denoisers import denoiser
 from utils.models.families import SD1
@@ -41,7 +42,8 @@ def test_effect_off_equals_none_and_bad_values(tiny_eps_dir, tmp_path, capsys):
     recs, on = _images(out / "mem_guard_r2_alpha0.3")
     assert all(np.array_equal(a, b) for a, b in zip(none, off)) and not np.array_equal(none[0], on[0])
     assert 0 < recs[0]["spike_fraction"] < 1 and recs[0]["sample_branches"] == 3
-    assert run_cost(str(out / "mem_guard_r2_alpha0.3" / "manifest.jsonl"))["cost_ratio"] == 1.5
+    run = read_generation_manifest(str(out / "mem_guard_r2_alpha0.3" / "manifest.jsonl"))
+    assert manifest_cost(*run)["cost_ratio"] == 1.5
     for extra, msg in ((["--guard_spike_scale", "0"], "--guard_spike_scale"),
                        (["--guard_repulsion", "-1"], "--guard_repulsion"),
                        (["--grid", "1,-2"], "not a valid repulsion")):

@@ -13,7 +13,8 @@ from PIL import Image
 from cli_run import exit_code
 import mitigate_mem
 from utils.evaluation.cost import image_cost
-from utils.evaluation.scoring import run_cost
+from utils.evaluation.scoring import manifest_cost
+from utils.evaluation.matching import read_generation_manifest
 from utils.mitigation import han as HAN, methods as MI
 from utils.models.denoisers import denoiser
 from utils.models.families import SD1, load_pipeline
@@ -62,9 +63,9 @@ def test_effect_off_equals_none_and_author_guidance(cli, tiny_eps_dir):
     assert recs[0]["search_unet_calls"] == 4 and recs[0]["uncond_steps"] == STEPS
     assert not np.array_equal(on[0], none[0])
     # cost per image in UNet rows: sampling 2 S = 8; the search 4 pair calls of 2n = 4 rows over n = 2 images
-    cost = run_cost(str(out / "mem_han_batch_rho50" / "manifest.jsonl"))
+    cost = manifest_cost(*read_generation_manifest(str(out / "mem_han_batch_rho50" / "manifest.jsonl")))
     assert (cost["unet_forwards_per_image"], cost["unet_backwards_per_image"], cost["cost_ratio"]) == (16, 0, 2)
-    assert run_cost(str(out / "mem_nomiti" / "manifest.jsonl"))["cost_ratio"] == 1
+    assert manifest_cost(*read_generation_manifest(str(out / "mem_nomiti" / "manifest.jsonl")))["cost_ratio"] == 1
 
 
 def _ctx(pipe):

@@ -284,14 +284,17 @@ def scored_manifest(res, path):
 
 
 def run_cost(res, path):
-    """Mean per-prompt cost of a generation run from its manifest records (scored_manifest): search seconds,
-    generation seconds, search UNet calls, how many prompts were mitigated, and UNet evaluations per image with
-    their ratio to plain generation (utils.evaluation.cost). Missing fields (older runs), or a manifest no longer
-    there, give None."""
+    """Mean per-prompt cost of the generation run a score result (read from path) scored, from its manifest
+    (scored_manifest; manifest_cost). A manifest no longer there gives {}."""
     if not os.path.lexists(res.get("manifest") or ""):
         return {}
-    header, recs = scored_manifest(res, path)
+    return manifest_cost(*scored_manifest(res, path))
 
+
+def manifest_cost(header, recs):
+    """Mean per-prompt cost of a generation run from its manifest header and records: search seconds, generation
+    seconds, search UNet calls, how many prompts were mitigated, and UNet evaluations per image with their ratio to
+    plain generation (utils.evaluation.cost). Missing fields (older runs) give None."""
     def mean(*keys):
         vals = [next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None) for r in recs]
         vals = [v for v in vals if v is not None]
