@@ -1170,6 +1170,29 @@ def test_class9_a_lone_surrogate_in_a_caption_or_a_manifest_prompt_is_one_error(
               tmp_path)
 
 
+@pytest.mark.parametrize("case", ["file", "under_file", "dangling_link", "unwritable"])
+def test_class9_a_torch_home_that_is_not_a_writable_folder_is_one_error(world, tmp_path, monkeypatch, case):
+    """Class 9: score fetches the SSCD weights into $TORCH_HOME/hub/checkpoints; a TORCH_HOME that is a file, lies
+    under one, is a dangling link or cannot be written is one line naming TORCH_HOME before any work, and nothing
+    is created there."""
+    home = tmp_path / "torch_home"
+    if case == "file":
+        home.write_text("x")
+    elif case == "under_file":
+        (tmp_path / "f").write_text("x")
+        home = tmp_path / "f" / "torch_home"
+    elif case == "dangling_link":
+        home.symlink_to(tmp_path / "absent")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes through any permission bits")
+        home.mkdir(mode=0o555)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    check_row("mitigate_eval", ["score", "--images", str(world / "gen"), "--gt", str(world / "gt"),
+                                "--similarity", "sscd", "--clip_model", "none", "--out", str(tmp_path / "r.json")],
+              2, "TORCH_HOME", tmp_path)
+
+
 # ------------------------------------------- round 3 (issue 26): model folders of an unsupported kind (class 10)
 
 @pytest.mark.parametrize("damage,fragment", [("no_unet", "no file named config.json"),
