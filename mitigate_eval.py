@@ -25,7 +25,7 @@ from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, de
     guarded, nonneg_int, nonneg_seconds, seconds, warn)
 from utils.evaluation.images import MIN_SIDE
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, lock_holder, write_sidecar
-from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_weights
+from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_cache_path, sscd_weights
 from utils.mitigation import methods
 from utils.models.families import FAMILIES
 from utils.models.loading import resolve_device
@@ -141,6 +141,9 @@ def run_score(a):
         raise UserError(f"the generation of {manifest} is still running (pid {running[0]}); score it once it ends")
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
     check_score_outputs(a, manifest, out)
+    if a.similarity == "sscd" and not a.sscd:  # the weights' cache, checked before any process starts work
+        with flag_hint("or pass --sscd PATH"):
+            sscd_cache_path(a.sscd_url)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
     # several processes under accelerate launch / torchrun: prompts are sharded
     shard, device = D.join(resolve_device(a.device), vars(a))

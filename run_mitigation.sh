@@ -67,11 +67,23 @@ others() { for m in $METHODS; do [ "$m" = sail ] || "${LAUNCH[@]}" mitigate_mem.
   # (docs/mitigation.md: cfg_delay DPM-Solver; ren Euler on SD v2.0; han guidance 7, Euler on SD v2.0)
   if [ "$AUTHOR_SETTINGS" = 1 ]; then for m in $METHODS; do case "$m" in cfg_delay|ren|han_batch|han_sample)
     "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid --author_settings $EXTRA_ARGS ;; esac; done; fi; }
+together() {  # together F G: run shell commands F and G at once; the first to fail stops the other, and the
+              # script ends with its exit code (2 for bad input) (as in run_detection.sh)
+  "$1" & local a=$!
+  "$2" & local b=$!
+  local rc=0 first=
+  wait -n -p first "$a" "$b" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    for p in "$a" "$b"; do pkill -TERM -P "$p" 2>/dev/null || true; kill -TERM "$p" 2>/dev/null || true; done
+    wait "$a" "$b" 2>/dev/null || true
+    exit "$rc"
+  fi
+  wait "$([ "$first" = "$a" ] && echo "$b" || echo "$a")" || exit $?
+}
 if [[ " $METHODS " == *" sail "* ]]; then
   if [ "$SD_VER" = demo ]; then
-    TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS & pid=$!
-    others
-    wait "$pid"
+    sail() { TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS; }
+    together sail others
   else
     "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS
     others

@@ -1130,7 +1130,12 @@ def test_class8_demo_side_by_side_stops_the_other_run_and_passes_on_exit_2(tmp_p
     assert p.returncode == 2, p.stderr
     pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
     assert len(pids) == 2
-    for pid in pids:  # the waiting run was stopped (TERM is delivered before the script's wait returns)
+    _wait_gone(pids)  # the waiting run was stopped (TERM is delivered before the script's wait returns)
+
+
+def _wait_gone(pids):
+    """Fail (after killing it) if any of pids is still running 10 s later."""
+    for pid in pids:
         for _ in range(100):
             try:
                 os.kill(pid, 0)
@@ -1140,6 +1145,23 @@ def test_class8_demo_side_by_side_stops_the_other_run_and_passes_on_exit_2(tmp_p
         else:
             os.kill(pid, signal.SIGKILL)
             pytest.fail(f"run {pid} was left running")
+
+
+@pytest.mark.parametrize("fails,waits", [("wen", "sail"), ("sail", "wen")])
+def test_class8_mitigation_demo_stops_the_other_run_and_passes_on_exit_2(tmp_path, fails, waits):
+    """Class 8: run_mitigation.sh demo runs SAIL beside the other methods; when one side fails (exit 2) the
+    script stops the other at once and ends with 2. PYTHON is a stand-in: every other call succeeds."""
+    py = _fake(tmp_path / "py", f'case "$*" in *"--method {fails} "*) echo $$ >> {tmp_path}/pids; exit 2 ;; '
+                                f'*"--method {waits} "*) echo $$ >> {tmp_path}/pids; exec sleep 120 ;; '
+                                f'*"--method ren "*) echo ren >> {tmp_path}/after ;; esac; exit 0')
+    p = subprocess.run(["bash", os.path.join(ROOT, "run_mitigation.sh"), "demo"], env=dict(os.environ, PYTHON=py),
+                       capture_output=True, text=True, timeout=100)
+    assert p.returncode == 2, p.stderr
+    pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 2
+    _wait_gone(pids)
+    if fails == "wen":  # the other methods' loop ended at its failure: the methods after wen never started
+        assert not (tmp_path / "after").exists()
 
 
 def test_class8_num_processes_from_the_environment_reaches_the_launcher(tmp_path):
@@ -1168,6 +1190,29 @@ def test_class9_a_lone_surrogate_in_a_caption_or_a_manifest_prompt_is_one_error(
     check_row("mitigate_eval", ["score", "--images", str(tmp_path / "gen"), "--gt", str(world / "gt"),
                                 "--similarity", "pixel", "--clip_model", "none"], 2, "line 2 holds a lone surrogate",
               tmp_path)
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "dangling_link", "unwritable"])
+def test_class9_a_torch_home_that_is_not_a_writable_folder_is_one_error(world, tmp_path, monkeypatch, case):
+    """Class 9: score fetches the SSCD weights into $TORCH_HOME/hub/checkpoints; a TORCH_HOME that is a file, lies
+    under one, is a dangling link or cannot be written is one line naming TORCH_HOME before any work, and nothing
+    is created there."""
+    home = tmp_path / "torch_home"
+    if case == "file":
+        home.write_text("x")
+    elif case == "under_file":
+        (tmp_path / "f").write_text("x")
+        home = tmp_path / "f" / "torch_home"
+    elif case == "dangling_link":
+        home.symlink_to(tmp_path / "absent")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes through any permission bits")
+        home.mkdir(mode=0o555)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    check_row("mitigate_eval", ["score", "--images", str(world / "gen"), "--gt", str(world / "gt"),
+                                "--similarity", "sscd", "--clip_model", "none", "--out", str(tmp_path / "r.json")],
+              2, "TORCH_HOME", tmp_path)
 
 
 # ------------------------------------------- round 3 (issue 26): model folders of an unsupported kind (class 10)

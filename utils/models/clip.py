@@ -31,6 +31,29 @@ def load_sscd(path, device="cpu"):
 SSCD_TIMEOUT = 30  # seconds per connect/read of the SSCD download: an offline machine fails fast, never hangs
 
 
+def sscd_cache_path(url=SSCD_URL, hub_dir=None):
+    """Where sscd_weights keeps the download: <hub_dir or torch.hub.get_dir()>/checkpoints/<file name of url>.
+
+    Checked before anything is fetched or written: every part of that folder that exists must be a folder, and the
+    deepest existing one writable (only readable when the weights and their recorded digest are both there
+    already, so a read-only shared cache works). Otherwise a UserError naming TORCH_HOME, which sets the place.
+    """
+    import torch.hub
+    base = hub_dir or torch.hub.get_dir()
+    dst = os.path.join(base, "checkpoints", os.path.basename(url.split("?")[0]))
+    cached = os.path.isfile(dst) and os.path.isfile(dst + ".sha256")
+    where = f"torch hub's cache {base} (set by TORCH_HOME)"
+    folder = os.path.dirname(dst)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{where}: {folder} is not a folder; set TORCH_HOME to a writable folder")
+    if not os.access(folder, os.R_OK | os.X_OK if cached else os.W_OK | os.X_OK):
+        raise UserError(f"{where}: {folder} is not " + ("readable" if cached else "writable") +
+                        "; set TORCH_HOME to a writable folder")
+    return dst
+
+
 def sscd_weights(path=None, sha256=None, url=SSCD_URL, hub_dir=None, timeout=SSCD_TIMEOUT):
     """Path of the SSCD TorchScript file: `path` if given (offline use; checked against sha256 if given), else the
     copy in torch hub's checkpoint cache (hub_dir or torch.hub.get_dir(), + '/checkpoints'), downloaded on first
@@ -43,7 +66,7 @@ def sscd_weights(path=None, sha256=None, url=SSCD_URL, hub_dir=None, timeout=SSC
     import socket
 
     import torch.hub
-    from ..io import atomic_write_text, sha256_file
+    from ..io import atomic_write_text, sha256_file, writing
     want = sha256.lower() if sha256 else None
     if want is not None and not re.fullmatch(r"[0-9a-f]{64}", want):
         raise UserError(f"a SHA-256 is 64 hexadecimal digits, got {sha256!r}")
@@ -51,10 +74,11 @@ def sscd_weights(path=None, sha256=None, url=SSCD_URL, hub_dir=None, timeout=SSC
         if want is not None and os.path.isfile(path) and sha256_file(path) != want:
             raise UserError(f"{path} does not have the pinned SHA-256 {want}")
         return path
-    dst = os.path.join(hub_dir or torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+    dst = sscd_cache_path(url, hub_dir)
     record = dst + ".sha256"
     if not os.path.isfile(dst):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with writing(os.path.dirname(dst), "torch hub's cache folder (TORCH_HOME)"):  # root on a read-only disk
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(timeout)  # torch.hub's urlopen takes no timeout of its own; restored below
         try:
