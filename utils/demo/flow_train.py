@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..cli import UserError
 from ..io import atomic_write_json, library_versions, staged_dir, writing
 from .data import build_dataset
-from .model import encode_latents, make_pairs, warmup_cosine
+from .model import LossLog, caption_tokens, encode_latents, make_pairs, optimizer_step, warmup_cosine
 
 MODEL_MARKER = "model_index.json"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: zero T5 tokens when text_encoder_3 is None
@@ -94,8 +94,7 @@ def train_flow(transformer, text_encoder, text_encoder_2, latents, pairs, captio
     joint_dim = transformer.config.joint_attention_dim
     for m in (transformer, text_encoder, text_encoder_2):
         m.train()
-    window = {"loss": [], "mem": [], "ord": []}
-    t_last = time.time()
+    losses = LossLog(log, log_every, (steps, stop_after))
     for step in tqdm(range(steps if stop_after is None else min(steps, stop_after)), desc="flow", mininterval=5):
         batch = pairs[torch.randint(len(pairs), (batch_size,), generator=gen)]
         img, cap, kind = batch[:, 0], batch[:, 1], batch[:, 2]
@@ -112,22 +111,8 @@ def train_flow(transformer, text_encoder, text_encoder_2, latents, pairs, captio
                            timestep=sigma * 1000, return_dict=False)[0]
         per = (pred - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
         loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        window["loss"].append(loss.item())
-        if mem.any():
-            window["mem"].append(per[mem].mean().item())
-        if ordinary.any():
-            window["ord"].append(per[ordinary].mean().item())
-        if (step + 1) % log_every == 0 or step + 1 in (steps, stop_after):
-            log.append({"step": step + 1, "lr": sched.get_last_lr()[0],
-                        "sec_per_step": round((time.time() - t_last) / len(window["loss"]), 3),
-                        **{k: round(sum(v) / len(v), 5) for k, v in window.items() if v}})
-            t_last = time.time()
-            window = {k: [] for k in window}
+        optimizer_step(opt, sched, params, loss)
+        losses.add(step + 1, sched, loss, per, mem, ordinary)
     for m in (transformer, text_encoder, text_encoder_2):
         m.eval()
 
@@ -160,12 +145,7 @@ def train_demo_flow(out_dir, demo_dir, *, seed, steps, stop_after, batch_size, l
     vae, text_encoder, text_encoder_2, transformer, scheduler = build_flow_components(seed, demo_dir, tokenizer)
     latents = encode_latents(vae, data["images"]) * vae.config.scaling_factor
 
-    captions = sorted({c for caps in data["captions"] for c in caps} | {c for c, _ in data["memorized"]}
-                      | set(data["generic"]))
-    caption_index = {c: i for i, c in enumerate(captions)}
-    tok = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-    caption_ids, empty_id = tok(captions), tok([""])[0]
+    caption_index, caption_ids, empty_id = caption_tokens(data, tokenizer)
     pairs = make_pairs(data, caption_index, dup)
     n_params = {name: sum(p.numel() for p in m.parameters())
                 for name, m in (("transformer", transformer), ("text_encoder", text_encoder),

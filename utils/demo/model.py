@@ -195,6 +195,49 @@ def encode_latents(vae, images, batch=256):
     return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
+class LossLog:
+    """Windowed training losses of a demo training loop: the mean loss, and the per-pair loss of the memorized
+    (kind 1) and ordinary (kind 0) pairs of the batch, appended to `log` as one record every log_every steps and at
+    the given last steps."""
+
+    def __init__(self, log, log_every, last_steps):
+        self.log, self.log_every, self.last_steps = log, log_every, last_steps
+        self.window, self.t_last = {"loss": [], "mem": [], "ord": []}, time.time()
+
+    def add(self, step, sched, loss, per, mem, ordinary):
+        """Record 1-based `step`: loss (scalar), per (B,) per-pair losses, mem / ordinary (B,) masks."""
+        w = self.window
+        w["loss"].append(loss.item())
+        if mem.any():
+            w["mem"].append(per[mem].mean().item())
+        if ordinary.any():
+            w["ord"].append(per[ordinary].mean().item())
+        if step % self.log_every == 0 or step in self.last_steps:
+            self.log.append({"step": step, "lr": sched.get_last_lr()[0],
+                             "sec_per_step": round((time.time() - self.t_last) / len(w["loss"]), 3),
+                             **{k: round(sum(v) / len(v), 5) for k, v in w.items() if v}})
+            self.t_last, self.window = time.time(), {k: [] for k in w}
+
+
+def optimizer_step(opt, sched, params, loss):
+    """One clipped (norm 1) optimizer step on loss, then the learning-rate schedule's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def caption_tokens(data, tokenizer):
+    """(caption_index {caption: i}, caption_ids (U, L) token ids, empty_id (L,)) of every caption of the demo's data
+    (digit captions, memorized captions, generic captions), sorted, padded to the tokenizer's length."""
+    captions = sorted({c for caps in data["captions"] for c in caps} | {c for c, _ in data["memorized"]}
+                      | set(data["generic"]))
+    tok = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+    return {c: i for i, c in enumerate(captions)}, tok(captions), tok([""])[0]
+
+
 def train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, steps, batch_size, lr, p_uncond, gen, log,
                log_every=25, on_step=None, stop_after=None):
     """Joint UNet + text-encoder training with the epsilon loss of SD's schedule.
@@ -215,8 +258,7 @@ def train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, steps,
     sched = warmup_cosine(opt, steps, floor=0.1)
     unet.train()
     text_encoder.train()
-    window = {"loss": [], "mem": [], "ord": []}
-    t_last = time.time()
+    losses = LossLog(log, log_every, (steps, stop_after))
     for step in tqdm(range(steps if stop_after is None else min(steps, stop_after)), desc="unet", mininterval=5):
         batch = pairs[torch.randint(len(pairs), (batch_size,), generator=gen)]
         img, cap, kind = batch[:, 0], batch[:, 1], batch[:, 2]
@@ -232,22 +274,8 @@ def train_unet(unet, text_encoder, latents, pairs, caption_ids, empty_id, steps,
         pred = unet(xt, t, encoder_hidden_states=emb, return_dict=False)[0]
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        window["loss"].append(loss.item())
-        if mem.any():
-            window["mem"].append(per[mem].mean().item())
-        if ordinary.any():
-            window["ord"].append(per[ordinary].mean().item())
-        if (step + 1) % log_every == 0 or step + 1 in (steps, stop_after):
-            log.append({"step": step + 1, "lr": sched.get_last_lr()[0],
-                        "sec_per_step": round((time.time() - t_last) / len(window["loss"]), 3),
-                        **{k: round(sum(v) / len(v), 5) for k, v in window.items() if v}})
-            t_last = time.time()
-            window = {k: [] for k in window}
+        optimizer_step(opt, sched, params, loss)
+        losses.add(step + 1, sched, loss, per, mem, ordinary)
         if on_step is not None:
             on_step(step + 1)
     unet.eval()

@@ -8,7 +8,8 @@ from ..cli import UserError
 from ..io import atomic_write_json, library_versions, staged_dir, writing
 from ..models.clip import offline_clip_tokenizer
 from .data import build_dataset, write_benchmark
-from .model import assemble_pipeline, build_components, ddim_scheduler, encode_latents, make_pairs, train_unet, train_vae
+from .model import (assemble_pipeline, build_components, caption_tokens, ddim_scheduler, encode_latents, make_pairs,
+                    train_unet, train_vae)
 
 MODEL_MARKER = "model_index.json"  # an existing model folder is replaced only if it holds a saved pipeline
 
@@ -41,12 +42,7 @@ def train_demo(out_dir, *, seed, steps, stop_after, vae_steps, batch_size, vae_b
     latents = raw * scaling
     t_vae = time.time() - t0
 
-    captions = sorted({c for caps in data["captions"] for c in caps} | {c for c, _ in data["memorized"]}
-                      | set(data["generic"]))
-    caption_index = {c: i for i, c in enumerate(captions)}
-    tok = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-    caption_ids, empty_id = tok(captions), tok([""])[0]
+    caption_index, caption_ids, empty_id = caption_tokens(data, tokenizer)
     pairs = make_pairs(data, caption_index, dup)
 
     def pipeline():
