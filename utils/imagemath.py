@@ -1,4 +1,5 @@
-"""Pure image arithmetic shared by the evaluation and the demo: unit pixel vectors and square resizing."""
+"""Pure image arithmetic shared by the evaluation, the demo and NeMo (detector and mitigation): unit pixel vectors,
+square resizing, per-channel min-max scaling and batched SSIM."""
 import torch
 
 
@@ -16,3 +17,20 @@ def resize_square(x, size):
     if x.shape[-2:] == (size, size):
         return x
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def minmax_per_channel(d):
+    """d (N, C, H, W) in float32, min-max scaled to [0, 1] per row and channel (NeMo's scaling of eps - x_T)."""
+    d = d.float()
+    lo, hi = d.amin(dim=(2, 3), keepdim=True), d.amax(dim=(2, 3), keepdim=True)
+    return (d - lo) / (hi - lo)
+
+
+def ssim_pairs(x, y, kind="ms", kernel=11, betas=(0.33, 0.33, 0.33)):
+    """torchmetrics' SSIM of each row pair (x[i], y[i]) of two (N, C, H, W) batches, (N,): multi-scale (kind 'ms',
+    one scale per beta) or single-scale ('single'); data range from the pair's values (torchmetrics' default)."""
+    from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
+                                               structural_similarity_index_measure)
+    if kind == "ms":
+        return multiscale_structural_similarity_index_measure(x, y, reduction="none", kernel_size=kernel, betas=betas)
+    return structural_similarity_index_measure(x, y, reduction="none", kernel_size=kernel)

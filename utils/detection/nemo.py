@@ -13,6 +13,7 @@ import itertools
 import torch
 
 from ..cli import nonneg_float, nonneg_int
+from ..imagemath import minmax_per_channel, ssim_pairs
 from .base import Detector, option, register
 
 SSIM_KINDS = ("ms", "single")  # torchmetrics' MS-SSIM (theirs) or single-scale SSIM (latents too small for MS-SSIM)
@@ -45,22 +46,15 @@ class NemoSettings:
 
 def scaled_noise_difference(eps, x):
     """(eps - x) min-max scaled to [0, 1] per row and channel: (n, C, h, w) -> (n, C, h, w) float32."""
-    d = (eps - x).float()
-    lo, hi = d.amin(dim=(2, 3), keepdim=True), d.amax(dim=(2, 3), keepdim=True)
-    return (d - lo) / (hi - lo)
+    return minmax_per_channel(eps - x)
 
 
 def pairwise_ssim(d, kind="ms"):
     """SSIM of every pair (a, b), a < b, of the n rows of d (n, C, h, w), in itertools.combinations order: (n(n-1)/2,).
     torchmetrics' MS-SSIM with kernel 11 and betas BETAS, or its single-scale SSIM; data range from the pair's
     values (torchmetrics' default, as theirs)."""
-    from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
-                                               structural_similarity_index_measure)
     a, b = zip(*itertools.combinations(range(d.shape[0]), 2))
-    x, y = d[list(a)], d[list(b)]
-    if kind == "ms":
-        return multiscale_structural_similarity_index_measure(x, y, reduction="none", kernel_size=KERNEL, betas=BETAS)
-    return structural_similarity_index_measure(x, y, reduction="none", kernel_size=KERNEL)
+    return ssim_pairs(d[list(a)], d[list(b)], kind, KERNEL, BETAS)
 
 
 @register

@@ -17,6 +17,7 @@ import torch
 
 from .base import Method, Plan, grid_float, hp, is_count, is_finite, problems
 from ..cli import UserError, nonneg_float, nonneg_int, positive_float, positive_int
+from ..imagemath import minmax_per_channel, ssim_pairs
 from ..io import atomic_torch_save, sha256_file
 
 _STATS = {}  # (id of the UNet, statistics key) -> statistics dict, computed or loaded once per run
@@ -159,22 +160,16 @@ def noise_difference(model, cond, latents, steps, neurons=None, scaling=0.0):
     t = ts[min(1, len(ts) - 1)]
     with torch.no_grad(), deactivated(model.unet, neurons or {}, scaling):
         pred = model.branch_output(model.scale_input(latents, t), t, cond.expand(latents.shape[0]), "cond")
-    d = (pred - latents).float()
-    lo, hi = d.amin(dim=(2, 3), keepdim=True), d.amax(dim=(2, 3), keepdim=True)
-    return (d - lo) / (hi - lo)
+    return minmax_per_channel(pred - latents)
 
 
 def ssim(a, b):
     """Per-pair SSIM of (k, C, H, W) batches: their multi-scale SSIM (kernel 11, betas 0.33 x 3) where the latent
     is large enough (> 40 pixels a side), else single-scale SSIM with the largest odd kernel <= 11 that fits."""
-    from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
-                                               structural_similarity_index_measure)
     side = min(a.shape[-2:])
     if side > 40:
-        return multiscale_structural_similarity_index_measure(a, b, reduction="none", kernel_size=11,
-                                                              betas=(0.33, 0.33, 0.33))
-    kernel = min(11, side if side % 2 else side - 1)
-    return structural_similarity_index_measure(a, b, reduction="none", kernel_size=kernel)
+        return ssim_pairs(a, b, "ms", 11, (0.33, 0.33, 0.33))
+    return ssim_pairs(a, b, "single", min(11, side if side % 2 else side - 1))
 
 
 def max_pairwise_ssim(d):
