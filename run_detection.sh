@@ -40,9 +40,9 @@ case "${1:-}" in
   demo_flow)
     SD_VERS=demo_flow; TILE_PX=8; BATCH_SIZE=8; SIDE_BY_SIDE=1; GEN_NUMS="1 4"
     OUT_DIR=det_outputs/demo_flow   # the same prompt files as the demo: a folder of its own keeps the tables apart
-    # the detectors defined on flow models that need no per-family calibration (the SD3 profile carries no
-    # anisotropy weights; le/ae/be are refused on joint attention)
-    METRICS_N1="sharpness,wen"; METRICS_N4="sharpness,wen,tiled_l2"
+    # every detector defined on flow models (le/ae/be are refused on joint attention, nemo and metric2 vanish at
+    # sigma = 1: docs/flow.md); anisotropy with the flow demo's weights chosen by rule (utils/demo/__init__.py)
+    METRICS_N1="sharpness,wen,anisotropy,dsm,curv_ds,curv_dh"; METRICS_N4="$METRICS_N1,tiled_l2"
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
   "") ;;
   *) echo "error: unknown mode '$1' (use demo, demo16, demo_flow, or nothing for Stable Diffusion)" >&2; exit 2 ;;

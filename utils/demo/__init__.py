@@ -23,9 +23,13 @@ DEMO = register(dataclasses.replace(
 
 # The flow demo (train_demo_flow.py, docs/demo.md "The flow demo"): the SD3 profile on its own folder, so that its
 # results are labelled as the demo's and it can carry demo-calibrated values of its own.
+# No paper publishes a value for a flow model. Rule (docs/flow.md): the flow demo is the UNet demo's twin (same
+# data, same 4 x 8 x 8 latent), so it takes the values the demo takes: Asthana & Belagiannis's SD v1.4 anisotropy
+# weights, which the demo inherits from SD1.
 DEMO_FLOW = register(dataclasses.replace(
     SD3, name="demo_flow", title="the bundled flow demo (SD3-shaped, rectified flow, 32 px)",
-    paths=(DEMO_FLOW_MODEL_DIR,)))
+    paths=(DEMO_FLOW_MODEL_DIR,), hparams=dict(SD3.hparams, aniso_weights=SD1.hparams["aniso_weights"]),
+    by_rule=("aniso_weights",)))
 
 
 def _tiny(prediction_type="epsilon"):
