@@ -6,13 +6,14 @@
     python benchmarks/jvp_memory_check.py --device cuda --unet sd3_medium --gen_num 4 --cap_gb 24 --dtypes bfloat16
 
 For each dtype: one H_delta s_delta (Denoiser.hvp_delta at the first DDIM step, random SD-shaped UNet, random
-embeddings (SDXL: with its added conditions, benchmarks/sdxl_shape.py), seeded latents; 'sd3_medium' /
-'sd3_tiny': SD3-medium's transformer through the flow denoiser at its first step, sigma = 1,
-benchmarks/flow_shape.py) (a) uncapped, as detect_mem runs it on a large GPU (JvpMemory 'auto' with the free memory: the math kernel when it fits), (b) under --cap_gb
-(the plan utils.models.jvp_memory chooses), (c) forced through the chunked attention with the largest chunk that
-fits the free memory. Reported per run: the plan, the estimate (utils.models.jvp_memory.estimate_bytes) and the
-measured CUDA allocator peak (absolute, weights included, and the increase during the JVP), seconds (median of
---repeats), and the relative difference ||a - b|| / ||a|| to the uncapped one.
+embeddings (SDXL: with its added conditions, benchmarks/sdxl_shape.py), seeded latents; 'sd3_medium' / 'sd3_tiny':
+SD3-medium's transformer through the flow denoiser at its first step, sigma = 1, benchmarks/flow_shape.py) (a)
+uncapped, as detect_mem runs it on a large GPU (JvpMemory 'auto' with the free memory: the math kernel when it
+fits), (b) under --cap_gb (the plan utils.models.jvp_memory chooses), (c) forced through the chunked attention with
+the largest chunk that fits the free memory. Reported per run: the plan, the estimate
+(utils.models.jvp_memory.estimate_bytes) and the measured CUDA allocator peak (absolute, weights included, and the
+increase during the JVP), seconds (median of --repeats), and the relative difference ||a - b|| / ||a|| to the
+uncapped one.
 """
 import argparse
 import json
