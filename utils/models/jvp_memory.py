@@ -29,14 +29,15 @@ terms apply (the maps are those of the same SDPA op). Their activations scale wi
     activations   ACT_TOKENS * R * (N + L) * width * b     (width = heads x head dim; N = (h / 2)(w / 2) for both)
     weights       WEIGHT_COPIES_TOKENS * the largest parameter tensor's bytes
 
-ACT_TOKENS measured on the CPU (benchmarks/flow_memory.py --measure_cpu: peak RSS above the resting set, torch
-2.14, float32, 1 generation, chunked attention with 64-query chunks and its map estimate subtracted, width 512, 256
-and 1024 image tokens + 77 text tokens; the slope between the two sizes): 29 entries for a 4-block SD3 transformer,
-47 for a Flux one (2 double- + 4 single-stream blocks: the single blocks' parallel MLP and attention widen the live
-set); the constants carry the UNet's margin (~35 %). WEIGHT_COPIES_TOKENS is ASSUMED equal to the UNet's: at toy
-widths the intercept (~48 MB) is fixed overhead, not weight copies, and at the published widths the term is < 0.4 GB
-(SD3-medium's largest tensor, an adaLN projection, is 14.2 M entries; Flux-dev's 56.6 M), far below the maps and
-activations. Not measured on a GPU (no GPU in that task); benchmarks/gpu_check.sh's jvp_memory_sd3 part does.
+ACT_TOKENS measured on the CPU (benchmarks/flow_memory.py --measure_cpu: peak RSS above the resting set, torch 2.14,
+float32, 1 generation, chunked attention with 64-query chunks and its map estimate subtracted, width 512, 256 and
+1024 image tokens + 77 text tokens; the slope between the two sizes): 29 entries for a 4-block SD3 transformer, 47
+for a Flux one (2 double- + 4 single-stream blocks: the single blocks' parallel MLP and attention widen the live
+set); the constants carry a margin like the UNet's (28-38 %). WEIGHT_COPIES_TOKENS is ASSUMED equal to the UNet's:
+at toy widths the intercept (43-49 MiB) is fixed overhead, not weight copies, and at the published widths the term
+is < 0.4 GB (SD3-medium's largest tensor, an adaLN projection, is 14.2 M entries; Flux-dev's 56.6 M), far below the
+maps and activations. Not measured on a GPU (no GPU in that task); benchmarks/gpu_check.sh's jvp_memory_sd3 part
+does.
 
 Plan for a budget B (JvpMemory.plan): the unchunked math-kernel JVP when it fits (exactly the computation done
 without a cap), else the chunked attention with all rows and the largest query chunk that fits, else fewer rows
