@@ -13,11 +13,14 @@ the row's dtype (transformer, text encoders with T5-XXL, VAE: flow_shape.text_en
 peaks.
 
 --measure_cpu: peak resident set above the resting one (benchmarks/bench.py's peak_memory) of one float32 JVP with
-the chunked attention (chunk 64, so the maps are small and their estimate is subtracted) on toy SD3- and
-Flux-shaped transformers (width 512) at two image sizes; the slope over the token count gives the activation entries
-per row and token x width, the intercept the weight copies.
+the chunked attention (chunk 64, so the maps are small and their estimate is subtracted) on toy SD3- and Flux-shaped
+transformers (width 512) at two image sizes, each in its own process with glibc's mmap threshold at 64 KiB (the
+resident set then follows the live tensors); the slope over the token count gives the activation entries per row and
+token x width. Then a check at a third size with 2 generations: measured peaks (math kernel, 128-query chunks)
+against estimate_bytes. About 5 minutes on one core.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -57,57 +60,85 @@ def table(kinds, side, gen_nums, dtypes, caps):
     return out
 
 
-def measure_cpu():
-    """Print the measured peak increase of toy transformers' chunked JVPs at two sizes and the fitted constants."""
+def _toy(kind, side, width=512):
+    """A toy SD3- (4 blocks) or Flux-shaped (2 double- + 4 single-stream blocks) transformer of `width` for
+    side x side VAE latents, float32, seeded."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    torch.manual_seed(0)
+    if kind == "sd3":
+        return SD3Transformer2DModel(sample_size=side, patch_size=2, in_channels=16, num_layers=4,
+                                     attention_head_dim=64, num_attention_heads=width // 64, joint_attention_dim=256,
+                                     caption_projection_dim=width, pooled_projection_dim=64, out_channels=16,
+                                     pos_embed_max_size=side).eval()
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                  attention_head_dim=128, num_attention_heads=width // 128, joint_attention_dim=256,
+                                  pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
 
+
+def _jvp_peak(kind, model, side, rows, ctx, chunk):
+    """Peak resident-set increase (bytes) of one JVP of `model` on `rows` random rows; chunk None: math kernel."""
     from benchmarks.bench import peak_memory
     from utils.models.autodiff import forward_ad
     from utils.models.jvp_memory import chunked_attention
-    torch.set_num_threads(1)
-    chunk, ctx, rows, width = 64, 77, 2, 512
     g = torch.Generator().manual_seed(0)
-    builds = {"sd3": lambda s: SD3Transformer2DModel(
-                  sample_size=s, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
-                  num_attention_heads=8, joint_attention_dim=256, caption_projection_dim=width,
-                  pooled_projection_dim=64, out_channels=16, pos_embed_max_size=s),
-              "flux": lambda s: FluxTransformer2DModel(
-                  patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
-                  num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
-                  axes_dims_rope=(16, 56, 56))}
-    for kind, build in builds.items():
+    kw = dict(encoder_hidden_states=torch.randn(rows, ctx, 256, generator=g),
+              pooled_projections=torch.randn(rows, 64, generator=g))
+    if kind == "sd3":
+        x = torch.randn(rows, 16, side, side, generator=g)
+        kw.update(timestep=torch.full((rows,), 500.))
+    else:
+        x = torch.randn(rows, image_tokens(model, (side, side)), 64, generator=g)
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side // 2.), torch.arange(side // 2.),
+                                         indexing="ij"), -1).reshape(-1, 3)
+        kw.update(timestep=torch.full((rows,), .5), img_ids=ids, txt_ids=torch.zeros(ctx, 3),
+                  guidance=torch.full((rows,), 3.5))
+
+    def f(z):
+        return model(hidden_states=z, return_dict=False, **kw)[0]
+    rec, chunked = {}, chunked_attention(model, chunk) if chunk else contextlib.nullcontext()
+    with torch.no_grad(), forward_ad(x), chunked, peak_memory(torch.device("cpu"), rec):
+        torch.func.jvp(f, (x,), (torch.randn_like(x),))
+    return rec["peak_increase_bytes"]
+
+
+def _peak_in_fresh_process(kind, side, rows, ctx, chunk):
+    """_jvp_peak of the toy `kind` in a new Python process whose glibc serves every allocation of 64 KiB or more by
+    mmap and returns it on free (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so the resident set follows the
+    live tensors instead of undercounting memory the allocator kept from earlier calls."""
+    import subprocess
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure_point",
+                          f"{kind},{side},{rows},{ctx},{chunk or 0}"], capture_output=True, text=True, check=True,
+                         env=env)
+    return int(out.stdout.split()[-1])
+
+
+def measure_cpu():
+    """Print the measured peak increase of toy transformers' chunked JVPs at two sizes, the fitted constants, and
+    a check at a third size with 2 generations: measured peaks against the planner's estimates. Each measurement
+    runs in its own process."""
+    chunk, ctx, rows, width = 64, 77, 2, 512
+    for kind in ("sd3", "flux"):
         points = []
         for side in (32, 64):
-            torch.manual_seed(0)
-            model = build(side).eval()
+            model = _toy(kind, side, width)
             tokens = image_tokens(model, (side, side))
-            if kind == "sd3":
-                x = torch.randn(rows, 16, side, side, generator=g)
-                kw = dict(encoder_hidden_states=torch.randn(rows, ctx, 256, generator=g),
-                          pooled_projections=torch.randn(rows, 64, generator=g), timestep=torch.full((rows,), 500.))
-            else:
-                x = torch.randn(rows, tokens, 64, generator=g)
-                ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side // 2.), torch.arange(side // 2.),
-                                                 indexing="ij"), -1).reshape(-1, 3)
-                kw = dict(encoder_hidden_states=torch.randn(rows, ctx, 256, generator=g),
-                          pooled_projections=torch.randn(rows, 64, generator=g), timestep=torch.full((rows,), .5),
-                          img_ids=ids, txt_ids=torch.zeros(ctx, 3), guidance=torch.full((rows,), 3.5))
-
-            def f(z):
-                return model(hidden_states=z, return_dict=False, **kw)[0]
-            rec = {}
-            with torch.no_grad(), forward_ad(x), chunked_attention(model, chunk), peak_memory(torch.device("cpu"), rec):
-                torch.func.jvp(f, (x,), (torch.randn_like(x),))
-            heads = model.config.num_attention_heads
-            maps = CHUNK_MAPS * rows * heads * chunk * (tokens + ctx) * 4
-            points.append((rows * (tokens + ctx) * width * 4, rec["peak_increase_bytes"] - maps))
+            peak = _peak_in_fresh_process(kind, side, rows, ctx, chunk)
+            maps = CHUNK_MAPS * rows * model.config.num_attention_heads * chunk * (tokens + ctx) * 4
+            points.append((rows * (tokens + ctx) * width * 4, peak - maps))
             largest = max(p.numel() for p in model.parameters()) * 4
-            print(f"{kind} side {side}: {tokens} + {ctx} tokens, peak increase {rec['peak_increase_bytes'] / 2**20:.1f}"
-                  f" MiB (chunk maps at CHUNK_MAPS {maps / 2**20:.1f} MiB), largest weight {largest / 2**20:.1f} MiB")
+            print(f"{kind} side {side}: {tokens} + {ctx} tokens, peak increase {peak / 2**20:.1f} MiB (chunk maps "
+                  f"at CHUNK_MAPS {maps / 2**20:.1f} MiB), largest weight {largest / 2**20:.1f} MiB")
         (u0, m0), (u1, m1) = points
         act = (m1 - m0) / (u1 - u0)
         print(f"{kind}: {act:.1f} activation entries per row and token x width; intercept "
               f"{(m0 - act * u0) / largest:.2f} largest-weight copies")
+        model = _toy(kind, 48, width)
+        for c in (None, 128):  # the check: 2 generations (4 rows) at 48 x 48, math kernel and 128-query chunks
+            est = estimate_bytes(model, 2, (48, 48), ctx, torch.float32, "cpu", c)
+            peak = _peak_in_fresh_process(kind, 48, 4, ctx, c)
+            print(f"{kind} check, side 48, 4 rows, {'math kernel' if c is None else f'chunks of {c}'}: measured "
+                  f"{peak / 2**20:.1f} MiB, estimate {est / 2**20:.1f} MiB")
 
 
 def main(argv=None):
@@ -118,7 +149,13 @@ def main(argv=None):
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--caps", default="24,80,141", help="GiB, comma-separated")
     p.add_argument("--measure_cpu", action="store_true")
+    p.add_argument("--measure_point", default=None, help=argparse.SUPPRESS)  # kind,side,rows,ctx,chunk (internal)
     a = p.parse_args(argv)
+    if a.measure_point:
+        torch.set_num_threads(1)
+        kind, *nums = a.measure_point.split(",")
+        side, rows, ctx, chunk = (int(v) for v in nums)
+        return print(_jvp_peak(kind, _toy(kind, side), side, rows, ctx, chunk or None))
     if a.measure_cpu:
         return measure_cpu()
     lines = table(a.models.split(","), a.size, [int(x) for x in a.gen_nums.split(",")], a.dtypes.split(","),

@@ -29,13 +29,18 @@ terms apply (the maps are those of the same SDPA op). Their activations scale wi
     activations   ACT_TOKENS * R * (N + L) * width * b     (width = heads x head dim; N = (h / 2)(w / 2) for both)
     weights       WEIGHT_COPIES_TOKENS * the largest parameter tensor's bytes
 
-ACT_TOKENS measured on the CPU (benchmarks/flow_memory.py --measure_cpu: peak RSS above the resting set, torch 2.14,
-float32, 1 generation, chunked attention with 64-query chunks and its map estimate subtracted, width 512, 256 and
-1024 image tokens + 77 text tokens; the slope between the two sizes): 29 entries for a 4-block SD3 transformer, 47
-for a Flux one (2 double- + 4 single-stream blocks: the single blocks' parallel MLP and attention widen the live
-set); the constants carry a margin like the UNet's (28-38 %). WEIGHT_COPIES_TOKENS is ASSUMED equal to the UNet's:
-at toy widths the intercept (43-49 MiB) is fixed overhead, not weight copies, and at the published widths the term
-is < 0.4 GB (SD3-medium's largest tensor, an adaLN projection, is 14.2 M entries; Flux-dev's 56.6 M), far below the
+ACT_TOKENS measured on the CPU (benchmarks/flow_memory.py --measure_cpu: peak RSS above the resting set, each point
+in its own process with glibc serving allocations of 64 KiB or more by mmap, so the resident set follows the live
+tensors; torch 2.14, float32, 1 generation, chunked attention with 64-query chunks and its map estimate subtracted,
+width 512, 256 and 1024 image tokens + 77 text tokens; the slope between the two sizes): 27.4 entries for a 4-block
+SD3 transformer, 29.5 for a Flux one (2 double- + 4 single-stream blocks). Measured like the UNet's constants
+instead (in one process, glibc's heap), the slopes scatter with the heap's reuse and fragmentation: 29-32 (SD3) and
+47-59 (Flux). The constants (40 and 60) lie above all of these but one fresh-process heap run of SD3 (49). Check at
+a third size (48 x 48 latents, 2 generations = 4 rows, same toys): measured / estimated 352 / 534 MiB (SD3, math
+kernel), 166 / 253 MiB (SD3, 128-query chunks), 271 / 480 MiB (Flux, math), 183 / 339 MiB (Flux, chunks).
+WEIGHT_COPIES_TOKENS is ASSUMED equal to the UNet's: at toy widths the weights are too small to resolve it
+(intercepts 2.9 and 4.2 copies of a 6 MiB tensor, fixed overheads included), and at the published widths the term is
+< 0.4 GB (SD3-medium's largest tensor, an adaLN projection, is 14.2 M entries; Flux-dev's 56.6 M), far below the
 maps and activations. Not measured on a GPU (no GPU in that task); benchmarks/gpu_check.sh's jvp_memory_sd3 part
 does.
 
@@ -55,7 +60,7 @@ MATH_MAPS = 6.0      # attention maps alive at once in the math kernel's forward
 CHUNK_MAPS = 3.0     # maps of one query chunk alive at once in attention_tangent (measured 2.2)
 ACT = 40.0           # activation entries per row and C0*H*W latent entry (measured 30)
 WEIGHT_COPIES = 3.0  # transient copies of the largest parameter tensor (measured 2.4 on the CPU)
-# joint-attention transformers: activation entries per row and (N + L) x width entry (measured 29 SD3, 47 Flux)
+# joint-attention transformers: activation entries per row and (N + L) x width entry (measured 27 SD3, 30 Flux)
 ACT_TOKENS = {"sd3": 40.0, "flux": 60.0}
 WEIGHT_COPIES_TOKENS = 3.0  # transformers: copies of the largest parameter tensor (assumed: the UNet's constant)
 SAFETY = 0.9         # fraction of the free memory a plan may use
