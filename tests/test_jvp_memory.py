@@ -321,3 +321,21 @@ def test_published_flow_shapes_on_the_meta_device():
         assert abs(parameter_count(m) / PUBLISHED_PARAMETERS[k] - 1) < 0.005
         assert image_tokens(m, (128, 128)) == 4096
         assert len(attention_shapes(m, (128, 128), 333)) == {"sd3_medium": 24, "flux_dev": 19 + 38}[k]
+
+
+def test_a_cap_on_a_flow_transformer_without_the_run_time_path_is_refused():
+    """Flux's transformer is planned (above) but its latents are packed (B, N, 64): until its family gives the
+    planner the latent grid, detect_mem refuses --max_memory_gb on it, and the flow denoiser will not guess."""
+    from types import SimpleNamespace
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from utils.cli import UserError
+    from utils.models.flow import FlowDenoiser
+    from utils.startup import flow_options
+    flux, x, _, _, _ = _tiny_flux_64()
+    model = SimpleNamespace(family=SimpleNamespace(prediction_type="flow", backbone=lambda pipe: pipe), pipe=flux,
+                            model_id="tiny-flux")
+    assert flow_options(model, "velocity") == {"flow_space": "velocity"}
+    with pytest.raises(UserError, match="FluxTransformer2DModel"):
+        flow_options(model, "velocity", jvp_capped=True)
+    with pytest.raises(ValueError, match="packed"):
+        FlowDenoiser(flux, FlowMatchEulerDiscreteScheduler(), jvp_memory=JvpMemory(1)).jvp_plan(x, None)
