@@ -4,11 +4,17 @@
     python benchmarks/bench.py --device cuda --unet sd14 --dtypes bfloat16,float32      # full SD v1.4 shape (64 x 64)
     python benchmarks/bench.py --device cuda --unet sd2 --dtypes bfloat16,float32       # SD v2.0 shape (96 x 96, v)
     python benchmarks/bench.py --device cuda --unet sdxl                                # SDXL base shape (128 x 128)
+    python benchmarks/bench.py --device cuda --unet sd3_medium     # SD3-medium's transformer (128 x 128, flow)
+    python benchmarks/bench.py --unet sd3_tiny                     # its layout at toy widths: a CPU smoke run
 
 The UNet has Stable Diffusion's architecture (utils.demo.model.sd_shaped_unet; SDXL base's from
 benchmarks/sdxl_shape.py, 'sdxl_tiny' its layout at toy widths) with random weights, which costs what the real one
 does; the prompts are random embeddings (SDXL: also random pooled embeddings and the pipeline's default time ids)
-and the latents seeded noise, the same for every item.
+and the latents seeded noise, the same for every item. 'sd3_medium' / 'sd3_tiny' (benchmarks/flow_shape.py) run
+SD3-medium's MMDiT transformer (random weights; 16-channel latents, a 333-token context of width 4096 and pooled
+projections, random) through the SD3 flow denoiser (utils/models/flow.py, FlowMatchEulerDiscreteScheduler with
+SD3's shift 3.0): the same items except SAIL (no SAIL alpha is published for flow models); 'generation' is 50
+guided Euler steps.
 Items (each the median of --repeats runs after a warm-up run; the long ones, SAIL and generation, --long_repeats
 runs after a cheap warm-up of the same shapes):
 
@@ -48,6 +54,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.flow_shape import FLOW_TRANSFORMERS, flow_transformer, sd3_inputs  # noqa: E402
 from benchmarks.sdxl_shape import SDXL_UNETS, sdxl_added, sdxl_unet  # noqa: E402
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
 from utils.detection.loop import run_detectors, settings_for
@@ -64,11 +71,13 @@ LONG = ("sail_round", "sail_batch", "sail_search", "generation")
 CPU_DEFAULT = ("forward", "wen", "anisotropy", "jvp", "jvp_chunked", "fd", "sail_round", "sail_batch", "generation")
 # SAIL's alpha by prediction type: the reference's weights for SD v1.4 (epsilon) and SD v2.0 (v-prediction)
 SAIL_ALPHA = {SD1.prediction_type: SD1.hparam("sail_alpha"), SD2.prediction_type: SD2.hparam("sail_alpha")}
+SD3_KINDS = tuple(k for k, v in FLOW_TRANSFORMERS.items() if v[0] == "SD3Transformer2DModel")
+SD3_SHIFT = 3.0  # SD3-medium's scheduler config (scheduler/scheduler_config.json: shift 3.0, no dynamic shifting)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny", *SDXL_UNETS])
+    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny", *SDXL_UNETS, *SD3_KINDS])
     p.add_argument("--size", type=int, default=None, help="latent side (default: 8 on the CPU, native on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated (default: float32 on the CPU, bfloat16 on CUDA)")
@@ -89,7 +98,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results (rewritten after every item)")
     p.add_argument("--md", default=None, help="Markdown table (appended)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.unet == "sd3_medium" and args.device == "cpu":
+        p.error("--unet sd3_medium is SD3-medium's real size (8 GB of float32 weights): GPU only; on the CPU use "
+                "--unet sd3_tiny")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -152,6 +165,24 @@ class Bench:
     def __init__(self, args, dtype):
         self.args, self.dtype = args, dtype
         self.device = torch.device(args.device)
+        g = torch.Generator().manual_seed(args.seed + 1)
+        k = max(1, args.prompt_batch)
+        if args.unet in SD3_KINDS:
+            self._flow_inputs(g, k)
+        else:
+            self._unet_inputs(g, k)
+        self.cond0 = self.conditioning(1)
+        self.cond_all = self.conditioning(k)
+        cap = None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30)
+        self.memory = JvpMemory(cap)
+        self.model = self.make(jvp_memory=self.memory)
+        self.sail_alpha = SAIL_ALPHA.get(self.model.prediction_type)  # None: no SAIL items (flow models)
+        self._f32 = None
+        self.warmup = None
+
+    def _unet_inputs(self, g, k):
+        """The SD-shaped UNet (SDXL: with its added conditions), DDIM scheduler, random embeddings and latents."""
+        args, dtype = self.args, self.dtype
         if args.unet == "tiny":  # the tests' toy UNet: a smoke run of this script in seconds
             from utils.demo.model import tiny_pipeline
             self.unet = tiny_pipeline(sample_size=args.size).unet.to(self.device, dtype).eval()
@@ -161,21 +192,33 @@ class Bench:
         else:
             self.unet, pred, dim = sd_shaped_unet(args.unet, args.size, self.device, dtype, seed=args.seed)
         self.sched = ddim_scheduler(pred)
-        g = torch.Generator().manual_seed(args.seed + 1)
-        k = max(1, args.prompt_batch)
         self.conds = torch.randn(k, 77, dim, generator=g).to(self.device, dtype)
         self.uncond = torch.randn(1, 77, dim, generator=g).to(self.device, dtype)
         self.latents = torch.randn(args.gen_num, 4, args.size, args.size, generator=g).to(self.device, dtype)
         self.added = (sdxl_added(self.unet, k, args.size, g, self.device, dtype) if args.unet in SDXL_UNETS
                       else {})
-        self.cond0 = self.conditioning(1)
-        self.cond_all = self.conditioning(k)
-        cap = None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30)
-        self.memory = JvpMemory(cap)
-        self.model = denoiser(self.unet, self.sched, jvp_memory=self.memory)
-        self.sail_alpha = SAIL_ALPHA[self.model.prediction_type]
-        self._f32 = None
-        self.warmup = None
+
+    def _flow_inputs(self, g, k):
+        """SD3's transformer (benchmarks/flow_shape.py), SD3's flow-matching scheduler, random context (k, L, 4096),
+        pooled projections (k, 2048) and latents (n, 16, S, S) (toy widths for sd3_tiny)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        args = self.args
+        self.unet = flow_transformer(args.unet, self.device, self.dtype, seed=args.seed)
+        self.sched = FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT)
+        context_len = FLOW_TRANSFORMERS[args.unet][2]
+        self.conds, self.uncond, self.added = sd3_inputs(self.unet, k, context_len, g, self.device, self.dtype)
+        channels = self.unet.config.in_channels
+        self.latents = torch.randn(args.gen_num, channels, args.size, args.size, generator=g).to(self.device,
+                                                                                                 self.dtype)
+
+    def make(self, **kwargs):
+        """The denoiser of this benchmark's model with the Denoiser keywords `kwargs` (SD3: the flow denoiser)."""
+        if self.args.unet in SD3_KINDS:
+            from utils.models.flow import FlowDenoiser
+            from utils.models.jvp_memory import image_tokens
+            return FlowDenoiser(self.unet, self.sched, image_seq_len=image_tokens(self.unet, self.latents.shape[-2:]),
+                                **kwargs)
+        return denoiser(self.unet, self.sched, **kwargs)
 
     def conditioning(self, k, n=1):
         """The Conditioning of prompts 0..k-1 with n generations each (k * n rows per branch)."""
@@ -213,21 +256,23 @@ class Bench:
         if name == "jvp":
             return self.detect("sharpness"), "forward + exact JVP (JvpMemory auto)"
         if name == "jvp_chunked":
-            m = denoiser(self.unet, self.sched, jvp_memory=JvpMemory(self.memory.max_bytes, "chunked"))
+            m = self.make(jvp_memory=JvpMemory(self.memory.max_bytes, "chunked"))
             return self.detect("sharpness", m), "forward + exact JVP, fused forward + chunked tangent"
         if name == "jvp_f32copy":
             if not half:
                 return None
-            m = denoiser(self.unet, self.sched, jvp_unet=self.f32_copy(), jvp_memory=self.memory)
+            m = self.make(jvp_unet=self.f32_copy(), jvp_memory=self.memory)
             return self.detect("sharpness", m), "forward + exact JVP on a float32 copy"
         if name in ("fd", "fd_model", "fd_tf32"):
             precision = {"fd": "float32", "fd_model": "model", "fd_tf32": "tf32"}[name]
             if (precision == "tf32" and not cuda) or (precision == "model" and not half):
                 return None
             fd_unet = self.f32_copy() if precision != "model" else None
-            m = denoiser(self.unet, self.sched, fd_unet=fd_unet, fd_precision=precision)
+            m = self.make(fd_unet=fd_unet, fd_precision=precision)
             return self.detect("sharpness", m, hvp="fd", fd_precision=precision), f"forward + fd ({precision})"
         if name in ("sail_round", "sail_batch", "sail_search"):
+            if self.sail_alpha is None:
+                return None
             rounds = self.args.search_rounds if name == "sail_search" else 1
             st = SailSettings(gen_num=n, thres=-1e9, budget=self.args.budget, max_steps=self.args.max_steps,
                               max_rounds=rounds, alpha=self.sail_alpha)
@@ -253,14 +298,16 @@ class Bench:
                     for t in self.model.timesteps(50, device=self.device):
                         xin = self.model.scale_input(x, t)
                         x = self.model.guided_step(self.model.output(torch.cat([xin, xin]), t, emb), t, x, 7.5)
-            return generate, "50 CFG DDIM steps, no VAE decode"
+            sampler = "Euler (flow)" if self.args.unet in SD3_KINDS else "DDIM"
+            return generate, f"50 CFG {sampler} steps, no VAE decode"
         raise ValueError(name)
 
 
 def run(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    args.size = args.size or (8 if not cuda else {"sd14": 64, "sd2": 96, "tiny": 8, "sdxl": 128, "sdxl_tiny": 8}[
+    args.size = args.size or (8 if not cuda else {"sd14": 64, "sd2": 96, "tiny": 8, "sdxl": 128, "sdxl_tiny": 8,
+                                                     "sd3_medium": 128, "sd3_tiny": 8}[
         args.unet])
     args.gen_num = args.gen_num or (4 if cuda else 1)
     args.repeats = args.repeats or (5 if cuda else 2)
@@ -343,7 +390,8 @@ def _write(args, res):
 
 def markdown(res):
     """The results as one Markdown table per dtype."""
-    out = [f"{res['unet']} UNet shape, random weights, {res['size']}x{res['size']} latents, n = {res['gen_num']}, "
+    shape = "transformer" if res["unet"] in SD3_KINDS else "UNet"
+    out = [f"{res['unet']} {shape} shape, random weights, {res['size']}x{res['size']} latents, n = {res['gen_num']}, "
            f"{res['device_name']} ({res['device']}, torch {res['torch']}, {res['cpu_threads']} CPU thread(s)), "
            f"median of "
            f"{res['repeats']} (SAIL and generation: {res['long_repeats']}); memory: {res['memory_note']}", ""]

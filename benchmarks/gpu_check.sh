@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issues #14's and #21's GPU checks in one run, under 8 minutes on one H200 (each part has its own time limit; the
-# limits add up to 470 s; on an H200 with torch 2.11 the two SDXL parts took 43 s, and 41 s with 2 repeats).
+# Issues #14's, #21's and #22's GPU checks in one run (each part has its own time limit; the first seven parts'
+# limits add up to 470 s, the two SD3 parts' to 180 s; on an H200 with torch 2.11 the two SDXL parts took 43 s,
+# and 41 s with 2 repeats; the SD3 parts have not run on a GPU yet).
 # Writes, as it goes, under $OUT (default ./gpu_check_out):
 #   gpu_check.md    every table (Markdown), and a line for each part that failed or ran out of time
 #   gpu_check.log   everything the parts printed
@@ -9,6 +10,9 @@
 #   bench_sd14.json bench_sd2.json   benchmarks/bench.py: every item, bfloat16 and float32, ratios and peaks
 #   jvp_memory_sdxl.json  the exact JVP at SDXL base's shape (128 x 128), n = 4, under the same cap
 #   bench_sdxl.json       benchmarks/bench.py at SDXL base's shape: forward, wen, the JVPs and fd, bfloat16
+#   jvp_memory_sd3.json   the exact JVP through SD3-medium's transformer (128 x 128 latents, 4096 + 333 tokens), n = 4:
+#                         the planner's estimate against the measured peak, uncapped, capped, chunked (issue 22)
+#   bench_sd3.json        benchmarks/bench.py at SD3-medium's shape through the flow denoiser, bfloat16
 # PARTS="name ..." runs only the named parts (e.g. PARTS="jvp_memory_sdxl bench_sdxl"), in the order below.
 # Run from anywhere; needs torch with CUDA and diffusers. A machine without diffusers (the workplace's GPU image)
 # gets it from .gpu_site/*.zip in the repository root (benchmarks/pack_gpu_site.sh makes it; carry .gpu_site).
@@ -27,9 +31,11 @@ START=$(date +%s)
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu S14=8 S2=8 P14=2 P2=2 N=1 CAP=0.001 REP=1 SAIL="--budget 2 --max_steps 1 --search_rounds 2" X=20
   XL=sdxl_tiny SXL=8  # SDXL's layout at toy widths: the real UNet's 10 GB of weights are no smoke test
+  S3=sd3_tiny SS3=8   # likewise SD3's transformer
 else
   DEV=cuda S14=64 S2=96 P14=32 P2=16 N=4 CAP=24 REP=0 SAIL="" X=1
   XL=sdxl SXL=128
+  S3=sd3_medium SS3=128
 fi
 
 part() {  # part NAME LIMIT_SECONDS COMMAND...: run it, log it, note a failure in the table file, never stop
@@ -46,7 +52,7 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run it, log it, note a failure i
 }
 
 {
-  echo "# memsharp issues 14 and 21: GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
+  echo "# memsharp issues 14, 21 and 22: GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
   echo '```'
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
@@ -90,5 +96,15 @@ part jvp_memory_sdxl $((50 * X)) python3 benchmarks/jvp_memory_check.py --device
 part bench_sdxl $((45 * X)) python3 benchmarks/bench.py --device $DEV --unet $XL --size $SXL --gen_num $N \
   --dtypes bfloat16 --items forward,wen,jvp,jvp_chunked,fd --repeats 1 \
   --out "$OUT/bench_sdxl.json" --md "$MD"
+
+# 8. The exact JVP through SD3-medium's MMDiT (random weights, 128 x 128 latents: 4096 image + 333 text tokens), n = 4:
+# the planner's estimate (benchmarks/flow_memory.py prints the table) against the measured peak; not yet measured.
+part jvp_memory_sd3 $((120 * X)) python3 benchmarks/jvp_memory_check.py --device $DEV --unet $S3 --size $SS3 \
+  --gen_num $N --cap_gb $CAP --dtypes bfloat16,float32 --repeats 1 --out "$OUT/jvp_memory_sd3.json" --md "$MD"
+
+# 9. Detection's costs at SD3-medium's shape through the SD3 flow denoiser, bfloat16, one repeat (no SAIL: no alpha
+# is published for flow models).
+part bench_sd3 $((60 * X)) python3 benchmarks/bench.py --device $DEV --unet $S3 --size $SS3 --gen_num $N \
+  --dtypes bfloat16 --items forward,wen,jvp,jvp_chunked,fd --repeats 1 --out "$OUT/bench_sd3.json" --md "$MD"
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$LOG" >>"$MD"

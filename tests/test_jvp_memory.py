@@ -215,3 +215,127 @@ def test_capped_jvp_on_the_sdxl_layout_equals_the_unchunked_jvp(tiny_xl64, memor
     assert not model.jvp_plan(x, emb).unchanged
     got = model.hvp_delta(x, t, emb, v)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+
+
+# ------------------------------------------------------------------- joint-attention transformers (SD3, Flux)
+
+def _tiny_sd3_64():
+    """A toy SD3Transformer2DModel in float64 with SD3.5's extras (a dual-attention layer, RMS q/k norms), and
+    (x, v) at 8 x 8 latents (16 image tokens), a 10-token context of width 48 and pooled (2, 32), 2 rows."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
+                                  pooled_projection_dim=32, out_channels=16, pos_embed_max_size=8,
+                                  dual_attention_layers=(0,), qk_norm="rms_norm").double().eval()
+    g = torch.Generator().manual_seed(4)
+    x, v = (torch.randn(2, 16, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    kw = dict(encoder_hidden_states=torch.randn(2, 10, 48, generator=g, dtype=torch.float64),
+              pooled_projections=torch.randn(2, 32, generator=g, dtype=torch.float64),
+              timestep=torch.full((2,), 500.0, dtype=torch.float64))
+    return model, x, v, kw, 10
+
+
+def _tiny_flux_64():
+    """A toy FluxTransformer2DModel in float64 (1 double- and 1 single-stream block, guidance embedding, rotary
+    axes) and (x, v) of 8 x 8 VAE latents packed 2 x 2: (2, 16, 16) tokens; a 6-token context of width 24."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                   pooled_projection_dim=12, guidance_embeds=True,
+                                   axes_dims_rope=(2, 2, 4)).double().eval()
+    g = torch.Generator().manual_seed(5)
+    x, v = (torch.randn(2, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    kw = dict(encoder_hidden_states=torch.randn(2, 6, 24, generator=g, dtype=torch.float64),
+              pooled_projections=torch.randn(2, 12, generator=g, dtype=torch.float64),
+              timestep=torch.full((2,), 0.5, dtype=torch.float64), img_ids=ids.reshape(-1, 3).double(),
+              txt_ids=torch.zeros(6, 3, dtype=torch.float64), guidance=torch.full((2,), 3.5, dtype=torch.float64))
+    return model, x, v, kw, 6
+
+
+@pytest.mark.parametrize("build", [_tiny_sd3_64, _tiny_flux_64], ids=["sd3", "flux"])
+def test_joint_attention_jvp_chunked_equals_the_math_kernel_and_shapes_match_the_calls(build, monkeypatch):
+    """The chunked processors (SD3's joint attention with a dual-attention layer; Flux's double- and single-stream
+    blocks) give the math kernel's JVP; the attention shapes the planner reads from the config are exactly the
+    ones the chunked processors are called with."""
+    from utils.models.autodiff import forward_ad
+    from utils.models.jvp_memory import chunked_attention, transformer_attention_shapes
+    model, x, v, kw, ctx = build()
+
+    def f(z):
+        return model(hidden_states=z, return_dict=False, **kw)[0]
+    with torch.no_grad(), forward_ad(x):
+        want = jvp(f, (x,), (v,))
+    calls, apply = [], ChunkedAttention.apply
+
+    def spy(q, k, *rest):
+        calls.append((q.shape[1], q.shape[2], k.shape[2]))
+        return apply(q, k, *rest)
+    monkeypatch.setattr(ChunkedAttention, "apply", spy)
+    before = dict(model.attn_processors)
+    with torch.no_grad(), forward_ad(x), chunked_attention(model, 5):
+        got = jvp(f, (x,), (v,))
+        calls.clear()  # (functorch's jvp re-enters Function.apply: count the layers in a plain forward)
+        f(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * b.abs().max().item())
+    assert all(model.attn_processors[k] is p for k, p in before.items())
+    shapes = transformer_attention_shapes(model, (8, 8), ctx)  # 8 x 8 latents: 16 image tokens for both
+    assert sorted(calls) == sorted((s.heads, s.queries, s.keys) for s in shapes)
+    assert len({c[1] for c in calls}) == (2 if build is _tiny_sd3_64 else 1)  # SD3.5's dual layer: image only
+
+
+def test_transformer_estimate_is_the_documented_formula_and_plans():
+    from utils.models.jvp_memory import ACT_TOKENS, CHUNK_MAPS, MATH_MAPS, WEIGHT_COPIES_TOKENS
+    model, _, _, _, ctx = _tiny_sd3_64()
+    hw, tokens, width = (8, 8), 16 + 10, 16
+    weight = max(p.numel() for p in model.parameters())
+    for dtype, b in ((torch.float32, 4), (torch.bfloat16, 2)):
+        fixed = ACT_TOKENS["sd3"] * 6 * tokens * width * b + WEIGHT_COPIES_TOKENS * weight * b
+        assert estimate_bytes(model, 3, hw, ctx, dtype, "cpu") == int(fixed + MATH_MAPS * 6 * 2 * tokens ** 2 * 4)
+        assert estimate_bytes(model, 3, hw, ctx, dtype, "cpu", 8) == int(fixed + CHUNK_MAPS * 6 * 2 * 8 * tokens * 4)
+    whole = estimate_bytes(model, 3, hw, ctx, torch.float32, "cpu")
+    assert plan_jvp(model, 3, hw, ctx, torch.float32, "cpu", whole).unchanged
+    chunked = plan_jvp(model, 3, hw, ctx, torch.float32, "cpu", whole - 1)
+    assert chunked.per_call == 3 and chunked.query_chunk == tokens  # one chunk of all 26 queries already fits
+    assert plan_jvp(model, 3, hw, ctx, torch.float32, "cpu", 1).per_call == 1
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from utils.models.jvp_memory import chunked_attention
+    model.set_attn_processor(AttnProcessor2_0())  # not the joint processor the chunked one mirrors: refused
+    with pytest.raises(ValueError, match="JointAttnProcessor2_0"), chunked_attention(model, 8):
+        pass
+
+
+def test_published_flow_shapes_on_the_meta_device():
+    """SD3-medium's and Flux-dev's transformers from benchmarks/flow_shape.py's configs, built without memory:
+    the parameter counts of the published models (2,028,328,000 and 11,901,408,320), and the planner's token
+    counts at 1024 x 1024 (4096 image tokens: SD3's 2 x 2 patches, Flux's 2 x 2 packing)."""
+    from benchmarks.flow_shape import PUBLISHED_PARAMETERS, flow_transformer, parameter_count
+    from utils.models.jvp_memory import image_tokens
+    counts = {k: flow_transformer(k, "meta") for k in ("sd3_medium", "flux_dev")}
+    assert {k: parameter_count(m) for k, m in counts.items()} == {"sd3_medium": 2_028_328_000,
+                                                                   "flux_dev": 11_901_408_320}
+    for k, m in counts.items():
+        assert abs(parameter_count(m) / PUBLISHED_PARAMETERS[k] - 1) < 0.005
+        assert image_tokens(m, (128, 128)) == 4096
+        assert len(attention_shapes(m, (128, 128), 333)) == {"sd3_medium": 24, "flux_dev": 19 + 38}[k]
+
+
+def test_a_cap_on_a_flow_transformer_without_the_run_time_path_is_refused():
+    """Flux's transformer is planned (above) but its latents are packed (B, N, 64): until its family gives the
+    planner the latent grid, detect_mem refuses --max_memory_gb on it, and the flow denoiser will not guess."""
+    from types import SimpleNamespace
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from utils.cli import UserError
+    from utils.models.flow import FlowDenoiser
+    from utils.startup import flow_options
+    flux, x, _, _, _ = _tiny_flux_64()
+    model = SimpleNamespace(family=SimpleNamespace(prediction_type="flow", backbone=lambda pipe: pipe), pipe=flux,
+                            model_id="tiny-flux")
+    assert flow_options(model, "velocity") == {"flow_space": "velocity"}
+    with pytest.raises(UserError, match="FluxTransformer2DModel"):
+        flow_options(model, "velocity", jvp_capped=True)
+    with pytest.raises(ValueError, match="packed"):
+        FlowDenoiser(flux, FlowMatchEulerDiscreteScheduler(), jvp_memory=JvpMemory(1)).jvp_plan(x, None)

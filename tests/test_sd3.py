@@ -105,9 +105,6 @@ def test_detect_mem_on_flow_models_bad_inputs_are_one_line(tmp_path, capsys):
     msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--flow_space", "score",
                                                               *common]))
     assert "sigma = 1" in msg
-    msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny-sd3", "--max_memory_gb", "1",
-                                                              *common]))
-    assert "planner" in msg
     msg = _one_error_line(capsys, exit_code(detect_mem.main, ["--model_id", "tiny", "--flow_space", "score", *common]))
     assert "rectified-flow" in msg
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pt"))
@@ -135,3 +132,39 @@ def test_mitigate_mem_none_equals_the_pipeline_and_undefined_methods_are_one_lin
     assert "flow model" in msg
     msg = _one_error_line(capsys, exit_code(mitigate_mem.main, [*common, "--method", "sail", "--miti_thres", "1"]))
     assert "no value for alpha" in msg
+
+
+@pytest.mark.parametrize("memory", [dict(attention="chunked", query_chunk=5), dict(max_bytes=1)],
+                         ids=["chunked", "rows"])
+def test_capped_jvp_equals_the_unchunked_jvp(t5_pipe, memory):
+    """The JVP memory planner on SD3's transformer: the joint attention's chunked tangent (5-query chunks over the 16
+    image + 333 text tokens) and one generation per call give the unchunked JVP, float64."""
+    import copy
+    from utils.models.flow import FlowDenoiser
+    from utils.models.jvp_memory import JvpMemory
+    pipe = t5_pipe
+    tr = copy.deepcopy(pipe.transformer).double()
+    cond = SD3.encode(pipe, PROMPTS).map(torch.Tensor.double).repeat_each(2)  # 2 prompts x 2 generations
+    g = torch.Generator().manual_seed(6)
+    x, v = (torch.randn(4, 16, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    plain = FlowDenoiser(tr, pipe.scheduler)
+    t = plain.timesteps(4)[1]
+    want = plain.hvp_delta(x, t, cond, v)
+    capped = FlowDenoiser(tr, pipe.scheduler, jvp_memory=JvpMemory(**memory))
+    assert not capped.jvp_plan(x, cond).unchanged
+    torch.testing.assert_close(capped.hvp_delta(x, t, cond, v), want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+
+
+def test_detect_mem_under_a_memory_cap_equals_the_uncapped_run(tmp_path):
+    """detect_mem.py --max_memory_gb on an SD3 model: below the resident set the plan is one generation per call
+    with the chunked joint attention; the metric equals the uncapped (math-kernel) run's within float32 tolerance."""
+    import detect_mem
+    from cli_run import exit_code
+    data = tmp_path / "p.txt"
+    data.write_text("\n".join(PROMPTS) + "\n")
+    common = ["--model_id", "tiny-sd3", "--data_path", str(data), "--gen_num", "2", "--device", "cpu"]
+    assert exit_code(detect_mem.main, [*common, "--out_dir", str(tmp_path / "a")]) == 0
+    assert exit_code(detect_mem.main, [*common, "--out_dir", str(tmp_path / "b"), "--max_memory_gb", "1e-6"]) == 0
+    a, b = (torch.load(tmp_path / d / "p_gen2.pt", weights_only=True) for d in "ab")
+    assert a.abs().max() > 0
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=0)

@@ -11,6 +11,7 @@ from .models import families as F
 from .models import sdxl  # noqa: F401  (registers the SDXL family)
 from .models import sd3  # noqa: F401  (registers the SD3 family)
 from .models.flow import FLOW_SPACES
+from .models.jvp_memory import transformer_kind
 from .models.samplers import DEFAULT_SAMPLER, build_scheduler
 from .models.loading import DTYPES, SD_MODELS, model_label, resolve_device, resolve_dtype, resolve_model_id
 from .prompts import truncated_prompts
@@ -102,16 +103,18 @@ def add_flow_argument(p):
 def flow_options(model, flow_space, v_score="correct", jvp_capped=False):
     """The denoiser keywords --flow_space adds: {'flow_space': ...} for a flow family, {} for the others. UserError
     for a flag of the other kind of model (a non-default --flow_space on a diffusion model, --v_score reference on
-    a flow model) or a JVP memory cap on a flow model (jvp_capped: the planner models UNets only)."""
+    a flow model) or a JVP memory cap on a flow model whose transformer the run-time planner does not cover
+    (jvp_capped: a cap or --jvp_attention was given; UNets and SD3's MMDiT are covered, utils.models.jvp_memory)."""
     if model.family.prediction_type != "flow":
         if flow_space != "velocity":
             raise UserError(f"--flow_space is for rectified-flow models; {model.model_id} is a {model.family.title}")
         return {}
     if v_score != "correct":
         raise UserError("--v_score is for v-prediction models; a flow model's score form is set by --flow_space")
-    if jvp_capped:
-        raise UserError("--max_memory_gb / --jvp_attention: the JVP memory planner models UNets; on a flow "
-                        "transformer the JVP runs unchunked (docs/flow.md)")
+    backbone = model.family.backbone(model.pipe)
+    if jvp_capped and transformer_kind(backbone) != "sd3":
+        raise UserError(f"--max_memory_gb / --jvp_attention: the JVP memory planner runs on UNets and SD3's "
+                        f"transformer; on this {type(backbone).__name__} the JVP runs unchunked (docs/cost.md)")
     return {"flow_space": flow_space}
 
 

@@ -136,9 +136,21 @@ class FlowDenoiser(Denoiser):
         return self.call(unet or self.unet, x, t, cond.branch(which))
 
     def jvp_plan(self, x, cond):
-        """None: one unchunked JVP. The memory planner (utils.models.jvp_memory) models UNets only; detect_mem.py
-        refuses --max_memory_gb / --jvp_attention on flow models rather than ignore them."""
-        return None
+        """The utils.models.jvp_memory.JvpPlan of a JVP at latents x (B, C, h, w) with cond (context (B, L, D)), or
+        None without a cap. The planner reads the transformer's config (joint attention over the (h / p)(w / p)
+        image tokens and the L text tokens); the chunked plans run through its joint-attention processor."""
+        if self.jvp_memory is None:
+            return None
+        return self.jvp_memory.plan(self.jvp_unet or self.unet, x.shape[0], self.latent_grid(x), cond.cond.shape[1],
+                                    x.dtype, x.device)
+
+    def latent_grid(self, x):
+        """(h, w) of the VAE latents behind model inputs x: SD3 takes them as they are, (B, C, h, w). A family whose
+        transformer takes packed tokens (Flux: (B, N, 64)) overrides this."""
+        if x.dim() != 4:
+            raise ValueError(f"latents of shape {tuple(x.shape)} are packed: the family's denoiser must give the "
+                             "latent grid (latent_grid) for the JVP memory planner")
+        return tuple(x.shape[-2:])
 
     # ---------------------------------------------------------------- sampling
 

@@ -22,6 +22,28 @@ chunked attention at 303 MB (16 x 16 latents) and 362 MB (32 x 32), i.e. 30 entr
 of 2.4 copies of the largest weight (the 1280 x 2560 x 3 x 3 convolution, 118 MB). The constants below carry a
 margin; benchmarks/gpu_check.sh measures the CUDA allocator's peak against this estimate.
 
+Joint-attention transformers (SD3's MMDiT, Flux; transformer_attention_shapes): every block attends over the N
+image tokens and L text tokens jointly, so each attention map is (N + L) x (N + L) per head and row; the same map
+terms apply (the maps are those of the same SDPA op). Their activations scale with the token sequence instead:
+
+    activations   ACT_TOKENS * R * (N + L) * width * b     (width = heads x head dim; N = (h / 2)(w / 2) for both)
+    weights       WEIGHT_COPIES_TOKENS * the largest parameter tensor's bytes
+
+ACT_TOKENS measured on the CPU (benchmarks/flow_memory.py --measure_cpu: peak RSS above the resting set, each point
+in its own process with glibc serving allocations of 64 KiB or more by mmap, so the resident set follows the live
+tensors; torch 2.14, float32, 1 generation, chunked attention with 64-query chunks and its map estimate subtracted,
+width 512, 256 and 1024 image tokens + 77 text tokens; the slope between the two sizes): 27.4 entries for a 4-block
+SD3 transformer, 29.5 for a Flux one (2 double- + 4 single-stream blocks). Measured like the UNet's constants
+instead (in one process, glibc's heap), the slopes scatter with the heap's reuse and fragmentation: 29-32 (SD3) and
+47-59 (Flux). The constants (40 and 60) lie above all of these but one fresh-process heap run of SD3 (49). Check at
+a third size (48 x 48 latents, 2 generations = 4 rows, same toys): measured / estimated 352 / 534 MiB (SD3, math
+kernel), 166 / 253 MiB (SD3, 128-query chunks), 271 / 480 MiB (Flux, math), 183 / 339 MiB (Flux, chunks).
+WEIGHT_COPIES_TOKENS is ASSUMED equal to the UNet's: at toy widths the weights are too small to resolve it
+(intercepts 2.9 and 4.2 copies of a 6 MiB tensor, fixed overheads included), and at the published widths the term is
+< 0.4 GB (SD3-medium's largest tensor, an adaLN projection, is 14.2 M entries; Flux-dev's 56.6 M), far below the
+maps and activations. Not measured on a GPU (no GPU in that task); benchmarks/gpu_check.sh's jvp_memory_sd3 part
+does.
+
 Plan for a budget B (JvpMemory.plan): the unchunked math-kernel JVP when it fits (exactly the computation done
 without a cap), else the chunked attention with all rows and the largest query chunk that fits, else fewer rows
 per call (micro-batches of generations). The budget is the cap (--max_memory_gb) minus the memory already in use
@@ -38,6 +60,9 @@ MATH_MAPS = 6.0      # attention maps alive at once in the math kernel's forward
 CHUNK_MAPS = 3.0     # maps of one query chunk alive at once in attention_tangent (measured 2.2)
 ACT = 40.0           # activation entries per row and C0*H*W latent entry (measured 30)
 WEIGHT_COPIES = 3.0  # transient copies of the largest parameter tensor (measured 2.4 on the CPU)
+# joint-attention transformers: activation entries per row and (N + L) x width entry (measured 27 SD3, 30 Flux)
+ACT_TOKENS = {"sd3": 40.0, "flux": 60.0}
+WEIGHT_COPIES_TOKENS = 3.0  # transformers: copies of the largest parameter tensor (assumed: the UNet's constant)
 SAFETY = 0.9         # fraction of the free memory a plan may use
 MIN_CHUNK = 64      # smallest query chunk before the rows are split instead
 ATTENTION_MODES = ("auto", "math", "chunked")
@@ -51,10 +76,41 @@ class AttentionShape:
     keys: int
 
 
+def transformer_kind(model):
+    """'sd3' for an SD3Transformer2DModel (MMDiT), 'flux' for a FluxTransformer2DModel, None for anything else (the
+    UNet path). By class name, so that a model built on the meta device (benchmarks/flow_shape.py) is recognised."""
+    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(type(model).__name__)
+
+
+def image_tokens(model, hw):
+    """Image tokens of a joint-attention transformer for VAE latents of side hw (h, w): SD3 patches the latents
+    p x p (p = config.patch_size, 2 for SD3), Flux packs them 2 x 2 into 64-channel tokens before its (1 x 1)
+    patch embedding, so both give (h / 2)(w / 2) tokens at their published configs."""
+    p = model.config.patch_size * (2 if transformer_kind(model) == "flux" else 1)
+    return (hw[0] // p) * (hw[1] // p)
+
+
+def transformer_attention_shapes(model, hw, context_len):
+    """AttentionShape of every attention of a joint-attention transformer, from its config, for VAE latents of side
+    hw and context_len text tokens (SD3: the CLIP tokens + T5's; Flux: T5's). Every MMDiT block of SD3 (and every
+    double-stream block of Flux) attends over the image and text tokens jointly: N + L queries and keys; Flux's
+    single-stream blocks attend over the same N + L tokens concatenated; SD3.5's dual-attention layers
+    (config.dual_attention_layers) add a self-attention over the N image tokens."""
+    cfg, n = model.config, image_tokens(model, hw)
+    joint = AttentionShape(int(cfg.num_attention_heads), n + context_len, n + context_len)
+    if transformer_kind(model) == "flux":
+        return [joint] * (cfg.num_layers + cfg.num_single_layers)
+    dual = [AttentionShape(int(cfg.num_attention_heads), n, n)] * len(getattr(cfg, "dual_attention_layers", ()) or ())
+    return [joint] * cfg.num_layers + dual
+
+
 def attention_shapes(unet, hw, context_len):
     """AttentionShape of every diffusers Attention module of a UNet2DConditionModel for latents of side hw (h, w)
     and a text context of context_len tokens. The query grid of a block is the input grid halved once per
-    downsampler before it (up blocks mirror the down blocks); modules outside the blocks get the input grid."""
+    downsampler before it (up blocks mirror the down blocks); modules outside the blocks get the input grid.
+    A joint-attention transformer (SD3, Flux) is read from its config (transformer_attention_shapes)."""
+    if transformer_kind(unet):
+        return transformer_attention_shapes(unet, hw, context_len)
     from .attention import _block_resolutions
     res = _block_resolutions(unet, hw)
     shapes = []
@@ -108,8 +164,14 @@ def estimate_bytes(unet, gens, hw, context_len, dtype, device, query_chunk=None)
     """Estimated JVP working set (bytes) for `gens` generations (2 * gens UNet rows); see the module docstring."""
     rows, b = 2 * gens, _elem(dtype)
     shapes = attention_shapes(unet, hw, context_len)
-    c0 = unet.config.block_out_channels[0]
-    fixed = ACT * rows * c0 * hw[0] * hw[1] * b + WEIGHT_COPIES * max(p.numel() for p in unet.parameters()) * b
+    if transformer_kind(unet):
+        cfg = unet.config
+        width = cfg.num_attention_heads * cfg.attention_head_dim
+        fixed = (ACT_TOKENS[transformer_kind(unet)] * rows * (image_tokens(unet, hw) + context_len) * width * b
+                 + WEIGHT_COPIES_TOKENS * max(p.numel() for p in unet.parameters()) * b)
+    else:
+        c0 = unet.config.block_out_channels[0]
+        fixed = ACT * rows * c0 * hw[0] * hw[1] * b + WEIGHT_COPIES * max(p.numel() for p in unet.parameters()) * b
     if not shapes:
         return int(fixed)
     if query_chunk is None:
@@ -329,16 +391,110 @@ class ChunkedJVPAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class ChunkedJVPJointAttnProcessor:
+    """A diffusers attention processor equal to JointAttnProcessor2_0 (diffusers 0.42; SD3's MMDiT blocks, and its
+    SD3.5 dual-attention layers, which call it without a text stream) except that the attention goes through
+    ChunkedAttention. The joint attention is one SDPA over the image and text tokens concatenated, so the tangent
+    rule is the same; the chunks run over the joint query range. Installed only during a JVP."""
+
+    def __init__(self, chunk):
+        self.chunk = chunk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual, batch_size = hidden_states, hidden_states.shape[0]
+
+        def heads(t, norm=None):  # (B, N, heads * d) -> (B, heads, N, d), normalized per head if the block says
+            t = t.view(batch_size, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+            return t if norm is None else norm(t)
+        query = heads(attn.to_q(hidden_states), attn.norm_q)
+        key = heads(attn.to_k(hidden_states), attn.norm_k)
+        value = heads(attn.to_v(hidden_states))
+        if encoder_hidden_states is not None:  # image tokens first, then the text tokens
+            query = torch.cat([query, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+            key = torch.cat([key, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+            value = torch.cat([value, heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
+        hidden_states = ChunkedAttention.apply(query, key, value, None, self.chunk)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, query.shape[1] * query.shape[3])
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (hidden_states[:, :residual.shape[1]],
+                                                    hidden_states[:, residual.shape[1]:])
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+class ChunkedJVPFluxAttnProcessor:
+    """A diffusers attention processor equal to FluxAttnProcessor (diffusers 0.42, the default attention backend;
+    Flux's double-stream blocks with a text stream, its single-stream blocks without) except that the attention
+    goes through ChunkedAttention. Text tokens come first in Flux's joint sequence; the rotary embedding is
+    applied to queries and keys before the attention, so it is outside the tangent rule. Installed only during a
+    JVP."""
+
+    def __init__(self, chunk):
+        self.chunk = chunk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+        query, key, value, e_query, e_key, e_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))  # (B, N, heads, d)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            e_query, e_key, e_value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (e_query, e_key, e_value))
+            query = torch.cat([attn.norm_added_q(e_query), query], dim=1)
+            key = torch.cat([attn.norm_added_k(e_key), key], dim=1)
+            value = torch.cat([e_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        mask = attention_mask
+        hidden_states = ChunkedAttention.apply(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                               mask, self.chunk).transpose(1, 2)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+# the processor a chunked JVP installs, by the model's kind (None: a UNet, ChunkedJVPAttnProcessor), and the stock
+# processor it mirrors: a model whose processors are of another class (an IP-adapter, another attention backend)
+# is refused rather than silently changed
+_CHUNKED = {"sd3": (ChunkedJVPJointAttnProcessor, "JointAttnProcessor2_0"),
+            "flux": (ChunkedJVPFluxAttnProcessor, "FluxAttnProcessor")}
+
+
+def chunked_processor(model, chunk):
+    """The chunked-tangent processor for every attention of `model` (ValueError when its processors are not the
+    stock ones the chunked processor mirrors)."""
+    kind = transformer_kind(model)
+    if kind is None:
+        return ChunkedJVPAttnProcessor(chunk)
+    cls, stock = _CHUNKED[kind]
+    other = {type(p).__name__ for p in model.attn_processors.values()} - {stock}
+    backends = {getattr(p, "_attention_backend", None) for p in model.attn_processors.values()} - {None}
+    if other or backends:
+        raise ValueError(f"the chunked-attention JVP mirrors diffusers' {stock}; this {type(model).__name__} has "
+                         f"{sorted(other) or 'another attention backend'}: run the JVP unchunked (no --max_memory_gb)")
+    return cls(chunk)
+
+
 class chunked_attention:  # noqa: N801 (a context manager used like a function)
-    """Context manager: every attention processor of `unet` is a ChunkedJVPAttnProcessor(chunk) inside the block;
-    the processors found on entry (the stock ones, or an instrument's wrappers) are restored on exit."""
+    """Context manager: every attention processor of `unet` (a UNet, SD3's or Flux's transformer) is its chunked
+    processor (chunked_processor) inside the block; the processors found on entry (the stock ones, or an
+    instrument's wrappers) are restored on exit."""
 
     def __init__(self, unet, chunk):
         self.unet, self.chunk, self.saved = unet, chunk, None
 
     def __enter__(self):
+        processor = chunked_processor(self.unet, self.chunk)
         self.saved = dict(self.unet.attn_processors)
-        self.unet.set_attn_processor(ChunkedJVPAttnProcessor(self.chunk))
+        self.unet.set_attn_processor(processor)
         return self
 
     def __exit__(self, *exc):
