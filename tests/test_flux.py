@@ -159,3 +159,12 @@ def test_mitigate_mem_none_equals_the_pipeline_and_bad_inputs_are_one_line(dev, 
                                                                 "--out_dir", str(tmp_path / "o2"), "--method", "none"]))
     assert "no T5 text encoder" in msg and "text_encoder_2" in msg
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").rglob("*.png"))
+
+
+def test_table_1_marks_a_flux_uncond():
+    from utils.detection.tables import markdown
+    row = dict(metric="sharpness", n=1, steps=1, auc=0.5, tpr_1_closest=0.1, tpr_1_strict=0.1, tpr_3_closest=0.2,
+               cost=dict(unet_forwards=None, seconds=None, ratio=None), paper=None)
+    assert "∅ (the uncond branch" not in markdown([row], "sd")
+    text = markdown([dict(row, uncond=FLUX_DEV.uncond)], "flux")
+    assert f"∅ (the uncond branch of every difference) on this model: {FLUX_DEV.uncond}." in text
