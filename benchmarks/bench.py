@@ -4,6 +4,7 @@
     python benchmarks/bench.py --device cuda --unet sd14 --dtypes bfloat16,float32      # full SD v1.4 shape (64 x 64)
     python benchmarks/bench.py --device cuda --unet sd2 --dtypes bfloat16,float32       # SD v2.0 shape (96 x 96, v)
     python benchmarks/bench.py --device cuda --unet sdxl                                # SDXL base shape (128 x 128)
+    python benchmarks/bench.py --device cuda --unet flux    # Flux-dev's transformer (128 x 128 latents; flux_tiny: CPU)
 
 The UNet has Stable Diffusion's architecture (utils.demo.model.sd_shaped_unet; SDXL base's from
 benchmarks/sdxl_shape.py, 'sdxl_tiny' its layout at toy widths) with random weights, which costs what the real one
@@ -48,6 +49,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.flux_shape import FLUX_TRANSFORMERS, NATIVE_SIDE, flux_parts  # noqa: E402
 from benchmarks.sdxl_shape import SDXL_UNETS, sdxl_added, sdxl_unet  # noqa: E402
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
 from utils.detection.loop import run_detectors, settings_for
@@ -68,7 +70,7 @@ SAIL_ALPHA = {SD1.prediction_type: SD1.hparam("sail_alpha"), SD2.prediction_type
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny", *SDXL_UNETS])
+    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny", *SDXL_UNETS, *FLUX_TRANSFORMERS])
     p.add_argument("--size", type=int, default=None, help="latent side (default: 8 on the CPU, native on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated (default: float32 on the CPU, bfloat16 on CUDA)")
@@ -152,6 +154,9 @@ class Bench:
     def __init__(self, args, dtype):
         self.args, self.dtype = args, dtype
         self.device = torch.device(args.device)
+        if args.unet in FLUX_TRANSFORMERS:  # Flux-dev's transformer (benchmarks/flux_shape.py): inputs of its own
+            self._flux(args, dtype)
+            return
         if args.unet == "tiny":  # the tests' toy UNet: a smoke run of this script in seconds
             from utils.demo.model import tiny_pipeline
             self.unet = tiny_pipeline(sample_size=args.size).unet.to(self.device, dtype).eval()
@@ -172,10 +177,23 @@ class Bench:
         self.cond_all = self.conditioning(k)
         cap = None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30)
         self.memory = JvpMemory(cap)
-        self.model = denoiser(self.unet, self.sched, jvp_memory=self.memory)
+        self.denoiser = lambda **kw: denoiser(self.unet, self.sched, **kw)
+        self.model = self.denoiser(jvp_memory=self.memory)
         self.sail_alpha = SAIL_ALPHA[self.model.prediction_type]
         self._f32 = None
         self.warmup = None
+
+    def _flux(self, args, dtype):
+        """The same attributes for a Flux-shaped transformer; SAIL's alpha is SD v1.4's (no Flux value exists; the
+        cost does not depend on it)."""
+        g = torch.Generator().manual_seed(args.seed + 1)
+        (self.unet, self.sched, self.denoiser, self.conds, self.uncond, self.latents,
+         self.added) = flux_parts(args.unet, args.size, args.gen_num, max(1, args.prompt_batch), g, self.device,
+                                  dtype, seed=args.seed)
+        self.cond0, self.cond_all = self.conditioning(1), self.conditioning(max(1, args.prompt_batch))
+        self.memory = JvpMemory(None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30))
+        self.model = self.denoiser(jvp_memory=self.memory)
+        self.sail_alpha, self._f32, self.warmup = SD1.hparam("sail_alpha"), None, None
 
     def conditioning(self, k, n=1):
         """The Conditioning of prompts 0..k-1 with n generations each (k * n rows per branch)."""
@@ -197,8 +215,7 @@ class Bench:
         cuda, half = self.device.type == "cuda", self.dtype != torch.float32
         n = self.latents.shape[0]
         if name == "forward":
-            self.sched.set_timesteps(50)
-            t = self.sched.timesteps[0]
+            t = self.model.timesteps(50)[0]  # the scheduler's set_timesteps (and a flow pipeline's sigmas and shift)
             emb = self.conditioning(1, n)
             x2 = torch.cat([self.latents, self.latents])
 
@@ -212,20 +229,22 @@ class Bench:
             return self.detect("anisotropy", aniso_weights=(1.0, 2.0)), "run_detectors anisotropy (2 forwards)"
         if name == "jvp":
             return self.detect("sharpness"), "forward + exact JVP (JvpMemory auto)"
+        if name == "jvp_chunked" and self.args.unet in FLUX_TRANSFORMERS:
+            return None  # the JVP memory planner models UNets: on a flow transformer it is the plain JVP
         if name == "jvp_chunked":
-            m = denoiser(self.unet, self.sched, jvp_memory=JvpMemory(self.memory.max_bytes, "chunked"))
+            m = self.denoiser(jvp_memory=JvpMemory(self.memory.max_bytes, "chunked"))
             return self.detect("sharpness", m), "forward + exact JVP, fused forward + chunked tangent"
         if name == "jvp_f32copy":
             if not half:
                 return None
-            m = denoiser(self.unet, self.sched, jvp_unet=self.f32_copy(), jvp_memory=self.memory)
+            m = self.denoiser(jvp_unet=self.f32_copy(), jvp_memory=self.memory)
             return self.detect("sharpness", m), "forward + exact JVP on a float32 copy"
         if name in ("fd", "fd_model", "fd_tf32"):
             precision = {"fd": "float32", "fd_model": "model", "fd_tf32": "tf32"}[name]
             if (precision == "tf32" and not cuda) or (precision == "model" and not half):
                 return None
             fd_unet = self.f32_copy() if precision != "model" else None
-            m = denoiser(self.unet, self.sched, fd_unet=fd_unet, fd_precision=precision)
+            m = self.denoiser(fd_unet=fd_unet, fd_precision=precision)
             return self.detect("sharpness", m, hvp="fd", fd_precision=precision), f"forward + fd ({precision})"
         if name in ("sail_round", "sail_batch", "sail_search"):
             rounds = self.args.search_rounds if name == "sail_search" else 1
@@ -260,8 +279,8 @@ class Bench:
 def run(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    args.size = args.size or (8 if not cuda else {"sd14": 64, "sd2": 96, "tiny": 8, "sdxl": 128, "sdxl_tiny": 8}[
-        args.unet])
+    args.size = args.size or (8 if not cuda else {"sd14": 64, "sd2": 96, "tiny": 8, "sdxl": 128, "sdxl_tiny": 8,
+                                                  **NATIVE_SIDE}[args.unet])
     args.gen_num = args.gen_num or (4 if cuda else 1)
     args.repeats = args.repeats or (5 if cuda else 2)
     args.prompt_batch = args.prompt_batch or (4 if cuda else 2)
