@@ -94,6 +94,8 @@ def parse_args(argv=None):
         p.error(f"--{given[0]} is not an option of --method {a.method}")
     if a.author_settings and a.sampler:
         p.error("--author_settings chooses the sampler; give one of --sampler and --author_settings")
+    if a.method == "cfg_delay" and a.guidance_scale is not None:
+        p.error("--guidance_scale: cfg_delay's guidance is --cfg_w_pre / --cfg_w_post")
     if a.author_settings and a.guidance_scale is not None:
         p.error("--author_settings chooses the guidance scale; give one of --guidance_scale and --author_settings")
     if a.author_settings and MI.METHODS[a.method].author is None:

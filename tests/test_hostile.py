@@ -630,6 +630,7 @@ MITI_ROWS = [
     (MITI_BASE + ["--gen_seed", BIG], 2, "2^63"),
     (MITI_BASE + ["--miti_thres", "nan"], 2, "finite"),
     (MITI_BASE + ["--guidance_scale", "nan"], 2, "finite"),
+    (MITI_BASE + ["--method", "cfg_delay", "--guidance_scale", "3"], 2, "--cfg_w_post"),
     (MITI_BASE + ["--method", "han_batch", "--author_settings", "--guidance_scale", "3"], 2, "one of --guidance_scale"),
     (MITI_BASE + ["--miti_lr", "0"], 2, "--miti_lr"),
     (MITI_BASE + ["--miti_alpha", "-1"], 2, "--miti_alpha"),
