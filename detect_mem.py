@@ -32,7 +32,7 @@ from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts
 from utils.schemas import DetectionRecord
 from utils.startup import (add_flow_argument, add_model_arguments, check_flow_first_step, flow_options, load_model,
-                           model_id_of, report_long_prompts, size_identity, start_process)
+                           model_id_of, report_long_prompts, size_identity, start_process, uncond_identity)
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
 
@@ -173,7 +173,7 @@ def run(args, flags):
     # Everything that changes a metric's numbers; a resumed run must match it exactly.
     common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                   gen_seed=args.gen_seed, dtype=str(dtype), device=device.type, **size_identity(args.height, args.width),
-                  **flow)  # flow_space on flow models only: other runs' identities are unchanged
+                  **flow, **uncond_identity(loaded))  # flow models only: other runs' identities are unchanged
     identities = {m: dict(common, **{o: getattr(args, o) for o in det.model_options}, **det.identity())
                   for m, det in dets.items()}
     logs = {m: D.ShardLog(bases[m] + ".progress", identities[m], shard,

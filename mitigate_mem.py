@@ -26,7 +26,8 @@ from utils.io import (atomic_save_image, atomic_torch_save, check_outputs, prepa
 from utils.mitigation import gating, methods as MI
 from utils.models.loading import model_label
 from utils.prompts import read_prompts
-from utils.startup import add_model_arguments, load_model, model_id_of, report_long_prompts, size_identity, start_process
+from utils.startup import (add_model_arguments, load_model, model_id_of, report_long_prompts, size_identity,
+                           start_process, uncond_identity)
 
 NUM_INFERENCE_STEPS = 50  # DDIM steps, for every method (as the reference)
 GUIDANCE_SCALE = 7.5      # classifier-free guidance of the final sampling (Jain's w_post)
@@ -51,6 +52,9 @@ def parse_args(argv=None):
                    help="DDIM steps of every method (the paper: 50)")
     p.add_argument("--sampler", default=None, choices=list(MI.SAMPLERS),
                    help="the scheduler of every method, built from the model's scheduler config (default ddim)")
+    p.add_argument("--guidance_scale", type=finite_float, default=None,
+                   help=f"guidance scale of every method's sampling (default {GUIDANCE_SCALE:g}, the reference's); on "
+                        "Flux-dev the value of its guidance embedding, refused on Flux-schnell (docs/flow.md)")
     p.add_argument("--author_settings", action="store_true",
                    help="the method's authors' own sampler and guidance scale for this model (docs/mitigation.md)")
     p.add_argument("--miti_prompt_batch", type=bounded_int(1, 256), default=1, metavar="K",
@@ -90,6 +94,10 @@ def parse_args(argv=None):
         p.error(f"--{given[0]} is not an option of --method {a.method}")
     if a.author_settings and a.sampler:
         p.error("--author_settings chooses the sampler; give one of --sampler and --author_settings")
+    if a.method == "cfg_delay" and a.guidance_scale is not None:
+        p.error("--guidance_scale: cfg_delay's guidance is --cfg_w_pre / --cfg_w_post")
+    if a.author_settings and a.guidance_scale is not None:
+        p.error("--author_settings chooses the guidance scale; give one of --guidance_scale and --author_settings")
     if a.author_settings and MI.METHODS[a.method].author is None:
         p.error(f"--author_settings: {a.method} has none (its authors' code samples as the harness: DDIM, "
                 "guidance 7.5)")
@@ -135,8 +143,11 @@ def main(argv=None):
     flags, scores, gate_info = gate(a, prompts, model_id)  # every check before anything is loaded or written
     loaded = load_model(a.sd_ver, a.model_id, device, a.dtype, a.height, a.width)
     loaded.family.refusal([a.method])  # e.g. Ren et al.'s cross-attention edit on a joint-attention model
-    sampler, guidance, author = MI.sampling(a.method, loaded.family, a.sampler, a.author_settings, GUIDANCE_SCALE)
-    model, dtype = loaded.denoiser(sampler, a.num_inference_steps), loaded.dtype
+    run_guidance = GUIDANCE_SCALE if a.guidance_scale is None else a.guidance_scale
+    sampler, guidance, author = MI.sampling(a.method, loaded.family, a.sampler, a.author_settings, run_guidance)
+    model = loaded.denoiser(sampler, a.num_inference_steps,  # Flux-dev: the guidance is an input of the model
+                            **loaded.family.guidance_options(guidance, a.guidance_scale is not None))
+    dtype = loaded.dtype
     try:
         if runs is None:  # the paper's grid for this model
             runs = MI.grid_settings(a.method, base, None, loaded.family)
@@ -149,7 +160,8 @@ def main(argv=None):
     common = dict(model=label, model_id=model_id, data_sha256=sha256_file(a.data_path), gen_num=a.gen_num,
                   gen_seed=a.gen_seed, dtype=str(dtype), device=device.type, method=a.method,
                   num_inference_steps=a.num_inference_steps, guidance_scale=guidance,
-                  **size_identity(a.height, a.width), **MI.sampling_identity(sampler, guidance, author))
+                  **size_identity(a.height, a.width), **MI.sampling_identity(sampler, guidance, author),
+                  **uncond_identity(loaded))
     jobs = []
     for st in runs:
         setting = MI.setting_label(a.method, st.to_dict())

@@ -6,6 +6,7 @@
     python benchmarks/bench.py --device cuda --unet sdxl                                # SDXL base shape (128 x 128)
     python benchmarks/bench.py --device cuda --unet sd3_medium     # SD3-medium's transformer (128 x 128, flow)
     python benchmarks/bench.py --unet sd3_tiny                     # its layout at toy widths: a CPU smoke run
+    python benchmarks/bench.py --device cuda --unet flux    # Flux-dev's transformer (128 x 128 latents; flux_tiny: CPU)
 
 The UNet has Stable Diffusion's architecture (utils.demo.model.sd_shaped_unet; SDXL base's from
 benchmarks/sdxl_shape.py, 'sdxl_tiny' its layout at toy widths) with random weights, which costs what the real one
@@ -55,6 +56,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.flow_shape import FLOW_TRANSFORMERS, flow_transformer, sd3_inputs  # noqa: E402
+from benchmarks.flux_shape import FLUX_TRANSFORMERS, NATIVE_SIDE, flux_parts  # noqa: E402
 from benchmarks.sdxl_shape import SDXL_UNETS, sdxl_added, sdxl_unet  # noqa: E402
 from utils.demo.model import ddim_scheduler, sd_shaped_unet
 from utils.detection.loop import run_detectors, settings_for
@@ -77,7 +79,8 @@ SD3_SHIFT = 3.0  # SD3-medium's scheduler config (scheduler/scheduler_config.jso
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny", *SDXL_UNETS, *SD3_KINDS])
+    p.add_argument("--unet", default="sd14", choices=["sd14", "sd2", "tiny", *SDXL_UNETS, *SD3_KINDS,
+                                                          *FLUX_TRANSFORMERS])
     p.add_argument("--size", type=int, default=None, help="latent side (default: 8 on the CPU, native on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated (default: float32 on the CPU, bfloat16 on CUDA)")
@@ -165,6 +168,9 @@ class Bench:
     def __init__(self, args, dtype):
         self.args, self.dtype = args, dtype
         self.device = torch.device(args.device)
+        if args.unet in FLUX_TRANSFORMERS:  # Flux-dev's transformer (benchmarks/flux_shape.py): inputs of its own
+            self._flux(args, dtype)
+            return
         g = torch.Generator().manual_seed(args.seed + 1)
         k = max(1, args.prompt_batch)
         if args.unet in SD3_KINDS:
@@ -211,8 +217,23 @@ class Bench:
         self.latents = torch.randn(args.gen_num, channels, args.size, args.size, generator=g).to(self.device,
                                                                                                  self.dtype)
 
+    def _flux(self, args, dtype):
+        """The same attributes for a Flux-shaped transformer; SAIL's alpha is SD v1.4's (no Flux value exists; the
+        cost does not depend on it)."""
+        g = torch.Generator().manual_seed(args.seed + 1)
+        (self.unet, self.sched, self.flux_denoiser, self.conds, self.uncond, self.latents,
+         self.added) = flux_parts(args.unet, args.size, args.gen_num, max(1, args.prompt_batch), g, self.device,
+                                  dtype, seed=args.seed)
+        self.cond0, self.cond_all = self.conditioning(1), self.conditioning(max(1, args.prompt_batch))
+        self.memory = JvpMemory(None if args.max_memory_gb is None else int(args.max_memory_gb * 2 ** 30))
+        self.model = self.make(jvp_memory=self.memory)
+        self.sail_alpha, self._f32, self.warmup = SD1.hparam("sail_alpha"), None, None
+
     def make(self, **kwargs):
-        """The denoiser of this benchmark's model with the Denoiser keywords `kwargs` (SD3: the flow denoiser)."""
+        """The denoiser of this benchmark's model with the Denoiser keywords `kwargs` (SD3: the flow denoiser;
+        Flux: flux_parts' factory)."""
+        if self.args.unet in FLUX_TRANSFORMERS:
+            return self.flux_denoiser(**kwargs)
         if self.args.unet in SD3_KINDS:
             from utils.models.flow import FlowDenoiser
             from utils.models.jvp_memory import image_tokens
@@ -240,8 +261,7 @@ class Bench:
         cuda, half = self.device.type == "cuda", self.dtype != torch.float32
         n = self.latents.shape[0]
         if name == "forward":
-            self.sched.set_timesteps(50)
-            t = self.sched.timesteps[0]
+            t = self.model.timesteps(50)[0]  # the scheduler's set_timesteps (and a flow pipeline's sigmas and shift)
             emb = self.conditioning(1, n)
             x2 = torch.cat([self.latents, self.latents])
 
@@ -255,6 +275,8 @@ class Bench:
             return self.detect("anisotropy", aniso_weights=(1.0, 2.0)), "run_detectors anisotropy (2 forwards)"
         if name == "jvp":
             return self.detect("sharpness"), "forward + exact JVP (JvpMemory auto)"
+        if name == "jvp_chunked" and self.args.unet in FLUX_TRANSFORMERS:
+            return None  # the run-time planner needs the unpacked latent grid, which Flux's packed tokens lack
         if name == "jvp_chunked":
             m = self.make(jvp_memory=JvpMemory(self.memory.max_bytes, "chunked"))
             return self.detect("sharpness", m), "forward + exact JVP, fused forward + chunked tangent"
@@ -307,7 +329,7 @@ def run(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.size = args.size or (8 if not cuda else {"sd14": 64, "sd2": 96, "tiny": 8, "sdxl": 128, "sdxl_tiny": 8,
-                                                     "sd3_medium": 128, "sd3_tiny": 8}[
+                                                     "sd3_medium": 128, "sd3_tiny": 8, **NATIVE_SIDE}[
         args.unet])
     args.gen_num = args.gen_num or (4 if cuda else 1)
     args.repeats = args.repeats or (5 if cuda else 2)
@@ -390,7 +412,7 @@ def _write(args, res):
 
 def markdown(res):
     """The results as one Markdown table per dtype."""
-    shape = "transformer" if res["unet"] in SD3_KINDS else "UNet"
+    shape = "transformer" if res["unet"] in (*SD3_KINDS, *FLUX_TRANSFORMERS) else "UNet"
     out = [f"{res['unet']} {shape} shape, random weights, {res['size']}x{res['size']} latents, n = {res['gen_num']}, "
            f"{res['device_name']} ({res['device']}, torch {res['torch']}, {res['cpu_threads']} CPU thread(s)), "
            f"median of "

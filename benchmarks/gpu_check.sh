@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issues #14's, #21's and #22's GPU checks in one run (each part has its own time limit; the first seven parts'
-# limits add up to 470 s, the two SD3 parts' to 180 s; on an H200 with torch 2.11 the two SDXL parts took 43 s,
-# and 41 s with 2 repeats; the SD3 parts have not run on a GPU yet).
+# limits add up to 470 s, the two SD3 parts' and the Flux part's to 300 s; on an H200 with torch 2.11 the two SDXL parts took 43 s,
+# and 41 s with 2 repeats; the SD3 and Flux parts have not run on a GPU yet).
 # Writes, as it goes, under $OUT (default ./gpu_check_out):
 #   gpu_check.md    every table (Markdown), and a line for each part that failed or ran out of time
 #   gpu_check.log   everything the parts printed
@@ -13,6 +13,7 @@
 #   jvp_memory_sd3.json   the exact JVP through SD3-medium's transformer (128 x 128 latents, 4096 + 333 tokens), n = 4:
 #                         the planner's estimate against the measured peak, uncapped, capped, chunked (issue 22)
 #   bench_sd3.json        benchmarks/bench.py at SD3-medium's shape through the flow denoiser, bfloat16
+#   bench_flux.json       benchmarks/bench.py at Flux-dev's shape (packed 128 x 128 latents, 512 T5 tokens), bfloat16, n = 1
 # PARTS="name ..." runs only the named parts (e.g. PARTS="jvp_memory_sdxl bench_sdxl"), in the order below.
 # Run from anywhere; needs torch with CUDA and diffusers. A machine without diffusers (the workplace's GPU image)
 # gets it from .gpu_site/*.zip in the repository root (benchmarks/pack_gpu_site.sh makes it; carry .gpu_site).
@@ -32,10 +33,12 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu S14=8 S2=8 P14=2 P2=2 N=1 CAP=0.001 REP=1 SAIL="--budget 2 --max_steps 1 --search_rounds 2" X=20
   XL=sdxl_tiny SXL=8  # SDXL's layout at toy widths: the real UNet's 10 GB of weights are no smoke test
   S3=sd3_tiny SS3=8   # likewise SD3's transformer
+  FX=flux_tiny SFX=8  # and Flux's
 else
   DEV=cuda S14=64 S2=96 P14=32 P2=16 N=4 CAP=24 REP=0 SAIL="" X=1
   XL=sdxl SXL=128
   S3=sd3_medium SS3=128
+  FX=flux SFX=128
 fi
 
 part() {  # part NAME LIMIT_SECONDS COMMAND...: run it, log it, note a failure in the table file, never stop
@@ -106,5 +109,11 @@ part jvp_memory_sd3 $((120 * X)) python3 benchmarks/jvp_memory_check.py --device
 # is published for flow models).
 part bench_sd3 $((60 * X)) python3 benchmarks/bench.py --device $DEV --unet $S3 --size $SS3 --gen_num $N \
   --dtypes bfloat16 --items forward,wen,jvp,jvp_chunked,fd --repeats 1 --out "$OUT/bench_sd3.json" --md "$MD"
+
+# 10. The same at Flux-dev's shape (11.9 B parameters, random weights; its own paired call: the empty prompt with the
+# same guidance embedding as "uncond"), one generation: the planner estimates 26 GiB for the bfloat16 JVP at n = 1
+# (docs/cost.md) on top of 24 GB of weights; the run-time planner does not cover packed latents (no jvp_chunked).
+part bench_flux $((120 * X)) python3 benchmarks/bench.py --device $DEV --unet $FX --size $SFX --gen_num 1 \
+  --dtypes bfloat16 --items forward,wen,jvp,fd --repeats 1 --out "$OUT/bench_flux.json" --md "$MD"
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$LOG" >>"$MD"

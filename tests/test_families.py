@@ -38,14 +38,14 @@ def _copy_with_index(src, dst, **changes):
 
 
 def test_an_unsupported_pipeline_class_is_one_line_naming_the_families(tiny_eps_dir, tmp_path, capsys):
-    xl = _copy_with_index(tiny_eps_dir, tmp_path / "xl", _class_name="FluxPipeline")
-    with pytest.raises(UserError, match="FluxPipeline; supported families: sd1 "):
+    xl = _copy_with_index(tiny_eps_dir, tmp_path / "xl", _class_name="PixArtAlphaPipeline")
+    with pytest.raises(UserError, match="PixArtAlphaPipeline; supported families: sd1 "):
         F.family_of(xl)
     (tmp_path / "p.txt").write_text("a photo of a cat\n")
     code = exit_code(detect_mem.main, ["--model_id", xl, "--data_path", str(tmp_path / "p.txt"), "--gen_num", "1",
                                        "--out_dir", str(tmp_path / "out"), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "FluxPipeline" in err[0]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "PixArtAlphaPipeline" in err[0]
     assert not os.path.exists(tmp_path / "out" / "p_gen1.pt")
 
 

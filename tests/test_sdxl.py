@@ -182,8 +182,8 @@ def test_short_names_and_family_from_configs(xl_dir, tiny_eps_dir, tiny_v_dir, t
     (base / "unet" / "config.json").write_text(json.dumps(dict(cfg, cross_attention_dim=1024)))
     assert F.family_of(str(base)) is F.SD2_BASE and "grids" in F.SD2_BASE.by_rule
     assert F.family_of("x", "StableDiffusionPipeline", "epsilon", {"cross_attention_dim": 768}) is F.SD1
-    with pytest.raises(UserError, match="FluxPipeline; supported families: sd1 "):
-        F.family_of("x", "FluxPipeline", "epsilon", {})
+    with pytest.raises(UserError, match="PixArtAlphaPipeline; supported families: sd1 "):
+        F.family_of("x", "PixArtAlphaPipeline", "epsilon", {})
 
 
 def _one_error_line(capsys, code):

@@ -10,6 +10,7 @@ from .cli import UserError, bounded_int, device_name, warn
 from .models import families as F
 from .models import sdxl  # noqa: F401  (registers the SDXL family)
 from .models import sd3  # noqa: F401  (registers the SD3 family)
+from .models import flux  # noqa: F401  (registers the Flux-dev and Flux-schnell families)
 from .models.flow import FLOW_SPACES
 from .models.jvp_memory import transformer_kind
 from .models.samplers import DEFAULT_SAMPLER, build_scheduler
@@ -23,7 +24,8 @@ def add_model_arguments(p, dtype_default=None, dtype_help="default bfloat16 on C
                    help="1 (SD v1.4), 1.5, 2 (SD v2.0), 2.1, xl (SDXL base 1.0), demo (bundled tiny model) or demo_flow "
                         "(its rectified-flow twin, SD3-shaped)")
     p.add_argument("--model_id", default=None,
-                   help="Hub id, local folder, 'demo', 'demo_flow', or a random CPU model ('tiny', 'tiny-xl', 'tiny-sd3'); "
+                   help="Hub id, local folder, 'demo', 'demo_flow', or a random CPU model ('tiny', 'tiny-xl', 'tiny-sd3', "
+                        "'tiny-flux', 'tiny-flux-schnell'); "
                         "overrides --sd_ver; its family is read from its model_index.json")
     p.add_argument("--height", type=bounded_int(8, 16384), default=None,
                    help="image height in pixels (default: the model's native size); a multiple of the VAE factor")
@@ -138,6 +140,13 @@ def size_identity(height=None, width=None):
     """What --height/--width add to a run's identity: nothing at the native size (so that runs from before the
     flags resume), else {'height': h, 'width': w} as given."""
     return {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+
+
+def uncond_identity(model):
+    """What a run header adds about the methods' uncond branch: nothing where it is the CFG unconditional branch
+    (every run from before stays the same), else {'uncond': what it is} (Flux: the empty prompt, same guidance)."""
+    note = model.description().get("uncond")
+    return {"uncond": note} if note else {}
 
 
 def image_size(family, pipe, height=None, width=None):

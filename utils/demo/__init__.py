@@ -7,6 +7,7 @@ import os
 
 from ..cli import UserError, one_line
 from ..models.sd3 import SD3  # also the family of 'tiny-sd3'
+from ..models import flux  # noqa: F401  (the families of 'tiny-flux' and 'tiny-flux-schnell')
 from ..models.clip import register_clip
 from ..models.families import SD1, register, register_builder
 from ..models.loading import DEMO_FLOW_MODEL_DIR, DEMO_MODEL_DIR
@@ -47,9 +48,16 @@ def _tiny_sd3():
     return tiny_sd3_pipeline()
 
 
+def _tiny_flux(guidance_embeds=True):
+    from .model import tiny_flux_pipeline
+    return tiny_flux_pipeline(guidance_embeds=guidance_embeds)
+
+
 register_builder("tiny", "sd1", _tiny)
 register_builder("tiny-xl", "sdxl", _tiny_xl)
 register_builder("tiny-sd3", "sd3", _tiny_sd3)
+register_builder("tiny-flux", "flux", _tiny_flux)
+register_builder("tiny-flux-schnell", "flux_schnell", lambda: _tiny_flux(guidance_embeds=False))
 
 
 def _load_demo_clip(folder, device):

@@ -362,3 +362,54 @@ def tiny_sd3_pipeline(seed=0, sample_size=8, with_t5=True):
             module.eval()  # as from_pretrained leaves them: no dropout (T5's would draw from the global RNG)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_flux_pipeline(seed=0, sample_size=8, guidance_embeds=True):
+    """A FluxPipeline with Flux's layout at toy size (random weights, seeded): Flux-dev's (guidance_embeds=True:
+    guidance embedding, its dynamically shifted scheduler) or Flux-schnell's (False: no guidance embedding, shift 1,
+    no dynamic shifting), the two schedulers as in the released scheduler configs.
+
+    As Flux: a FluxTransformer2DModel (one double-stream and one single-stream block, rotary position ids over
+    (0, row, column) with axes 2 + 2 + 4 = the head width 8) on packed 2 x 2 patches of 4-channel latents (16 per
+    token), a VAE without quant convs with Flux's scaling and shift factors, a CLIP text encoder whose pooled output
+    (16) is the pooled projection and a T5 encoder (d_model 32 = joint_attention_dim). The CLIP tokenizer is the real
+    CLIP BPE rebuilt offline; the T5 tokenizer is offline_t5_tokenizer. default_sample_size is set to sample_size
+    (native images of 2 * sample_size px; FluxPipeline's constructor sets 128). For tests and smoke runs: no download.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ..models.clip import offline_clip_tokenizer
+
+    t5_dim, clip_dim = 32, 16
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=t5_dim, pooled_projection_dim=clip_dim, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16, sample_size=sample_size * 2, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=clip_dim, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    tokenizer_2 = offline_t5_tokenizer()
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=8, d_ff=32,
+                                             num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1))
+    if guidance_embeds:  # black-forest-labs/FLUX.1-dev scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    else:  # black-forest-labs/FLUX.1-schnell scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=offline_clip_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe.default_sample_size = sample_size
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval()  # as from_pretrained leaves them: no dropout (T5's would draw from the global RNG)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

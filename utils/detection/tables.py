@@ -133,6 +133,9 @@ def build_table(results, mem_stem, nmem_stem, steps=TABLE_STEPS, paper=None, boo
             sd = SD_VERSIONS.get((mem["sidecar"].get("identity") or {}).get("model_id"))
             p = (paper or {}).get((metric, sd, n, used))
             row["paper"] = None if p is None else dict(auc=p["auc"], tpr_1=p["tpr_at_1pct_fpr"])
+            family = mem["sidecar"].get("family")
+            if isinstance(family, dict) and family.get("uncond"):  # Flux: its "uncond" is not a CFG branch
+                row["uncond"] = str(family["uncond"])
             rows.append(row)
     return rows
 
@@ -218,6 +221,8 @@ def markdown(rows, title, compared=()):
               "prompt; × one forward: that time over one [uncond; cond] UNet forward of the same run. closest: the "
               "ROC point with FPR nearest the target (the reference's rule); strict: the best TPR with FPR <= "
               "target."]
+    for note in sorted({r["uncond"] for r in rows if r.get("uncond")}):
+        lines += ["", f"∅ (the uncond branch of every difference) on this model: {note}."]
     ci = next((r["ci"] for r in rows if r.get("ci")), None)
     if ci:
         lines += ["", f"[low, high]: {ci['level'] * 100:g}% bootstrap interval ({ci['method']}, {ci['resamples']} "

@@ -109,6 +109,12 @@ class Family:
     def decode(self, pipe, latents):
         raise NotImplementedError
 
+    def guidance_options(self, guidance_scale, given):
+        """The denoiser keywords a run's guidance scale adds (`given`: set by the user, not the harness's default):
+        none for families whose guidance is a combination of the sampler's branches; a family whose guidance is an
+        input of the model (Flux) returns it, or a UserError for a value the model cannot use."""
+        return {}
+
 
 @dataclasses.dataclass(frozen=True)
 class StableDiffusion(Family):
@@ -266,6 +272,8 @@ def describe(family):
                prediction_type=family.prediction_type)
     if family.by_rule:  # the values that are the project's rule, not the authors' (docs/models.md)
         out["by_rule"] = list(family.by_rule)
+    if getattr(family, "uncond", ""):  # the methods' second branch where it is not a CFG unconditional one (Flux)
+        out["uncond"] = family.uncond
     return out
 
 

@@ -101,14 +101,15 @@ def _check_folder(model_id):
         raise UserError(f"model folder {model_id!r} does not exist")
 
 
-CONFIGS = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json")
+CONFIGS = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "transformer/config.json")
 
 
 def read_model_index(model_id):
     """(pipeline class name, scheduler prediction type, UNet config dict) from a model's model_index.json,
     scheduler and UNet configs: a local folder's, or a Hub id's copies in the local cache; None when the folder
     has no model_index.json or the id is not cached (then the load itself decides). A missing scheduler config
-    means epsilon, a missing UNet config {}. A damaged file is a UserError."""
+    means epsilon; a folder with no UNet gives its transformer's config instead (flow families: Flux-dev and
+    Flux-schnell differ there), with neither {}. A damaged file is a UserError."""
     if os.path.isdir(model_id):
         paths = [os.path.join(model_id, *name.split("/")) for name in CONFIGS]
     else:
@@ -120,7 +121,8 @@ def read_model_index(model_id):
         return None
     index = _json_object(paths[0])
     pred = _json_object(paths[1]).get("prediction_type", "epsilon") if os.path.isfile(paths[1]) else "epsilon"
-    return index.get("_class_name"), pred, (_json_object(paths[2]) if os.path.isfile(paths[2]) else {})
+    net = next((path for path in paths[2:] if os.path.isfile(path)), None)
+    return index.get("_class_name"), pred, (_json_object(net) if net else {})
 
 
 def _json_object(path, max_bytes=1 << 20):
