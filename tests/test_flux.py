@@ -181,3 +181,18 @@ def test_bench_runs_a_flux_shaped_transformer(tmp_path):
     items = json.loads(out.read_text())["runs"]["float32"]["items"]
     assert set(items) == {"forward", "jvp", "fd"}  # jvp_chunked: the planner models UNets, skipped
     assert all("error" not in rec and rec["seconds"] > 0 for rec in items.values())
+
+
+def test_detect_mem_under_a_memory_cap_equals_the_uncapped_run_on_flux(tmp_path):
+    """--max_memory_gb on a Flux model: the planner sees the unpacked latent grid the denoiser keeps, plans one
+    generation per call with the chunked Flux attention, and the metric equals the uncapped run's."""
+    import detect_mem
+    from cli_run import exit_code
+    data = tmp_path / "p.txt"
+    data.write_text("\n".join(PROMPTS) + "\n")
+    common = ["--model_id", "tiny-flux", "--data_path", str(data), "--gen_num", "2", "--device", "cpu"]
+    assert exit_code(detect_mem.main, [*common, "--out_dir", str(tmp_path / "a")]) == 0
+    assert exit_code(detect_mem.main, [*common, "--out_dir", str(tmp_path / "b"), "--max_memory_gb", "1e-6"]) == 0
+    a, b = (torch.load(tmp_path / d / "p_gen2.pt", weights_only=True) for d in "ab")
+    assert a.abs().max() > 0
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=0)

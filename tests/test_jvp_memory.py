@@ -323,9 +323,10 @@ def test_published_flow_shapes_on_the_meta_device():
         assert len(attention_shapes(m, (128, 128), 333)) == {"sd3_medium": 24, "flux_dev": 19 + 38}[k]
 
 
-def test_a_cap_on_a_flow_transformer_without_the_run_time_path_is_refused():
-    """Flux's transformer is planned (above) but its latents are packed (B, N, 64): until its family gives the
-    planner the latent grid, detect_mem refuses --max_memory_gb on it, and the flow denoiser will not guess."""
+def test_a_cap_on_packed_latents_is_refused_and_flux_is_planned():
+    """Flux's transformer is planned at run time because its denoiser keeps the latents unpacked (B, C, h, w) and
+    packs them per call; a flow denoiser handed packed tokens (B, N, 64) will not guess their latent grid. A
+    transformer the planner does not model is refused by flow_options."""
     from types import SimpleNamespace
     from diffusers import FlowMatchEulerDiscreteScheduler
     from utils.cli import UserError
@@ -334,8 +335,9 @@ def test_a_cap_on_a_flow_transformer_without_the_run_time_path_is_refused():
     flux, x, _, _, _ = _tiny_flux_64()
     model = SimpleNamespace(family=SimpleNamespace(prediction_type="flow", backbone=lambda pipe: pipe), pipe=flux,
                             model_id="tiny-flux")
-    assert flow_options(model, "velocity") == {"flow_space": "velocity"}
-    with pytest.raises(UserError, match="FluxTransformer2DModel"):
-        flow_options(model, "velocity", jvp_capped=True)
+    assert flow_options(model, "velocity", jvp_capped=True) == {"flow_space": "velocity"}
+    other = SimpleNamespace(family=model.family, pipe=torch.nn.Linear(2, 2), model_id="x")
+    with pytest.raises(UserError, match="Linear"):
+        flow_options(other, "velocity", jvp_capped=True)
     with pytest.raises(ValueError, match="packed"):
         FlowDenoiser(flux, FlowMatchEulerDiscreteScheduler(), jvp_memory=JvpMemory(1)).jvp_plan(x, None)

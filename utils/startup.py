@@ -106,7 +106,8 @@ def flow_options(model, flow_space, v_score="correct", jvp_capped=False):
     """The denoiser keywords --flow_space adds: {'flow_space': ...} for a flow family, {} for the others. UserError
     for a flag of the other kind of model (a non-default --flow_space on a diffusion model, --v_score reference on
     a flow model) or a JVP memory cap on a flow model whose transformer the run-time planner does not cover
-    (jvp_capped: a cap or --jvp_attention was given; UNets and SD3's MMDiT are covered, utils.models.jvp_memory)."""
+    (jvp_capped: a cap or --jvp_attention was given; UNets, SD3's MMDiT and Flux's transformer are covered,
+    utils.models.jvp_memory)."""
     if model.family.prediction_type != "flow":
         if flow_space != "velocity":
             raise UserError(f"--flow_space is for rectified-flow models; {model.model_id} is a {model.family.title}")
@@ -114,9 +115,10 @@ def flow_options(model, flow_space, v_score="correct", jvp_capped=False):
     if v_score != "correct":
         raise UserError("--v_score is for v-prediction models; a flow model's score form is set by --flow_space")
     backbone = model.family.backbone(model.pipe)
-    if jvp_capped and transformer_kind(backbone) != "sd3":
-        raise UserError(f"--max_memory_gb / --jvp_attention: the JVP memory planner runs on UNets and SD3's "
-                        f"transformer; on this {type(backbone).__name__} the JVP runs unchunked (docs/cost.md)")
+    if jvp_capped and transformer_kind(backbone) is None:
+        raise UserError(f"--max_memory_gb / --jvp_attention: the JVP memory planner runs on UNets and SD3's and "
+                        f"Flux's transformers; on this {type(backbone).__name__} the JVP runs unchunked "
+                        "(docs/cost.md)")
     return {"flow_space": flow_space}
 
 
