@@ -32,7 +32,7 @@ from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts
 from utils.schemas import DetectionRecord
 from utils.startup import (add_flow_argument, add_model_arguments, check_flow_first_step, flow_options, load_model,
-                           model_id_of, report_long_prompts, size_identity, start_process)
+                           load_companion, model_id_of, report_long_prompts, size_identity, start_process)
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
 
@@ -170,6 +170,13 @@ def run(args, flags):
         except ValueError as e:
             raise UserError(f"{' '.join(str(e).split())[:400]} ({' / '.join('--' + d for _, d in flags[m])})") \
                 from None
+    companions = {}  # second models (curv_*_theta's earlier checkpoint), checked before anything is written
+    for m, mid in ((m, det.companion()) for m, det in dets.items()):
+        try:
+            if mid and mid not in companions:
+                companions[mid] = load_companion(loaded, mid).denoiser()
+        except UserError as e:
+            raise UserError(f"{m}: {e}") from None
     # Everything that changes a metric's numbers; a resumed run must match it exactly.
     common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                   gen_seed=args.gen_seed, dtype=str(dtype), device=device.type, **size_identity(args.height, args.width),
@@ -194,7 +201,8 @@ def run(args, flags):
         vals, extras, images, meter = run_detectors(model, loaded.encode(batch), latents, metrics,
                                                     {m: dets[m].settings for m in metrics}, SAMPLING,
                                                     decode=loaded.decode,
-                                                    prompt_lengths=prompt_lengths(loaded.tokenizer, batch))
+                                                    prompt_lengths=prompt_lengths(loaded.tokenizer, batch),
+                                                    companions=companions)
         secs = (time.time() - t0) / len(idx)
         cost, fwd = meter.summary(metrics), forward_seconds(meter)
         for j, i in enumerate(idx):
