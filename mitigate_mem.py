@@ -173,7 +173,8 @@ def main(argv=None):
     for st, setting, folder, identity, log in jobs:
         if shard.main:
             write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
-                          prediction_type=model.prediction_type, identity=identity, family=loaded.description())
+                          prediction_type=model.prediction_type, identity=identity, family=loaded.description(),
+                          prompts=len(prompts))  # the count `score` checks the manifest against
         run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard)
         records = D.merged_records(log, len(prompts), shard)
         if shard.main and len(log.paths()) > 1:  # several processes' logs: one manifest, as one process writes

@@ -1098,6 +1098,79 @@ def test_class6_score_refuses_a_generation_that_is_still_running(world, tmp_path
         p.wait()
 
 
+@pytest.mark.slow
+def test_class6_score_refuses_a_killed_generation_until_it_is_finished(world, tmp_path):
+    """Class 6 (slow: a real run killed in a subprocess; the "killed" row below is the state it leaves, fast): a
+    generation killed midway (SIGKILL right after its first prompt's record: the manifest holds 1 of
+    its 2 prompts and the lock file stays, held by no process) is one error line naming what is missing and how to
+    finish it; --allow_incomplete scores the part with a warning; rerunning the command finishes it, then it scores."""
+    (tmp_path / "p.txt").write_text("Red Rug\nBlue Rug\n")
+    argv = ["--model_id", "tiny", "--data_path", str(tmp_path / "p.txt"), "--device", "cpu", "--gen_num", "1",
+            "--method", "none", "--num_inference_steps", "2", "--out_dir", str(tmp_path / "out")]
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); from utils import io\n"
+            "add = io.ProgressLog.add\n"
+            "def killed(self, record):\n    add(self, record)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "io.ProgressLog.add = killed\nimport mitigate_mem; mitigate_mem.main(sys.argv[2:])\n")
+    p = subprocess.run([sys.executable, "-c", code, ROOT, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    (manifest,) = (tmp_path / "out").rglob("manifest.jsonl")
+    assert len(manifest.read_text().splitlines()) == 2 and manifest.with_name("manifest.jsonl.lock").exists()
+    score = ["score", "--images", str(manifest.parent), "--gt", str(world / "gt"), "--similarity", "pixel",
+             "--clip_model", "none"]
+    err = check_row("mitigate_eval", score, 2, "incomplete: 1 of its 2 prompts have no images yet", tmp_path)
+    assert "(prompt index 1)" in err and "manifest.jsonl.lock is left behind" in err
+    assert "rerun the generation command to finish it" in err
+    got, err = run_script("mitigate_eval", score + ["--allow_incomplete"])
+    assert got == 0 and "scoring an incomplete generation" in err
+    assert len(json.loads((manifest.parent / "eval_pixel.json").read_text())["per_prompt"]) == 1
+    assert run_script("mitigate_mem", argv)[0] == 0  # the same command resumes and finishes the run
+    assert run_script("mitigate_eval", score)[0] == 0
+    assert len(json.loads((manifest.parent / "eval_pixel.json").read_text())["per_prompt"]) == 2
+
+
+def _edited_generation(world, w, header, records, run_info=None, name="manifest.jsonl"):
+    """A copy of the world's generation folder with this manifest (as `name`), run.json, and for a name ending in
+    '+lock' the lock file a killed run leaves (its dead pid in it, held by no process)."""
+    import shutil
+    shutil.copytree(world / "gen", w / "gen")
+    (w / "gen" / "manifest.jsonl").unlink()
+    name, lock = name.split("+")[0], name.endswith("+lock")
+    _jsonl(w / "gen" / name, [{"header": header}, *records])
+    if lock:
+        (w / "gen" / (name + ".lock")).write_text("999999999")
+    if run_info is not None:
+        (w / "gen" / "run.json").write_text(json.dumps(run_info))
+    return ["score", "--images", str(w / "gen"), "--gt", str(world / "gt"), "--similarity", "pixel",
+            "--clip_model", "none"]
+
+
+RED, BLUE = {"index": 0, "prompt": "Red Rug", "images": ["0_0.png"]}, {"index": 1, "prompt": "Blue Rug", "images": ["1_0.png"]}
+
+
+@pytest.mark.parametrize("header,records,run_info,name,fragment", [
+    ({"gen_num": 2}, [RED, BLUE], None, "manifest.jsonl", "2 prompt(s) have fewer than the 2 images per prompt"),
+    ({"gen_num": 1}, [RED], {"identity": {"gen_num": 1}, "prompts": 3}, "manifest.jsonl", "2 of its 3 prompts"),
+    ({"gen_num": 1}, [RED, BLUE], {"identity": {"gen_num": 5}, "prompts": 2}, "manifest.jsonl", "another run"),
+    ({"gen_num": 1}, [RED, BLUE], {"identity": {"gen_num": 1}, "prompts": "2"}, "manifest.jsonl", "another run"),
+    ({"gen_num": 1}, [RED], None, "manifest.0.jsonl", "per-process log(s) (manifest.0.jsonl"),
+    ({"gen_num": 1}, [RED], {"identity": {"gen_num": 1}, "prompts": 2}, "manifest.jsonl+lock",
+     "1 of its 2 prompts have no images yet (prompt index 1); its run stopped before it ended (manifest.jsonl.lock"),
+    ({"gen_num": 1}, [RED, BLUE], None, "manifest.jsonl+lock", "manifest.jsonl.lock is left behind, held by no"),
+], ids=["images", "prompts", "other_run", "bad_count", "shards", "killed", "killed_after_the_last"])
+def test_class6_score_refuses_an_incomplete_generation(world, tmp_path, header, records, run_info, name, fragment):
+    """Class 6: fewer images than the header's gen_num, fewer prompts than run.json's count, a run.json of another
+    run or with a damaged count, a run under several processes that left only its per-process logs, and the state
+    a killed run leaves (the slow test above makes it for real): one error line saying how to finish it."""
+    score = _edited_generation(world, tmp_path, header, records, run_info, name)
+    err = check_row("mitigate_eval", score, 2, fragment, tmp_path)
+    assert ("rerun the generation command to finish it" in err) == (fragment != "another run")
+    if "+lock" in name:  # --allow_incomplete scores the part, with a warning
+        got, err = run_script("mitigate_eval", score + ["--allow_incomplete"])
+        assert got == 0 and "scoring an incomplete generation" in err
+        rows = json.loads((tmp_path / "gen" / "eval_pixel.json").read_text())["per_prompt"]
+        assert [r["index"] for r in rows] == [r["index"] for r in records]
+
+
 # --------------------------------------------------------------- round 3 (issue 26): validation before work (7)
 
 def test_class7_non_finite_latents_are_an_error_and_never_an_image(detect_world, monkeypatch):
