@@ -21,8 +21,8 @@ from utils.evaluation import fetch as F
 from utils.evaluation import fetch_manifest as FM
 from utils.evaluation import matching as M
 from utils.evaluation import similarity as S
-from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint,
-    guarded, nonneg_int, nonneg_seconds, seconds, warn)
+from utils.cli import (CHECK_ONLY_HELP, ArgumentParser, UserError, bounded_float, bounded_int, checked_only,
+    device_name, finite_float, flag_hint, guarded, nonneg_int, nonneg_seconds, seconds, warn)
 from utils.evaluation.images import MIN_SIDE
 from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, write_sidecar
 from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_cache_path, sscd_weights
@@ -84,6 +84,7 @@ def parse_args(argv=None):
     s.add_argument("--compare", default=None, help="another results JSON to print side by side (e.g. baseline)")
     s.add_argument("--allow_incomplete", action="store_true",
                    help="score a generation that did not finish (a killed run's prompts so far) on purpose")
+    s.add_argument("--check_only", action="store_true", help=CHECK_ONLY_HELP)
     g = sub.add_parser("plot", help="Figure 6: copy similarity vs CLIP score, one point per method and setting")
     g.add_argument("results", nargs="+", help="score result JSONs, or folders searched for them (eval_*.json)")
     g.add_argument("--out", required=True, help="path prefix: writes PREFIX.png and PREFIX.csv")
@@ -143,6 +144,8 @@ def run_score(a):
         with flag_hint("or pass --sscd PATH"):
             sscd_cache_path(a.sscd_url)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
+    if checked_only(a.check_only):
+        return
     # several processes under accelerate launch / torchrun: prompts are sharded
     shard, device = D.join(resolve_device(a.device), vars(a))
     if a.similarity == "sscd":

@@ -1243,11 +1243,90 @@ def test_class8_num_processes_from_the_environment_reaches_the_launcher(tmp_path
     bindir = tmp_path / "bin"
     bindir.mkdir()
     _fake(bindir / "accelerate", f'echo "$*" >> {tmp_path}/calls; exit 2')
+    py = _fake(tmp_path / "py", f'echo "$*" >> {tmp_path}/checks; exit 0')  # every --check_only passes
     p = subprocess.run(["bash", os.path.join(ROOT, "run_detection.sh"), "demo"], capture_output=True, text=True,
-                       env=dict(os.environ, NUM_PROCESSES="2", PATH=f"{bindir}:{os.environ['PATH']}"), timeout=100)
+                       env=dict(os.environ, NUM_PROCESSES="2", PYTHON=py, PATH=f"{bindir}:{os.environ['PATH']}"),
+                       timeout=100)
     assert p.returncode == 2, p.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls and all("--num_processes 2" in c and "detect_mem.py" in c for c in calls), calls
+    checks = (tmp_path / "checks").read_text().splitlines()
+    assert checks and all(c.startswith("detect_mem.py") and c.endswith(" --check_only") for c in checks)
+
+
+def _launcher_run(tmp_path, script, mode, check_body, launcher_body):
+    """NUM_PROCESSES=2 bash SCRIPT MODE with a stand-in PYTHON (check_body; it also answers the scripts' other
+    python calls) and a stand-in accelerate (launcher_body): (process, the launcher's calls)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake(bindir / "accelerate", f'echo "$*" >> {tmp_path}/calls\n' + launcher_body)
+    py = _fake(tmp_path / "py", check_body)
+    p = subprocess.run(["bash", os.path.join(ROOT, script), *mode], capture_output=True, text=True, timeout=100,
+                       env=dict(os.environ, NUM_PROCESSES="2", PYTHON=py, PATH=f"{bindir}:{os.environ['PATH']}"))
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return p, calls
+
+
+@pytest.mark.parametrize("script,mode", [("run_detection.sh", []), ("run_mitigation.sh", ["demo"])])
+def test_class8_bad_input_under_the_launcher_is_one_error_line_before_it_starts(tmp_path, script, mode):
+    """Class 8: with NUM_PROCESSES>1 the run scripts check each command's arguments once in one process
+    (--check_only) before the launcher: bad input is one error line and exit 2, and the launcher never starts."""
+    p, calls = _launcher_run(tmp_path, script, mode, 'case "$*" in *--check_only*) echo "error: --gen_num: bad" >&2; '
+                             'exit 2 ;; esac; exit 0', "exit 1")
+    assert p.returncode == 2 and calls == [], (p.stderr, calls)
+    assert [ln for ln in p.stderr.splitlines() if "error" in ln.lower()] == ["error: --gen_num: bad"]
+
+
+@pytest.mark.parametrize("recorded,code", [(True, 2), (False, 1)])
+def test_class8_the_code_a_launched_process_leaves_is_the_scripts(tmp_path, recorded, code):
+    """Class 8: an error met only inside a shard: the launched processes end through utils/cli.py's error path,
+    which leaves their code (2) in the folder the script names in MEMSHARP_EXIT_DIR; the script exits with it,
+    not with the launcher's 1, and removes the folder. Without a recorded code (a crash) the launcher's code stands."""
+    child = ("import sys; sys.path.insert(0, sys.argv[1]); from utils.cli import UserError, guarded\n"
+             "guarded(lambda: (_ for _ in ()).throw(UserError('process 1 has local rank 1 but only 1 GPU')))()\n")
+    body = (f'echo "$MEMSHARP_EXIT_DIR" > {tmp_path}/dir\n' + (
+        f'for r in 0 1; do {sys.executable} -c "{child}" {ROOT}; done\n' if recorded else "") +
+        'echo "torch.distributed.elastic.multiprocessing.errors.ChildFailedError" >&2; exit 1')
+    p, calls = _launcher_run(tmp_path, "run_mitigation.sh", ["demo"], "exit 0", body)
+    assert p.returncode == code and len(calls) == 1, (p.stderr, calls)
+    assert p.stderr.count("error: process 1 has local rank 1") == (2 if recorded else 0)
+    folder = pathlib.Path((tmp_path / "dir").read_text().strip())
+    assert folder.name.startswith("run.") and not folder.parent.exists()  # the script's code folder is gone
+
+
+def test_class8_check_only_checks_and_writes_nothing(detect_world, world, tmp_path):
+    """--check_only on each launched script: 0 and nothing written for good arguments; one error line and 2 for
+    bad ones (the same checks as a run)."""
+    w = detect_world
+    det = ["--model_id", "tiny", "--data_path", f"{w}/det/p.txt", "--device", "cpu", "--gen_num", "1",
+           "--out_dir", f"{tmp_path}/o", "--check_only"]
+    check_row("detect_mem", det, 0, "", tmp_path)
+    check_row("detect_mem", det + ["--metrics", "curv_ds_theta"], 2, "--curv_theta", tmp_path)
+    miti = ["--model_id", "tiny", "--data_path", f"{w}/det/p.txt", "--device", "cpu", "--gen_num", "1",
+            "--out_dir", f"{tmp_path}/o", "--method", "rna", "--check_only"]
+    check_row("mitigate_mem", miti, 0, "", tmp_path)
+    check_row("mitigate_mem", miti + ["--grid", "1.5"], 2, "not a valid count", tmp_path)
+    import shutil
+    shutil.copytree(world / "gen", tmp_path / "gen")
+    score = ["score", "--images", str(tmp_path / "gen"), "--gt", str(world / "gt"), "--similarity", "pixel",
+             "--clip_model", "none", "--check_only"]
+    check_row("mitigate_eval", score, 0, "", tmp_path)
+    check_row("mitigate_eval", score + ["--out", str(tmp_path / "gen" / "0_0.png")], 2, "ending in .json", tmp_path)
+
+
+@pytest.mark.slow
+def test_class8_a_real_launcher_passes_the_code_folder_to_its_processes(tmp_path):
+    """Class 8 (slow: a real `accelerate launch --multi_gpu --num_processes 2` on the CPU): each launched process
+    that ends on bad input leaves its code 2 in MEMSHARP_EXIT_DIR, while accelerate itself exits with 1."""
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    p = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "mitigate_eval.py", "score", "--images",
+                        str(tmp_path / "nonexistent"), "--gt", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, MEMSHARP_EXIT_DIR=str(codes)))
+    assert p.returncode == 1
+    got = [f.read_text() for f in codes.iterdir()]
+    assert got and set(got) == {"2\n"} and all(f.name.endswith(".code") for f in codes.iterdir())
 
 
 # ------------------------------------------------------- round 3 (issue 26): encodings (class 9)
