@@ -168,14 +168,16 @@ def latent_shape(model, size=None):
 
 def load_companion(main, model_id):
     """A second model that a detector compares the loaded Model `main` with (an earlier checkpoint of it), on main's
-    device, dtype and image size. UserError unless it is of main's family (pipeline class and prediction type) and
-    its native latent shape (channels and size) is main's: the two predictions must live on the same latents."""
+    device, dtype and image size. UserError unless it is of main's family (its pipeline class and prediction type:
+    a copy of a profile's model elsewhere, e.g. the demo's, loads under the generic profile of that class) and its
+    native latent shape (channels and size) is main's: the two predictions must live on the same latents."""
     mid = resolve_model_id(None, model_id)
     family, pipe = F.load(mid, main.device, main.dtype)
     other = Model(family, pipe, mid, model_label(None, model_id), main.device, main.dtype)
-    if family.name != main.family.name:
-        raise UserError(f"the second model {model_id} is a {family.title} ({family.name}); {main.model_id} is a "
-                        f"{main.family.title} ({main.family.name}): an earlier checkpoint must be of the same family")
+    kind = lambda f: f"{f.pipeline_class}, {f.prediction_type}"  # what identifies a family's architecture
+    if kind(family) != kind(main.family):
+        raise UserError(f"the second model {model_id} is {family.title} ({kind(family)}); {main.model_id} is "
+                        f"{main.family.title} ({kind(main.family)}): an earlier checkpoint must be of the same family")
     mine, theirs = latent_shape(main), latent_shape(other)
     if mine != theirs:
         raise UserError(f"the second model {model_id} has latents of shape {theirs} (channels, h, w); {main.model_id} "
