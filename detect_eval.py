@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--table_steps", default=",".join(map(str, TABLE_STEPS)),
                    help="table mode: first-k-steps settings of multi-step metrics (the paper's 1, 5, 50)")
     p.add_argument("--localization", default=None, metavar="MASKS_DIR",
-                   help="localization mode: IoU, mean IoU and pixel accuracy of --mem's maps (curv_ds, curv_dh) "
+                   help="localization mode: IoU, mean IoU and pixel accuracy of --mem's maps (curv_ds, curv_dh, be --be_maps) "
                         "against the binary masks in MASKS_DIR (<index>_<k>.png or <index>.png; docs/detection.md)")
     p.add_argument("--labels", default=None, metavar="LABELS.csv",
                    help="per-prompt labels of the memorized set (docs/detection.md): evaluate on --subset only")

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from utils import distributed as D
-from utils.cli import (ArgumentParser, UserError, bounded_int, guarded, positive_float, quiet_library_warnings,
-                       raise_arg, seed_int, settings_arguments, settings_from, warn)
+from utils.cli import (CHECK_ONLY_HELP, ArgumentParser, UserError, bounded_int, checked_only, guarded, positive_float,
+                       quiet_library_warnings, raise_arg, seed_int, settings_arguments, settings_from, warn)
 from utils.detection import DETECTORS, Sampling
 from utils.detection.loop import run_detectors
 from utils.detection.maps import map_dir, save_maps, take_maps
@@ -32,7 +32,8 @@ from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
 from utils.prompts import read_prompts
 from utils.schemas import DetectionRecord
 from utils.startup import (add_flow_argument, add_model_arguments, check_flow_first_step, flow_options, load_model,
-                           model_id_of, report_long_prompts, size_identity, start_process, uncond_identity)
+                           load_companion, model_id_of, report_long_prompts, size_identity, start_process,
+                           uncond_identity)
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
 
@@ -71,6 +72,7 @@ def parse_args(argv=None):
                    help="sharpness on v-prediction models: correct -(alpha v + sigma x)/sigma, or the reference's "
                         "(alpha v - x)/sigma^2 (metric scaled by 1/sigma_t^2)")
     add_flow_argument(p)
+    p.add_argument("--check_only", action="store_true", help=CHECK_ONLY_HELP)
     p.add_argument("--jvp_dtype", default="model", choices=JVP_DTYPES,
                    help="model: the JVP in the model's dtype, what the reference effectively does (its float32 "
                         "CUDA autocast is disabled by torch); float32: a float32 copy of the UNet for the JVP")
@@ -103,8 +105,8 @@ def parse_args(argv=None):
 
 def detectors(args, flags, hparam=None):
     """The requested detectors with their settings from the flags; with the model family's `hparam`, a field left
-    None takes the family's hyperparameter of the same name (anisotropy's aniso_weights) and the settings are
-    checked against the schedule."""
+    None takes the family's hyperparameter of the same name (anisotropy's aniso_weights). Settings are checked
+    against the schedule: complete ones always, those waiting for a family value once `hparam` is given."""
     out = {}
     for m in args.metrics:
         st = settings_from(DETECTORS[m].Settings, vars(args), flags[m])
@@ -115,7 +117,9 @@ def detectors(args, flags, hparam=None):
                 raise UserError(f"{m}: {' '.join(str(e).split())[:400]}") from None
             st = dataclasses.replace(st, **{k: v for k, v in family.items() if v is not None})
         out[m] = DETECTORS[m](st, SAMPLING)
-        problems = out[m].check() if hparam else []
+        # settings with no field left for the family are checked now (before the model loads: --check_only sees it)
+        complete = all(getattr(st, f.name) is not None for f in dataclasses.fields(st))
+        problems = out[m].check() if hparam or complete else []
         if problems:
             raise UserError("; ".join(problems))
     return out
@@ -142,7 +146,8 @@ def run(args, flags):
     prompts = read_prompts(args.data_path, args.prompt_mirror)
     stem = os.path.splitext(os.path.basename(args.data_path))[0]
     bases = {m: output_base(args.out_dir, stem, m, args.gen_num) for m in args.metrics}
-    prepare_dir(args.out_dir)  # an unusable output folder is an error now, not after the computing
+    if not args.check_only:  # --check_only writes nothing, not even the folder
+        prepare_dir(args.out_dir)  # an unusable output folder is an error now, not after the computing
     check_outputs({f"the {m} result": bases[m] + ext for m in args.metrics for ext in (".pt", ".json")},
                   {"--data_path": args.data_path})
     needs = {}  # what the detectors need of the denoiser: a JVP UNet, or finite differences in a precision
@@ -151,6 +156,8 @@ def run(args, flags):
     fd = needs.get("fd_precision")
     if fd == "tf32" and device.type != "cuda":
         raise UserError("--fd_precision tf32 needs CUDA; on the CPU use float32")
+    if checked_only(args.check_only):
+        return
     loaded = load_model(args.sd_ver, args.model_id, device, args.dtype, args.height, args.width)
     pipe, dtype, net = loaded.pipe, loaded.dtype, loaded.family.backbone(loaded.pipe)
     loaded.family.refusal(args.metrics)
@@ -170,6 +177,13 @@ def run(args, flags):
         except ValueError as e:
             raise UserError(f"{' '.join(str(e).split())[:400]} ({' / '.join('--' + d for _, d in flags[m])})") \
                 from None
+    companions = {}  # second models (curv_*_theta's earlier checkpoint), checked before anything is written
+    for m, mid in ((m, det.companion()) for m, det in dets.items()):
+        try:
+            if mid and mid not in companions:
+                companions[mid] = load_companion(loaded, mid).denoiser()
+        except UserError as e:
+            raise UserError(f"{m}: {e}") from None
     # Everything that changes a metric's numbers; a resumed run must match it exactly.
     common = dict(model_id=model_id, data_sha256=sha256_file(args.data_path), gen_num=args.gen_num,
                   gen_seed=args.gen_seed, dtype=str(dtype), device=device.type, **size_identity(args.height, args.width),
@@ -194,7 +208,8 @@ def run(args, flags):
         vals, extras, images, meter = run_detectors(model, loaded.encode(batch), latents, metrics,
                                                     {m: dets[m].settings for m in metrics}, SAMPLING,
                                                     decode=loaded.decode,
-                                                    prompt_lengths=prompt_lengths(loaded.tokenizer, batch))
+                                                    prompt_lengths=prompt_lengths(loaded.tokenizer, batch),
+                                                    companions=companions)
         secs = (time.time() - t0) / len(idx)
         cost, fwd = meter.summary(metrics), forward_seconds(meter)
         for j, i in enumerate(idx):

@@ -11,7 +11,6 @@ cache (checked by SHA-256; --sscd PATH offline). Writes <out>.json (summary, per
 and <out>.csv. plot: one point per scored generation folder (method x setting): PREFIX.png and PREFIX.csv, and
 with --grid_prompts a per-prompt image grid PREFIX_grid.png.
 """
-import glob
 import os
 import sys
 
@@ -20,11 +19,12 @@ from utils import distributed as D
 from utils.evaluation import scoring as E
 from utils.evaluation import fetch as F
 from utils.evaluation import fetch_manifest as FM
+from utils.evaluation import matching as M
 from utils.evaluation import similarity as S
-from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint,
-    guarded, nonneg_int, nonneg_seconds, seconds, warn)
+from utils.cli import (CHECK_ONLY_HELP, ArgumentParser, UserError, bounded_float, bounded_int, checked_only,
+    device_name, finite_float, flag_hint, guarded, nonneg_int, nonneg_seconds, seconds, warn)
 from utils.evaluation.images import MIN_SIDE
-from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, lock_holder, write_sidecar
+from utils.io import atomic_write_bytes, atomic_write_text, check_outputs, write_sidecar
 from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_cache_path, sscd_weights
 from utils.mitigation import methods
 from utils.models.families import FAMILIES
@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="results JSON, a name ending in .json (default: <images>/eval_<similarity>.json); the "
                         "per-prompt CSV goes beside it")
     s.add_argument("--compare", default=None, help="another results JSON to print side by side (e.g. baseline)")
+    s.add_argument("--allow_incomplete", action="store_true",
+                   help="score a generation that did not finish (a killed run's prompts so far) on purpose")
+    s.add_argument("--check_only", action="store_true", help=CHECK_ONLY_HELP)
     g = sub.add_parser("plot", help="Figure 6: copy similarity vs CLIP score, one point per method and setting")
     g.add_argument("results", nargs="+", help="score result JSONs, or folders searched for them (eval_*.json)")
     g.add_argument("--out", required=True, help="path prefix: writes PREFIX.png and PREFIX.csv")
@@ -132,19 +135,17 @@ def run_fetch(a):
 
 def run_score(a):
     manifest = a.manifest or os.path.join(a.images, "manifest.jsonl")
-    if not os.path.isfile(manifest):
-        raise UserError(f"generation manifest {manifest} " + ("is not a regular file" if os.path.exists(manifest) else
-                        "not found (pass --manifest, or --images pointing at the output folder of mitigate_mem.py)"))
-    running = [pid for lock in [manifest + ".lock"] + sorted(glob.glob(glob.escape(manifest[:-len(".jsonl")]) +
-               ".*.jsonl.lock")) if (pid := lock_holder(lock))] if manifest.endswith(".jsonl") else []
-    if running:  # its manifest is the live progress log: scoring it now would score part of the run
-        raise UserError(f"the generation of {manifest} is still running (pid {running[0]}); score it once it ends")
+    M.check_generation_started(manifest)
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
     check_score_outputs(a, manifest, out)
+    # a run still going, killed midway or otherwise unfinished is refused before any work
+    M.check_generation_finished(manifest, *M.read_generation_manifest(manifest), a.allow_incomplete)
     if a.similarity == "sscd" and not a.sscd:  # the weights' cache, checked before any process starts work
         with flag_hint("or pass --sscd PATH"):
             sscd_cache_path(a.sscd_url)
     other = E.load_result(a.compare) if a.compare else None  # a bad path fails now, not after the scoring
+    if checked_only(a.check_only):
+        return
     # several processes under accelerate launch / torchrun: prompts are sharded
     shard, device = D.join(resolve_device(a.device), vars(a))
     if a.similarity == "sscd":

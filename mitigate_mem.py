@@ -19,8 +19,8 @@ import time
 from tqdm import tqdm
 
 from utils import distributed as D
-from utils.cli import (ArgumentParser, UserError, bounded_int, finite_float, guarded, positive_int,
-                       quiet_library_warnings, seed_int, settings_arguments, settings_values)
+from utils.cli import (CHECK_ONLY_HELP, ArgumentParser, UserError, bounded_int, checked_only, finite_float, guarded,
+                       positive_int, quiet_library_warnings, seed_int, settings_arguments, settings_values)
 from utils.io import (atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, safe_filename, safe_join,
                       sha256_file, write_run_log, write_sidecar)
 from utils.mitigation import gating, methods as MI
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     g.add_argument("--flag_fpr", type=finite_float, default=None, help="or: the threshold at this FPR on --flag_nmem")
     g.add_argument("--flag_nmem", default=None, metavar="NMEM.pt", help="detect_mem.py result on non-memorized prompts")
     p.add_argument("--save_latents", action="store_true", help="also save each prompt's initial latents (float32)")
+    p.add_argument("--check_only", action="store_true", help=CHECK_ONLY_HELP)
     p.add_argument("--out_dir", default="miti_outputs")
     a = p.parse_args(argv)
     if a.no_mitigation:
@@ -141,6 +142,8 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"{a.method}: {e}") from None
     flags, scores, gate_info = gate(a, prompts, model_id)  # every check before anything is loaded or written
+    if checked_only(a.check_only):
+        return
     loaded = load_model(a.sd_ver, a.model_id, device, a.dtype, a.height, a.width)
     loaded.family.refusal([a.method])  # e.g. Ren et al.'s cross-attention edit on a joint-attention model
     run_guidance = GUIDANCE_SCALE if a.guidance_scale is None else a.guidance_scale
@@ -185,7 +188,8 @@ def main(argv=None):
     for st, setting, folder, identity, log in jobs:
         if shard.main:
             write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
-                          prediction_type=model.prediction_type, identity=identity, family=loaded.description())
+                          prediction_type=model.prediction_type, identity=identity, family=loaded.description(),
+                          prompts=len(prompts))  # the count `score` checks the manifest against
         run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard)
         records = D.merged_records(log, len(prompts), shard)
         if shard.main and len(log.paths()) > 1:  # several processes' logs: one manifest, as one process writes

@@ -52,7 +52,22 @@ LAUNCH=("$PYTHON")
 if [ "$NUM_PROCESSES" -gt 1 ]; then
   LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision no
           --dynamo_backend no)
+  EXIT_DIR=$(mktemp -d)   # where launched processes leave the code they end with on bad input (utils/cli.py)
+  trap 'rm -rf "$EXIT_DIR"' EXIT
 fi
+
+launch() {  # launch SCRIPT ARGS...: one command; under the launcher (NUM_PROCESSES > 1) its arguments are checked
+            # once in one process first (--check_only: bad input is one error line and exit 2 before the launcher
+            # starts), and a code a launched process left (2: bad input met inside a shard) replaces the
+            # launcher's own exit code (1 whatever the processes' codes; docs/multi_gpu.md)
+  if [ "$NUM_PROCESSES" -le 1 ]; then "$PYTHON" "$@"; return; fi
+  "$PYTHON" "$@" --check_only > /dev/null || return
+  local codes rc=0
+  codes=$(mktemp -d "$EXIT_DIR/run.XXXXXX")
+  MEMSHARP_EXIT_DIR="$codes" "${LAUNCH[@]}" "$@" || rc=$?
+  if [ "$rc" -ne 0 ] && compgen -G "$codes/*.code" > /dev/null; then rc=$(sort -n "$codes"/*.code | tail -n 1); fi
+  return "$rc"
+}
 sail_args=()
 [ -n "$MITI_ALPHA" ] && sail_args=(--miti_alpha "$MITI_ALPHA")
 sail_args+=(--miti_prompt_batch "$MITI_PROMPT_BATCH")   # options of SAIL alone (the other methods refuse them)
@@ -60,13 +75,13 @@ common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --ge
         --gen_seed "$GEN_SEED" --out_dir "$OUT_DIR")
 
 # 1. generation: no mitigation, then each method's grid (SAIL, the slowest, beside the others on the demo)
-"${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
+launch mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
 if [ -z "$NEMO_STATS" ]; then NEMO_STATS=prompts/sd${SD_VER}_nmem.txt; [ "$SD_VER" = demo ] && NEMO_STATS=prompts/demo_nmem.txt; fi
 own() { [ "$1" = nemo ] && echo "--nemo_stats_prompts $NEMO_STATS"; true; }   # a method's extra flags
-others() { for m in $METHODS; do [ "$m" = sail ] || "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid $(own "$m") $EXTRA_ARGS; done
+others() { for m in $METHODS; do [ "$m" = sail ] || launch mitigate_mem.py "${common[@]}" --method "$m" --grid $(own "$m") $EXTRA_ARGS; done
   # (docs/mitigation.md: cfg_delay DPM-Solver; ren Euler on SD v2.0; han guidance 7, Euler on SD v2.0)
   if [ "$AUTHOR_SETTINGS" = 1 ]; then for m in $METHODS; do case "$m" in cfg_delay|ren|han_batch|han_sample)
-    "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method "$m" --grid --author_settings $EXTRA_ARGS ;; esac; done; fi; }
+    launch mitigate_mem.py "${common[@]}" --method "$m" --grid --author_settings $EXTRA_ARGS ;; esac; done; fi; }
 together() {  # together F G: run shell commands F and G at once; the first to fail stops the other, and the
               # script ends with its exit code (2 for bad input) (as in run_detection.sh)
   "$1" & local a=$!
@@ -85,7 +100,7 @@ if [[ " $METHODS " == *" sail "* ]]; then
     sail() { TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS; }
     together sail others
   else
-    "${LAUNCH[@]}" mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS
+    launch mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS
     others
   fi
 else
@@ -106,7 +121,7 @@ for dir in "$OUT_DIR/sd$SD_VER/${PROMPT_TYPE}"_*/; do
   dir=${dir%/}
   [[ "$dir" == *_gated ]] || dirs+=("$dir")   # gated runs are compared separately (README, "Comparing mitigations")
   [ "$dir/eval_$SIMILARITY.json" -nt "$dir/manifest.jsonl" ] && continue   # scored since its last image
-  "${LAUNCH[@]}" mitigate_eval.py score --images "$dir" --gt "$TRAIN_DIR/sd$SD_VER" --similarity "$SIMILARITY" \
+  launch mitigate_eval.py score --images "$dir" --gt "$TRAIN_DIR/sd$SD_VER" --similarity "$SIMILARITY" \
     "${sscd_arg[@]}" "${clip_arg[@]}" $KEYWORDS
 done
 y=clip

@@ -261,7 +261,7 @@ def test_attention_metrics_equal_diffusers_attention_scores(setup):
     pipe, cond, uncond, lat = setup
     n, steps = lat.shape[0], 50
     vals, extras, _, _ = run_detectors(denoiser(pipe.unet, pipe.scheduler), Conditioning.of(cond, uncond), lat, ["le", "ae", "be"],
-                                       settings_for(le_layer=1), prompt_lengths=[
+                                       settings_for(le_layer=1, be_maps=True), prompt_lengths=[
                                            len(pipe.tokenizer(p).input_ids) for p in PROMPTS])
     calls = []
 
@@ -305,8 +305,41 @@ def test_attention_metrics_equal_diffusers_attention_scores(setup):
             be = np.mean([np.linalg.norm((m.reshape(n, 1, h, w) * d.numpy()).reshape(n, -1), axis=1) / m.mean(1)
                           for d in diffs], 0)
             np.testing.assert_allclose(vals["be"][k, :, 0].numpy(), be, rtol=1e-4)
+            # --be_maps: the saved map of each generation is that mask, on the latent grid
+            np.testing.assert_allclose(extras["be"][k]["maps"].numpy(), m.reshape(n, h, w), rtol=1e-5, atol=1e-7)
     finally:
         pipe.unet.set_attn_processor(saved)
+
+
+def test_be_maps_off_leaves_every_output_bit_identical(tiny_eps_dir, tmp_path, capsys):
+    """be without --be_maps: no maps and the same files as before the flag (no be_maps key in its identity); with
+    it: the same .pt bits and sidecar values, the mask of every generation saved in the shared map format, and
+    detect_eval.py --localization scores it."""
+    import json
+    from PIL import Image
+    import detect_eval
+    from cli_run import exit_code
+    (tmp_path / "p.txt").write_text("a prompt")
+    off, on = tmp_path / "off", tmp_path / "on"
+    assert _script_run(tiny_eps_dir, tmp_path / "p.txt", off, "--metrics", "be", "--gen_num", "2") == 0
+    assert _script_run(tiny_eps_dir, tmp_path / "p.txt", on, "--metrics", "be", "--gen_num", "2", "--be_maps") == 0
+    assert sorted(f.name for f in off.iterdir()) == ["p_be_gen2." + e for e in ("json", "progress.jsonl", "pt")]
+    assert (off / "p_be_gen2.pt").read_bytes() == (on / "p_be_gen2.pt").read_bytes()
+    a, b = (json.loads((d / "p_be_gen2.json").read_text()) for d in (off, on))
+    assert "be_maps" not in a["metric"]["settings"] and a["metric"] == b["metric"]
+    assert a["per_generation"] == b["per_generation"] and a["extras"] == b["extras"]
+    maps = [np.load(on / "p_gen2_maps" / "be" / "00000.npy")]
+    assert all(m.shape == (2, 8, 8) and m.dtype == np.float32 and (m >= 0).all() for m in maps)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i, m in enumerate(maps):  # masks at twice the map's size: each map's own upper half by value
+        for k, g in enumerate(m):
+            Image.fromarray(((g > np.median(g)) * 255).astype(np.uint8)).resize((16, 16), Image.NEAREST).save(
+                masks / f"{i:05d}_{k}.png")
+    capsys.readouterr()
+    assert exit_code(detect_eval.main, ["--localization", str(masks), "--mem", str(on / "p_be_gen2.pt")]) == 0
+    assert "(2 maps)" in capsys.readouterr().out
+    assert json.loads((on / "p_be_gen2.localization.json").read_text())["maps"] == 2
 
 
 def test_attention_layers_that_do_not_exist_exit_2(tiny_eps_dir, tmp_path, capsys):

@@ -1101,6 +1101,79 @@ def test_class6_score_refuses_a_generation_that_is_still_running(world, tmp_path
         p.wait()
 
 
+@pytest.mark.slow
+def test_class6_score_refuses_a_killed_generation_until_it_is_finished(world, tmp_path):
+    """Class 6 (slow: a real run killed in a subprocess; the "killed" row below is the state it leaves, fast): a
+    generation killed midway (SIGKILL right after its first prompt's record: the manifest holds 1 of
+    its 2 prompts and the lock file stays, held by no process) is one error line naming what is missing and how to
+    finish it; --allow_incomplete scores the part with a warning; rerunning the command finishes it, then it scores."""
+    (tmp_path / "p.txt").write_text("Red Rug\nBlue Rug\n")
+    argv = ["--model_id", "tiny", "--data_path", str(tmp_path / "p.txt"), "--device", "cpu", "--gen_num", "1",
+            "--method", "none", "--num_inference_steps", "2", "--out_dir", str(tmp_path / "out")]
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); from utils import io\n"
+            "add = io.ProgressLog.add\n"
+            "def killed(self, record):\n    add(self, record)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "io.ProgressLog.add = killed\nimport mitigate_mem; mitigate_mem.main(sys.argv[2:])\n")
+    p = subprocess.run([sys.executable, "-c", code, ROOT, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    (manifest,) = (tmp_path / "out").rglob("manifest.jsonl")
+    assert len(manifest.read_text().splitlines()) == 2 and manifest.with_name("manifest.jsonl.lock").exists()
+    score = ["score", "--images", str(manifest.parent), "--gt", str(world / "gt"), "--similarity", "pixel",
+             "--clip_model", "none"]
+    err = check_row("mitigate_eval", score, 2, "incomplete: 1 of its 2 prompts have no images yet", tmp_path)
+    assert "(prompt index 1)" in err and "manifest.jsonl.lock is left behind" in err
+    assert "rerun the generation command to finish it" in err
+    got, err = run_script("mitigate_eval", score + ["--allow_incomplete"])
+    assert got == 0 and "scoring an incomplete generation" in err
+    assert len(json.loads((manifest.parent / "eval_pixel.json").read_text())["per_prompt"]) == 1
+    assert run_script("mitigate_mem", argv)[0] == 0  # the same command resumes and finishes the run
+    assert run_script("mitigate_eval", score)[0] == 0
+    assert len(json.loads((manifest.parent / "eval_pixel.json").read_text())["per_prompt"]) == 2
+
+
+def _edited_generation(world, w, header, records, run_info=None, name="manifest.jsonl"):
+    """A copy of the world's generation folder with this manifest (as `name`), run.json, and for a name ending in
+    '+lock' the lock file a killed run leaves (its dead pid in it, held by no process)."""
+    import shutil
+    shutil.copytree(world / "gen", w / "gen")
+    (w / "gen" / "manifest.jsonl").unlink()
+    name, lock = name.split("+")[0], name.endswith("+lock")
+    _jsonl(w / "gen" / name, [{"header": header}, *records])
+    if lock:
+        (w / "gen" / (name + ".lock")).write_text("999999999")
+    if run_info is not None:
+        (w / "gen" / "run.json").write_text(json.dumps(run_info))
+    return ["score", "--images", str(w / "gen"), "--gt", str(world / "gt"), "--similarity", "pixel",
+            "--clip_model", "none"]
+
+
+RED, BLUE = {"index": 0, "prompt": "Red Rug", "images": ["0_0.png"]}, {"index": 1, "prompt": "Blue Rug", "images": ["1_0.png"]}
+
+
+@pytest.mark.parametrize("header,records,run_info,name,fragment", [
+    ({"gen_num": 2}, [RED, BLUE], None, "manifest.jsonl", "2 prompt(s) have fewer than the 2 images per prompt"),
+    ({"gen_num": 1}, [RED], {"identity": {"gen_num": 1}, "prompts": 3}, "manifest.jsonl", "2 of its 3 prompts"),
+    ({"gen_num": 1}, [RED, BLUE], {"identity": {"gen_num": 5}, "prompts": 2}, "manifest.jsonl", "another run"),
+    ({"gen_num": 1}, [RED, BLUE], {"identity": {"gen_num": 1}, "prompts": "2"}, "manifest.jsonl", "another run"),
+    ({"gen_num": 1}, [RED], None, "manifest.0.jsonl", "per-process log(s) (manifest.0.jsonl"),
+    ({"gen_num": 1}, [RED], {"identity": {"gen_num": 1}, "prompts": 2}, "manifest.jsonl+lock",
+     "1 of its 2 prompts have no images yet (prompt index 1); its run stopped before it ended (manifest.jsonl.lock"),
+    ({"gen_num": 1}, [RED, BLUE], None, "manifest.jsonl+lock", "manifest.jsonl.lock is left behind, held by no"),
+], ids=["images", "prompts", "other_run", "bad_count", "shards", "killed", "killed_after_the_last"])
+def test_class6_score_refuses_an_incomplete_generation(world, tmp_path, header, records, run_info, name, fragment):
+    """Class 6: fewer images than the header's gen_num, fewer prompts than run.json's count, a run.json of another
+    run or with a damaged count, a run under several processes that left only its per-process logs, and the state
+    a killed run leaves (the slow test above makes it for real): one error line saying how to finish it."""
+    score = _edited_generation(world, tmp_path, header, records, run_info, name)
+    err = check_row("mitigate_eval", score, 2, fragment, tmp_path)
+    assert ("rerun the generation command to finish it" in err) == (fragment != "another run")
+    if "+lock" in name:  # --allow_incomplete scores the part, with a warning
+        got, err = run_script("mitigate_eval", score + ["--allow_incomplete"])
+        assert got == 0 and "scoring an incomplete generation" in err
+        rows = json.loads((tmp_path / "gen" / "eval_pixel.json").read_text())["per_prompt"]
+        assert [r["index"] for r in rows] == [r["index"] for r in records]
+
+
 # --------------------------------------------------------------- round 3 (issue 26): validation before work (7)
 
 def test_class7_non_finite_latents_are_an_error_and_never_an_image(detect_world, monkeypatch):
@@ -1173,11 +1246,90 @@ def test_class8_num_processes_from_the_environment_reaches_the_launcher(tmp_path
     bindir = tmp_path / "bin"
     bindir.mkdir()
     _fake(bindir / "accelerate", f'echo "$*" >> {tmp_path}/calls; exit 2')
+    py = _fake(tmp_path / "py", f'echo "$*" >> {tmp_path}/checks; exit 0')  # every --check_only passes
     p = subprocess.run(["bash", os.path.join(ROOT, "run_detection.sh"), "demo"], capture_output=True, text=True,
-                       env=dict(os.environ, NUM_PROCESSES="2", PATH=f"{bindir}:{os.environ['PATH']}"), timeout=100)
+                       env=dict(os.environ, NUM_PROCESSES="2", PYTHON=py, PATH=f"{bindir}:{os.environ['PATH']}"),
+                       timeout=100)
     assert p.returncode == 2, p.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls and all("--num_processes 2" in c and "detect_mem.py" in c for c in calls), calls
+    checks = (tmp_path / "checks").read_text().splitlines()
+    assert checks and all(c.startswith("detect_mem.py") and c.endswith(" --check_only") for c in checks)
+
+
+def _launcher_run(tmp_path, script, mode, check_body, launcher_body):
+    """NUM_PROCESSES=2 bash SCRIPT MODE with a stand-in PYTHON (check_body; it also answers the scripts' other
+    python calls) and a stand-in accelerate (launcher_body): (process, the launcher's calls)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake(bindir / "accelerate", f'echo "$*" >> {tmp_path}/calls\n' + launcher_body)
+    py = _fake(tmp_path / "py", check_body)
+    p = subprocess.run(["bash", os.path.join(ROOT, script), *mode], capture_output=True, text=True, timeout=100,
+                       env=dict(os.environ, NUM_PROCESSES="2", PYTHON=py, PATH=f"{bindir}:{os.environ['PATH']}"))
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return p, calls
+
+
+@pytest.mark.parametrize("script,mode", [("run_detection.sh", []), ("run_mitigation.sh", ["demo"])])
+def test_class8_bad_input_under_the_launcher_is_one_error_line_before_it_starts(tmp_path, script, mode):
+    """Class 8: with NUM_PROCESSES>1 the run scripts check each command's arguments once in one process
+    (--check_only) before the launcher: bad input is one error line and exit 2, and the launcher never starts."""
+    p, calls = _launcher_run(tmp_path, script, mode, 'case "$*" in *--check_only*) echo "error: --gen_num: bad" >&2; '
+                             'exit 2 ;; esac; exit 0', "exit 1")
+    assert p.returncode == 2 and calls == [], (p.stderr, calls)
+    assert [ln for ln in p.stderr.splitlines() if "error" in ln.lower()] == ["error: --gen_num: bad"]
+
+
+@pytest.mark.parametrize("recorded,code", [(True, 2), (False, 1)])
+def test_class8_the_code_a_launched_process_leaves_is_the_scripts(tmp_path, recorded, code):
+    """Class 8: an error met only inside a shard: the launched processes end through utils/cli.py's error path,
+    which leaves their code (2) in the folder the script names in MEMSHARP_EXIT_DIR; the script exits with it,
+    not with the launcher's 1, and removes the folder. Without a recorded code (a crash) the launcher's code stands."""
+    child = ("import sys; sys.path.insert(0, sys.argv[1]); from utils.cli import UserError, guarded\n"
+             "guarded(lambda: (_ for _ in ()).throw(UserError('process 1 has local rank 1 but only 1 GPU')))()\n")
+    body = (f'echo "$MEMSHARP_EXIT_DIR" > {tmp_path}/dir\n' + (
+        f'for r in 0 1; do {sys.executable} -c "{child}" {ROOT}; done\n' if recorded else "") +
+        'echo "torch.distributed.elastic.multiprocessing.errors.ChildFailedError" >&2; exit 1')
+    p, calls = _launcher_run(tmp_path, "run_mitigation.sh", ["demo"], "exit 0", body)
+    assert p.returncode == code and len(calls) == 1, (p.stderr, calls)
+    assert p.stderr.count("error: process 1 has local rank 1") == (2 if recorded else 0)
+    folder = pathlib.Path((tmp_path / "dir").read_text().strip())
+    assert folder.name.startswith("run.") and not folder.parent.exists()  # the script's code folder is gone
+
+
+def test_class8_check_only_checks_and_writes_nothing(detect_world, world, tmp_path):
+    """--check_only on each launched script: 0 and nothing written for good arguments; one error line and 2 for
+    bad ones (the same checks as a run)."""
+    w = detect_world
+    det = ["--model_id", "tiny", "--data_path", f"{w}/det/p.txt", "--device", "cpu", "--gen_num", "1",
+           "--out_dir", f"{tmp_path}/o", "--check_only"]
+    check_row("detect_mem", det, 0, "", tmp_path)
+    check_row("detect_mem", det + ["--metrics", "curv_ds_theta"], 2, "--curv_theta", tmp_path)
+    miti = ["--model_id", "tiny", "--data_path", f"{w}/det/p.txt", "--device", "cpu", "--gen_num", "1",
+            "--out_dir", f"{tmp_path}/o", "--method", "rna", "--check_only"]
+    check_row("mitigate_mem", miti, 0, "", tmp_path)
+    check_row("mitigate_mem", miti + ["--grid", "1.5"], 2, "not a valid count", tmp_path)
+    import shutil
+    shutil.copytree(world / "gen", tmp_path / "gen")
+    score = ["score", "--images", str(tmp_path / "gen"), "--gt", str(world / "gt"), "--similarity", "pixel",
+             "--clip_model", "none", "--check_only"]
+    check_row("mitigate_eval", score, 0, "", tmp_path)
+    check_row("mitigate_eval", score + ["--out", str(tmp_path / "gen" / "0_0.png")], 2, "ending in .json", tmp_path)
+
+
+@pytest.mark.slow
+def test_class8_a_real_launcher_passes_the_code_folder_to_its_processes(tmp_path):
+    """Class 8 (slow: a real `accelerate launch --multi_gpu --num_processes 2` on the CPU): each launched process
+    that ends on bad input leaves its code 2 in MEMSHARP_EXIT_DIR, while accelerate itself exits with 1."""
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    p = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "mitigate_eval.py", "score", "--images",
+                        str(tmp_path / "nonexistent"), "--gt", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, MEMSHARP_EXIT_DIR=str(codes)))
+    assert p.returncode == 1
+    got = [f.read_text() for f in codes.iterdir()]
+    assert got and set(got) == {"2\n"} and all(f.name.endswith(".code") for f in codes.iterdir())
 
 
 # ------------------------------------------------------- round 3 (issue 26): encodings (class 9)

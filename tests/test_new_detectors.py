@@ -321,3 +321,81 @@ def test_detect_mem_saves_maps_and_refuses_bad_steps(tiny_eps_dir, tmp_path, cap
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: curv_dh: the target step 50")
     assert exit_code(detect_mem.main, base + ["--gen_num", "1", "--metrics", "nemo"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_curv_theta_maps_against_plain_calls_of_two_checkpoints(setup):
+    """curv_ds_theta / curv_dh_theta with a second tiny pipeline (another seed) as the "earlier checkpoint": the
+    maps from plain diffusers calls along the run model's guided path, ((eps_c(A) - eps_c(B)) / sigma)^2 summed over
+    channels, and Hutchinson's sum with the detector's probes of the dense Jacobian of f = -(eps_c(A) - eps_c(B))
+    (within 6 sd of the exact diagonal); curv_ds beside them is bit-identical to curv_ds alone."""
+    from utils.demo.model import tiny_pipeline
+    pipe, _, lat = setup
+    other = tiny_pipeline(seed=1)
+    K, lat = 32, lat[:1, :, :4, :4]
+    one = Conditioning.of(SD1.embed(pipe, PROMPTS[:1], "cpu"), SD1.embed(pipe, "", "cpu"))
+    st = settings_for(curv_step=1, curv_probes=K, curv_theta="B")
+    model = denoiser(pipe.unet, pipe.scheduler)
+    comp = {"B": denoiser(other.unet, other.scheduler)}
+    vals, ex, _, meter = run_detectors(model, one, lat, ["curv_ds", "curv_ds_theta", "curv_dh_theta"], st,
+                                       companions=comp)
+    alone, _, _, _ = run_detectors(model, one, lat, ["curv_ds"], st)
+    assert torch.equal(vals["curv_ds"], alone["curv_ds"])
+    u, c = _embeds(pipe, PROMPTS[0], 1)
+    t, x = _guided_path(pipe, u, c, lat, 2)[1]
+
+    def f(z):
+        z = z.view(1, *x.shape[1:])
+        return -(pipe.unet(z, t, encoder_hidden_states=c).sample - other.unet(z, t, encoder_hidden_states=c).sample)
+
+    sigma = (1 - pipe.scheduler.alphas_cumprod[int(t)]).sqrt()
+    with torch.no_grad():
+        want = (f(x) / sigma).pow(2).sum(dim=1)
+    assert want.abs().max() > 0  # the two checkpoints differ
+    torch.testing.assert_close(ex["curv_ds_theta"][0]["maps"], want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(vals["curv_ds_theta"][0, :, 0], want.flatten(1).mean(dim=1), rtol=1e-4, atol=1e-6)
+    J = torch.autograd.functional.jacobian(lambda z: f(z).flatten(), x.flatten())
+    diag = J.diagonal()
+    bound = 6 * ((J.pow(2).sum(dim=0) - diag.pow(2)) / K).sqrt().view(x.shape[1:]).sum(dim=0)
+    got = ex["curv_dh_theta"][0]["maps"][0]
+    assert (got - torch.relu(-diag.view(x.shape[1:]).sum(dim=0))).abs().le(bound).all()
+    probes = CurvDh(CurvDhSettings(curv_step=1, curv_probes=K)).probes(x, 1)
+    est = torch.stack([v.flatten() * (J.T @ v.flatten()) for v in probes]).mean(dim=0)
+    torch.testing.assert_close(got, torch.relu(-est.view(x.shape[1:]).sum(dim=0)), rtol=1e-4, atol=1e-6)
+    cost = meter.summary(["curv_ds_theta", "curv_dh_theta"])
+    # 2 trajectory forwards + B's conditional forward; 2 + one conditional forward of each model, K VJPs
+    assert cost["curv_ds_theta"]["unet_forwards"] == 3 and "vjps" not in cost["curv_ds_theta"]
+    assert (cost["curv_dh_theta"]["unet_forwards"], cost["curv_dh_theta"]["vjps"]) == (4, K)
+    with pytest.raises(ValueError, match="curv_ds_theta: the second model 'B' was not loaded"):
+        run_detectors(model, one, lat, ["curv_ds_theta"], st)
+    with pytest.raises(ValueError, match="--curv_theta MODEL_ID"):
+        run_detectors(model, one, lat, ["curv_dh_theta"], settings_for(curv_step=1))
+
+
+def test_detect_mem_curv_theta_checks_the_second_model_first(tiny_eps_dir, tmp_path, capsys):
+    """Through detect_mem.py: a second model of another family (tiny-xl, tiny-sd3) or another latent shape (a
+    tiny SD pipeline of 16 x 16 latents), or none, is one error line, exit 2, before any file is written; a second
+    tiny SD pipeline (another seed) runs, its id in the result's identity and its maps saved."""
+    import json
+    import detect_mem
+    from cli_run import exit_code
+    from utils.demo.model import tiny_pipeline
+    data = tmp_path / "p.txt"
+    data.write_text(PROMPTS[0])
+    big, other = tmp_path / "big", tmp_path / "other"
+    tiny_pipeline(seed=1, sample_size=16).save_pretrained(str(big))
+    tiny_pipeline(seed=1).save_pretrained(str(other))
+    out = tmp_path / "o"
+    base = ["--model_id", tiny_eps_dir, "--data_path", str(data), "--device", "cpu", "--out_dir", str(out),
+            "--gen_num", "1", "--curv_step", "1", "--curv_probes", "2"]
+    for metric, theta, msg in [("curv_ds_theta", "tiny-xl", "same family"), ("curv_dh_theta", "tiny-sd3", "same family"),
+                               ("curv_ds_theta", str(big), "same latent shape"), ("curv_dh_theta", None, "--curv_theta")]:
+        extra = ["--curv_theta", theta] if theta else []
+        assert exit_code(detect_mem.main, base + ["--metrics", metric] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {metric}") and msg in err[-1] and not any("Traceback" in e for e in err)
+        assert not out.exists() or not any(out.iterdir())
+    assert exit_code(detect_mem.main, base + ["--metrics", "curv_ds_theta", "--curv_theta", str(other)]) == 0
+    side = json.loads((out / "p_curv_ds_theta_gen1.json").read_text())
+    assert side["metric"]["settings"]["curv_theta"] == str(other)
+    maps = np.load(out / "p_gen1_maps" / "curv_ds_theta" / "00000.npy")
+    np.testing.assert_allclose(np.array(side["per_generation"][0][0]), maps.mean(axis=(1, 2)), rtol=1e-6)

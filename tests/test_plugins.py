@@ -47,7 +47,8 @@ def test_registry_lists_the_built_in_detectors_with_their_directions():
     assert {k: v.direction for k, v in DETECTORS.items()} == {
         "sharpness": "higher", "wen": "higher", "anisotropy": "higher", "tiled_l2": "lower", "le": "higher",
         "ae": "higher", "be": "higher", "metric2": "higher", "dsm": "higher",
-        "curv_ds": "higher", "curv_dh": "higher", "nemo": "higher"}
+        "curv_ds": "higher", "curv_dh": "higher", "nemo": "higher", "curv_ds_theta": "higher",
+        "curv_dh_theta": "higher"}
     with pytest.raises(ValueError):
         register(type("Bad", (Detector,), dict(name="bad", direction="sideways")))
     assert "bad" not in DETECTORS

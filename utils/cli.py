@@ -4,6 +4,7 @@ import contextlib
 import errno
 import functools
 import math
+import os
 import re
 import sys
 import warnings
@@ -41,11 +42,51 @@ def is_memory_error(e):
     return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _MEMORY_MESSAGES)
 
 
+# Set by the run scripts for the processes they start under a launcher (NUM_PROCESSES > 1): a folder where a process
+# that ends on bad input leaves its exit code, which the script passes on (the launcher itself exits with 1).
+EXIT_DIR_ENV = "MEMSHARP_EXIT_DIR"
+
+
+def record_exit_code(code):
+    """Leave `code` in <$MEMSHARP_EXIT_DIR>/<pid>.code when the variable is set (a run script's launched process);
+    a new file, never through a link; a folder that cannot take it is ignored (the exit code itself stands)."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if not folder:
+        return
+    try:
+        fd = os.open(os.path.join(folder, f"{os.getpid()}.code"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{code}\n")
+    except OSError:
+        pass
+
+
+def fail(message, code=2):
+    """Print 'error: <message>' on stderr, record the code for a run script (record_exit_code) and exit with it."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    record_exit_code(code)
+    sys.exit(code)
+
+
+CHECK_ONLY_HELP = ("check the arguments (everything checked before the model is loaded) and exit: 0, or one error "
+                   "line and 2; nothing is written. The run scripts do this once before a launcher starts")
+
+
+def checked_only(enabled):
+    """For a script's --check_only: when enabled, say that the arguments passed every check made before the model
+    is loaded and nothing is written, and return True (the script then returns)."""
+    if enabled:
+        print("arguments checked: nothing was loaded or written (--check_only)", flush=True)
+    return enabled
+
+
 def guarded(main=None, *, memory_hint=MEMORY_HINT):
     """Wrap a script's main() so that every expected failure is one line on stderr, never a traceback:
 
     UserError (bad input, unwritable output, corrupted log) -> 'error: ...', exit 2;
     an allocation failure (is_memory_error) -> 'error: out of memory ...; <memory_hint>', exit 2;
+    (both leave the code for a run script's launcher, record_exit_code);
     Ctrl-C -> exit 130 with a resume hint.
     Anything else is a bug and keeps its traceback. Use as @guarded or @guarded(memory_hint="lower --gen_num").
     """
@@ -57,8 +98,7 @@ def guarded(main=None, *, memory_hint=MEMORY_HINT):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            fail(e)
         except KeyboardInterrupt:
             print("\ninterrupted: results so far are saved; run the same command again to resume.",
                   file=sys.stderr, flush=True)
@@ -66,8 +106,7 @@ def guarded(main=None, *, memory_hint=MEMORY_HINT):
         except (MemoryError, RuntimeError, OSError) as e:
             if not is_memory_error(e):
                 raise
-            print(f"error: out of memory ({one_line(e)[:200]}); {memory_hint}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            fail(f"out of memory ({one_line(e)[:200]}); {memory_hint}")
 
     return wrapper
 
@@ -89,8 +128,7 @@ class ArgumentParser(argparse.ArgumentParser):
     format prints the usage block first, which buries the message)."""
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def quiet_library_warnings():

@@ -173,6 +173,32 @@ def load_model(sd_ver, model_id, device, dtype=None, height=None, width=None):
     return Model(family, pipe, mid, model_label(sd_ver, model_id), device, dt, image_size(family, pipe, height, width))
 
 
+def latent_shape(model, size=None):
+    """(C, h, w) of the model's latents for images of size (height, width) px (None: its native size)."""
+    h, w = size or model.family.native_size(model.pipe)
+    f = model.pipe.vae_scale_factor
+    return (model.family.backbone(model.pipe).config.in_channels, h // f, w // f)
+
+
+def load_companion(main, model_id):
+    """A second model that a detector compares the loaded Model `main` with (an earlier checkpoint of it), on main's
+    device, dtype and image size. UserError unless it is of main's family (its pipeline class and prediction type:
+    a copy of a profile's model elsewhere, e.g. the demo's, loads under the generic profile of that class) and its
+    native latent shape (channels and size) is main's: the two predictions must live on the same latents."""
+    mid = resolve_model_id(None, model_id)
+    family, pipe = F.load(mid, main.device, main.dtype)
+    other = Model(family, pipe, mid, model_label(None, model_id), main.device, main.dtype)
+    kind = lambda f: f"{f.pipeline_class}, {f.prediction_type}"  # what identifies a family's architecture
+    if kind(family) != kind(main.family):
+        raise UserError(f"the second model {model_id} is {family.title} ({kind(family)}); {main.model_id} is "
+                        f"{main.family.title} ({kind(main.family)}): an earlier checkpoint must be of the same family")
+    mine, theirs = latent_shape(main), latent_shape(other)
+    if mine != theirs:
+        raise UserError(f"the second model {model_id} has latents of shape {theirs} (channels, h, w); {main.model_id} "
+                        f"has {mine}: an earlier checkpoint must have the same latent shape")
+    return dataclasses.replace(other, size=main.size)
+
+
 def report_long_prompts(tokenizers, prompts):
     """Warn (one line) about prompts longer than any of the model's tokenizers' windows: the text encoders
     truncate them, as in the papers' runs. Returns their indices."""

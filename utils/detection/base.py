@@ -109,6 +109,7 @@ class Pass:
     values: dict             # name -> float32 tensor (rows, steps) each detector fills
     extras: dict             # name -> K per-prompt details (None: none)
     scratch: dict            # name -> the detector's state between hooks
+    companions: dict = dataclasses.field(default_factory=dict)  # model id -> Denoiser of a second model (companion())
 
     def paused(self):
         """Context in which a detector's own model calls are not recorded by the attention instrument."""
@@ -153,6 +154,12 @@ class Detector:
         out = dict(num_inference_steps=self.sampling.num_inference_steps, guidance_scale=self.sampling.guidance_scale)
         out.update(dataclasses.asdict(self.settings))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def companion(self):
+        """The id of a second model the detector compares the run's model with (curv_*_theta's earlier checkpoint),
+        or None; the script loads it, checks it against the run's model and hands its Denoiser over in
+        Pass.companions."""
+        return None
 
     def check_model(self, pipe, size):
         """ValueError if the pipeline, generating images of size (height, width) px, lacks what the detector needs

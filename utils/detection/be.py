@@ -1,13 +1,16 @@
 """be: Chen et al. (2025), Bright Ending: ||m * (out_c - out_u)|| / mean(m) averaged over all steps, m the end-token
 (first EOS) attention map of the first cross-attention down block's layers at the last step (the shared attention
-instrument); the output difference is the shared one of wen (same space flag)."""
+instrument); the output difference is the shared one of wen (same space flag). With --be_maps the mask of each
+generation is also handed over as a localization map (utils/detection/maps.py)."""
 import dataclasses
+import math
 
 import torch
 
 from ..cli import raise_arg
 from ..models import attention as A
 from .base import DifferenceSpace, Detector, attention_layers, option, output_difference, register
+from .maps import MAPS
 
 
 def first_down_block(layers):
@@ -38,6 +41,7 @@ class BeSettings(DifferenceSpace):
     be_layers: tuple = option((), type=index_list, help=(  # be: mask layers; (): the first cross-attention down block's
         "be: forward indices of the end-token mask layers (default: those of the first down block with "
         "cross-attention: Chen et al.'s two 64x64 layers of SD v1.4, down_blocks.1's four 64x64 ones on SDXL)"))
+    be_maps: bool = option(False)  # be: also save each generation's end-token mask as a localization map (opt-in)
 
 
 @register
@@ -46,6 +50,11 @@ class Be(Detector):
     Settings = BeSettings
     description = ("mean over steps of ||m * (out_c - out_u)|| / mean(m), m the end-token attention map at the last "
                    "step (Chen et al.'s Bright Ending); extras: per-step values")
+
+    def identity(self):
+        out = super().identity()
+        out.pop("be_maps")  # an output option, not a setting of the numbers: a run's identity is the one before it
+        return out
 
     def layers(self, unet):
         """Forward indices of the mask layers; ValueError if the UNet lacks them."""
@@ -79,3 +88,14 @@ class Be(Detector):
         per_step = torch.stack([A.be_step_score(mask, d) for d in p.scratch[self.name]], dim=1)  # (K*n, T)
         p.values[self.name][:, 0] = per_step.mean(dim=1).float()
         p.extras[self.name] = [dict(per_step=v.tolist()) for v in p.split(per_step)]
+        if self.settings.be_maps:
+            for e, m in zip(p.extras[self.name], p.split(mask_maps(mask, p.scratch[self.name][0].shape[-2:]))):
+                e[MAPS] = m
+
+
+def mask_maps(mask, latent_hw):
+    """BE's masks (B, R) as (B, h, w) float32 maps on the grid of the mask's layers: the latent grid (h, w) =
+    latent_hw on SD, a k-times coarser one where the layers run at a coarser grid (SDXL: k = 2)."""
+    h, w = latent_hw
+    k = math.isqrt(h * w // mask.shape[1])
+    return mask.reshape(mask.shape[0], h // k, w // k).float()

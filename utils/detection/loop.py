@@ -98,14 +98,15 @@ class CostMeter:
 
 
 def run_detectors(model, cond, latents, metrics, settings=None, sampling=None, *, decode=None,
-                  prompt_lengths=None):
+                  prompt_lengths=None, companions=None):
     """Compute the requested detectors for K prompts x n generations in one pass.
 
     model: utils.models.denoisers.Denoiser; cond: Conditioning of K prompts; latents (n, C, H, W), the initial noise
     shared by every prompt; metrics: detector names; settings: {name: its settings dataclass} (missing: the
     defaults; see settings_for); sampling: base.Sampling (default: 50 steps, CFG 7.5); decode: latents (B, C, H, W)
     -> list of B PIL images (for detectors that want images, see utils.models.decode_latents); prompt_lengths: K
-    token counts incl. BOS and the first EOS (for ae and be, see utils.models.attention.prompt_lengths).
+    token counts incl. BOS and the first EOS (for ae and be, see utils.models.attention.prompt_lengths);
+    companions: {model id: Denoiser} of the second models detectors compare with (Detector.companion()).
     Returns (values, extras, images, meter): values[m] a float32 tensor (K, n, steps) of per-generation values
     (per-prompt detectors such as tiled_l2: (K, 1, 1)); extras[m] K per-prompt details (or None); images: K lists
     of n PIL images when the trajectory ran to the end for a detector that wants them, else None.
@@ -132,7 +133,7 @@ def run_detectors(model, cond, latents, metrics, settings=None, sampling=None, *
     p = Pass(model=model, sampling=sampling, timesteps=timesteps, k=k, n=n, embeds=cond.repeat_each(n),
              prompt_lengths=prompt_lengths, meter=CostMeter(latents.device), instrument=inst,
              values={d.name: torch.empty(k if d.per_prompt else k * n, d.steps()) for d in dets},
-             extras={d.name: [None] * k for d in dets}, scratch={})
+             extras={d.name: [None] * k for d in dets}, scratch={}, companions=dict(companions or {}))
     for d in hooks:
         d.prepare(p)
     with inst or contextlib.nullcontext():

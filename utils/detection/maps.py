@@ -1,4 +1,5 @@
-"""Localization maps: the one map format of the detectors that produce one (curv_ds, curv_dh), how a pass hands
+"""Localization maps: the one map format of the detectors that produce one (curv_ds, curv_dh, their _theta
+variants, and be with --be_maps: its end-token mask), how a pass hands
 them to the script, how they are saved, and Kim & Lee's evaluation of maps against binary masks.
 
 Format: per prompt and detector one float32 array (n, h, w), one (h, w) map per generation on the latent grid,
@@ -65,7 +66,8 @@ def result_maps(result_path):
         raise UserError(f"{side_path}: not a readable detection result sidecar") from None
     folder = map_dir(os.path.dirname(side_path), meta.get("stem", ""), meta.get("gen_num", 0), meta.get("name", ""))
     if not os.path.isdir(folder):
-        raise UserError(f"{result_path}: no maps beside it ({folder}); maps come from curv_ds and curv_dh runs")
+        raise UserError(f"{result_path}: no maps beside it ({folder}); maps come from curv_ds, curv_dh "
+                        "(and _theta) runs and from be runs with --be_maps")
     out = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".npy") and name[:-4].isdigit():

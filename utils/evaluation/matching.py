@@ -3,6 +3,7 @@
 The SD v2.0 prompt file and its jsonl list the same 219 prompts in different orders, and one caption differs
 only by a removed '/', so captions are compared after normalize_caption().
 """
+import glob
 import os
 import re
 import unicodedata
@@ -10,7 +11,7 @@ import unicodedata
 from ..cli import UserError, warn
 from .fetch_manifest import REJECTED_STATUSES
 from .images import IMAGE_SUFFIXES
-from ..io import DataPathError, read_run_log, safe_data_path
+from ..io import DataPathError, lock_holder, read_json_file, read_run_log, safe_data_path
 
 # Keywords whose prompts are judged against several training images (the reference README, for SD v2.0): all
 # training images whose captions share the keyword, max over them (template-style memorization).
@@ -112,6 +113,82 @@ def read_generation_manifest(path):
     if not records:
         raise UserError(f"{path} holds no image records")
     return header, [records[k] for k in sorted(records)]
+
+
+RUN_INFO = "run.json"  # mitigate_mem.py's description of a generation folder, written before its first image
+FINISH_HINT = "rerun the generation command to finish it (it resumes where it stopped)"
+
+
+def manifest_locks(manifest):
+    """The lock files of the progress logs that are (or become) `manifest` (a .jsonl path): its own and those of
+    the per-process logs <stem>.<rank>.jsonl of a run under several processes."""
+    if not manifest.endswith(".jsonl"):
+        return []
+    return [manifest + ".lock"] + sorted(glob.glob(glob.escape(manifest[:-len(".jsonl")]) + ".*.jsonl.lock"))
+
+
+def check_generation_started(manifest):
+    """UserError for a manifest that is not there yet: a missing one whose run under several processes left only its
+    per-process logs <stem>.<rank>.jsonl (the merged manifest is written when every prompt is done), else the
+    ordinary "not found". The still-running check comes next (check_generation_finished)."""
+    if os.path.isfile(manifest):
+        return
+    stem = manifest[:-len(".jsonl")] if manifest.endswith(".jsonl") else None
+    parts = [p for p in glob.glob(glob.escape(stem) + ".*.jsonl") if p[len(stem) + 1:-6].isdigit()] if stem else []
+    if parts and not os.path.lexists(manifest):
+        raise UserError(f"the generation of {manifest} is not finished: its run under several processes left "
+                        f"{len(parts)} per-process log(s) ({os.path.basename(sorted(parts)[0])}, ...) and no merged "
+                        f"manifest; {FINISH_HINT}")
+    raise UserError(f"generation manifest {manifest} " + ("is not a regular file" if os.path.exists(manifest) else
+                    "not found (pass --manifest, or --images pointing at the output folder of mitigate_mem.py)"))
+
+
+def promised_prompts(manifest, header):
+    """How many prompts the run writing `manifest` generates, from run.json beside it (mitigate_mem.py records
+    `prompts` there before its first image), or None where nothing says (no run.json, or one written before the
+    count was recorded). UserError for a run.json that is damaged or whose identity is not the manifest's header
+    (edited, or of another run)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(manifest)), RUN_INFO)
+    if not os.path.lexists(path):
+        return None
+    info = read_json_file(path, "generation run description")
+    if isinstance(info, dict) and "prompts" not in info:
+        return None
+    count = info.get("prompts") if isinstance(info, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0 or info.get("identity") != header:
+        raise UserError(f"{path} does not describe the run of {manifest} (a prompt count and the manifest's header "
+                        "as its identity): it was edited or belongs to another run")
+    return count
+
+
+def check_generation_finished(manifest, header, records, allow_incomplete=False):
+    """UserError unless the generation that wrote `manifest` (header, records as read_generation_manifest) has
+    ended and is complete: a lock of its progress logs held by a live process (it is still writing; always
+    refused), or, unless allow_incomplete (then a warning), fewer records than run.json's prompt count, a record
+    with fewer images than the header's gen_num, or a lock file left by a run that was killed (the kernel drops a
+    dead process's lock, so the file stays, held by nobody; a finished run deletes it)."""
+    running = [pid for lock in manifest_locks(manifest) if (pid := lock_holder(lock))]
+    if running:  # its manifest is the live progress log: scoring it now would score part of the run
+        raise UserError(f"the generation of {manifest} is still running (pid {running[0]}); score it once it ends")
+    problems = []
+    count = promised_prompts(manifest, header)
+    missing = sorted(set(range(count)) - {r["index"] for r in records}) if count is not None else []
+    if missing:
+        problems.append(f"{len(missing)} of its {count} prompts have no images yet (prompt index "
+                        f"{', '.join(map(str, missing[:8]))}{', ...' if len(missing) > 8 else ''})")
+    n = header.get("gen_num")
+    short = [r["index"] for r in records if len(r["images"]) < n] if type(n) is int else []
+    if short:
+        problems.append(f"{len(short)} prompt(s) have fewer than the {n} images per prompt its header promises "
+                        f"(prompt index {', '.join(map(str, short[:8]))}{', ...' if len(short) > 8 else ''})")
+    left = [os.path.basename(lock) for lock in manifest_locks(manifest) if os.path.lexists(lock)]
+    if left:
+        problems.append(f"its run stopped before it ended ({left[0]} is left behind, held by no process)")
+    if problems and not allow_incomplete:
+        raise UserError(f"the generation of {manifest} is incomplete: {'; '.join(problems)}; {FINISH_HINT}, or "
+                        "score this part on purpose with --allow_incomplete")
+    if problems:
+        warn(f"scoring an incomplete generation (--allow_incomplete): {'; '.join(problems)}")
 
 
 def check_images(records, manifest_dir, images_dir=None, exclude=()):
