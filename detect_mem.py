@@ -14,45 +14,27 @@ import dataclasses
 import os
 import time
 
-import torch
 from tqdm import tqdm
 
 from utils import distributed as D
 from utils.cli import (CHECK_ONLY_HELP, ArgumentParser, UserError, bounded_int, checked_only, guarded, positive_float,
-                       quiet_library_warnings, raise_arg, seed_int, settings_arguments, settings_from, warn)
+                       quiet_library_warnings, seed_list, settings_arguments)
 from utils.detection import DETECTORS, Sampling
 from utils.detection.loop import run_detectors
-from utils.detection.maps import map_dir, save_maps, take_maps
-from utils.detection.records import forward_seconds, output_base, prompt_record, save_result
-from utils.io import atomic_save_image, check_outputs, prepare_dir, sha256_file
+from utils.detection.records import forward_seconds, output_base, save_result
+from utils.detection.setup import build_detectors, metric_list, save_batch
+from utils.io import check_outputs, prepare_dir, sha256_file
 from utils.models.attention import prompt_lengths
-from utils.models.autodiff import JVP_DTYPES, jvp_unet_copy
+from utils.models.autodiff import JVP_DTYPES
 from utils.models.denoisers import V_SCORE_FORMS
-from utils.models.jvp_memory import ATTENTION_MODES, JvpMemory
+from utils.models.jvp_memory import ATTENTION_MODES
 from utils.prompts import read_prompts
 from utils.schemas import DetectionRecord
-from utils.startup import (add_flow_argument, add_model_arguments, check_flow_first_step, flow_options, load_model,
-                           load_companion, model_id_of, report_long_prompts, size_identity, start_process,
-                           uncond_identity)
+from utils.startup import (add_flow_argument, add_model_arguments, check_flow_first_step, detection_denoiser,
+                           flow_options, load_companion, load_model, model_id_of, report_long_prompts, size_identity,
+                           start_process, uncond_identity)
 
 SAMPLING = Sampling()  # the paper's schedule: 50 DDIM steps, CFG 7.5 between the measured steps
-
-
-def metric_list(text):
-    """argparse type: comma-separated metric names, each known, none twice."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in DETECTORS]
-    if bad or not names or len(set(names)) != len(names):
-        raise_arg(f"expected comma-separated metrics from {', '.join(DETECTORS)} (each once), got {text!r}")
-    return names
-
-
-def seed_list(text):
-    """argparse type: one seed, or comma-separated seeds, none twice (a list of int)."""
-    seeds = [seed_int(t.strip()) for t in text.split(",") if t.strip()] or [seed_int(text)]
-    if len(set(seeds)) != len(seeds):
-        raise_arg(f"seeds must not repeat, got {text!r}")
-    return seeds
 
 
 def parse_args(argv=None):
@@ -103,28 +85,6 @@ def parse_args(argv=None):
     return args, flags
 
 
-def detectors(args, flags, hparam=None):
-    """The requested detectors with their settings from the flags; with the model family's `hparam`, a field left
-    None takes the family's hyperparameter of the same name (anisotropy's aniso_weights). Settings are checked
-    against the schedule: complete ones always, those waiting for a family value once `hparam` is given."""
-    out = {}
-    for m in args.metrics:
-        st = settings_from(DETECTORS[m].Settings, vars(args), flags[m])
-        if hparam:
-            try:
-                family = {f.name: hparam(f.name) for f in dataclasses.fields(st) if getattr(st, f.name) is None}
-            except ValueError as e:  # a rule on the model that this model does not satisfy (e.g. a missing layer)
-                raise UserError(f"{m}: {' '.join(str(e).split())[:400]}") from None
-            st = dataclasses.replace(st, **{k: v for k, v in family.items() if v is not None})
-        out[m] = DETECTORS[m](st, SAMPLING)
-        # settings with no field left for the family are checked now (before the model loads: --check_only sees it)
-        complete = all(getattr(st, f.name) is not None for f in dataclasses.fields(st))
-        problems = out[m].check() if hparam or complete else []
-        if problems:
-            raise UserError("; ".join(problems))
-    return out
-
-
 @guarded(memory_hint="use fewer generations (--gen_num), a smaller --batch_size, or a lower --max_memory_gb")
 def main(argv=None):
     args, flags = parse_args(argv)
@@ -151,7 +111,7 @@ def run(args, flags):
     check_outputs({f"the {m} result": bases[m] + ext for m in args.metrics for ext in (".pt", ".json")},
                   {"--data_path": args.data_path})
     needs = {}  # what the detectors need of the denoiser: a JVP UNet, or finite differences in a precision
-    for det in detectors(args, flags).values():
+    for det in build_detectors(args.metrics, vars(args), flags, SAMPLING).values():
         needs.update(det.model_needs())
     fd = needs.get("fd_precision")
     if fd == "tf32" and device.type != "cuda":
@@ -159,18 +119,14 @@ def run(args, flags):
     if checked_only(args.check_only):
         return
     loaded = load_model(args.sd_ver, args.model_id, device, args.dtype, args.height, args.width)
-    pipe, dtype, net = loaded.pipe, loaded.dtype, loaded.family.backbone(loaded.pipe)
+    pipe, dtype = loaded.pipe, loaded.dtype
     loaded.family.refusal(args.metrics)
     flow = flow_options(loaded, args.flow_space, args.v_score,
                         args.max_memory_gb is not None or args.jvp_attention != "auto")
-    model = loaded.denoiser(score_form=args.v_score, **flow,
-                            jvp_unet=jvp_unet_copy(net, args.jvp_dtype) if needs.get("jvp") else None,
-                            fd_unet=jvp_unet_copy(net, "float32") if fd not in (None, "model") else None,
-                            fd_precision=fd or "model",
-                            jvp_memory=JvpMemory(None if args.max_memory_gb is None
-                                                 else int(args.max_memory_gb * 2 ** 30), args.jvp_attention))
+    model = detection_denoiser(loaded, needs, flow, score_form=args.v_score, jvp_dtype=args.jvp_dtype,
+                               max_memory_gb=args.max_memory_gb, jvp_attention=args.jvp_attention)
     check_flow_first_step(model, SAMPLING.num_inference_steps)
-    dets = detectors(args, flags, loaded.hparam)
+    dets = build_detectors(args.metrics, vars(args), flags, SAMPLING, loaded.hparam)
     for m, det in dets.items():
         try:
             det.check_model(pipe, loaded.size)
@@ -197,7 +153,6 @@ def run(args, flags):
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done")
     report_long_prompts(loaded.tokenizers, prompts)
     latents = loaded.noise(args.gen_num, args.gen_seed)  # same noise for every prompt
-    image_dir = os.path.join(args.out_dir, f"{stem}_gen{args.gen_num}_images")
 
     mine = D.my_batches(todo, args.batch_size, shard)
     for idx in tqdm(mine, desc=f"detect {stem}" + (f" [{shard.rank}]" if shard.world > 1 else ""), unit="batch",
@@ -210,22 +165,9 @@ def run(args, flags):
                                                     decode=loaded.decode,
                                                     prompt_lengths=prompt_lengths(loaded.tokenizer, batch),
                                                     companions=companions)
-        secs = (time.time() - t0) / len(idx)
-        cost, fwd = meter.summary(metrics), forward_seconds(meter)
-        for j, i in enumerate(idx):
-            if images is not None:
-                for k, im in enumerate(images[j]):
-                    atomic_save_image(os.path.join(image_dir, f"{i:05d}_{k}.png"), im)
-            for m in metrics:
-                if i in logs[m].done:
-                    continue
-                maps = take_maps(extras[m][j])  # localization maps go to files of their own, not the record
-                if maps is not None:
-                    save_maps(map_dir(args.out_dir, stem, args.gen_num, m), i, maps)
-                    extras[m][j] = extras[m][j] or None
-                if not torch.isfinite(vals[m][j]).all():
-                    warn(f"prompt {i + 1} gave a non-finite {m} value; saved as NaN: {prompts[i][:80]!r}")
-                logs[m].add(prompt_record(i, prompts[i], vals[m][j], extras[m][j], cost[m], secs, len(idx), fwd))
+        save_batch(idx, prompts, metrics, logs, vals, extras, images, cost=meter.summary(metrics),
+                   seconds=(time.time() - t0) / len(idx), forward_seconds=forward_seconds(meter),
+                   out_dir=args.out_dir, stem=stem, gen_num=args.gen_num)
     for m in args.metrics:  # merged only when every prompt is done, by the main process
         records = D.merged_records(logs[m], len(prompts), shard)
         if shard.main:

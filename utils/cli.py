@@ -195,6 +195,14 @@ def seed_int(text):
     return v
 
 
+def seed_list(text):
+    """argparse type: one seed, or comma-separated seeds, none twice (a list of int)."""
+    seeds = [seed_int(t.strip()) for t in text.split(",") if t.strip()] or [seed_int(text)]
+    if len(set(seeds)) != len(seeds):
+        raise_arg(f"seeds must not repeat, got {text!r}")
+    return seeds
+
+
 def bounded_int(low, high=None):
     """argparse type factory: an integer in [low, high] (high None: no upper bound)."""
     def parse(text):

@@ -122,6 +122,21 @@ def flow_options(model, flow_space, v_score="correct", jvp_capped=False):
     return {"flow_space": flow_space}
 
 
+def detection_denoiser(loaded, needs, flow, *, score_form, jvp_dtype, max_memory_gb, jvp_attention):
+    """The loaded model's denoiser for detection: what the detectors need of it (`needs`: a JVP UNet, or finite
+    differences in a precision, from their model_needs), the --flow_space keywords `flow`, the v-score form, the
+    JVP's dtype and its memory cap in GiB (None: the free memory) with its attention mode."""
+    from .models.autodiff import jvp_unet_copy
+    from .models.jvp_memory import JvpMemory
+    net, fd = loaded.family.backbone(loaded.pipe), needs.get("fd_precision")
+    return loaded.denoiser(score_form=score_form, **flow,
+                           jvp_unet=jvp_unet_copy(net, jvp_dtype) if needs.get("jvp") else None,
+                           fd_unet=jvp_unet_copy(net, "float32") if fd not in (None, "model") else None,
+                           fd_precision=fd or "model",
+                           jvp_memory=JvpMemory(None if max_memory_gb is None else int(max_memory_gb * 2 ** 30),
+                                                jvp_attention))
+
+
 def check_flow_first_step(denoiser, num_inference_steps):
     """UserError when the denoiser probes the score of a flow model (--flow_space score) and the schedule's first
     step, which every detector measures, has sigma = 1, where s_delta is identically 0."""
