@@ -14,16 +14,13 @@ record per finished prompt, flushed at once, so a re-run resumes) and run.json (
 """
 import dataclasses
 import os
-import time
-
-from tqdm import tqdm
 
 from utils import distributed as D
 from utils.cli import (CHECK_ONLY_HELP, ArgumentParser, UserError, bounded_int, checked_only, finite_float, guarded,
                        positive_int, quiet_library_warnings, seed_int, settings_arguments, settings_values)
-from utils.io import (atomic_save_image, atomic_torch_save, check_outputs, prepare_dir, safe_filename, safe_join,
-                      sha256_file, write_run_log, write_sidecar)
+from utils.io import check_outputs, prepare_dir, safe_join, sha256_file, write_run_log, write_sidecar
 from utils.mitigation import gating, methods as MI
+from utils.mitigation.runner import run_folder
 from utils.models.loading import model_label
 from utils.prompts import read_prompts
 from utils.startup import (add_model_arguments, load_model, model_id_of, report_long_prompts, size_identity,
@@ -76,15 +73,12 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.no_mitigation:
         a.method = "none"
-    gate_flags = (a.flag_threshold is not None, a.flag_fpr is not None)
-    if a.flagged_by and gate_flags.count(True) != 1:
-        p.error("--flagged_by needs exactly one of --flag_threshold and --flag_fpr (with --flag_nmem)")
-    if not a.flagged_by and (any(gate_flags) or a.flag_nmem):
-        p.error("--flag_threshold / --flag_fpr / --flag_nmem need --flagged_by")
-    if a.flag_fpr is not None and not a.flag_nmem:
-        p.error("--flag_fpr needs --flag_nmem (detection scores of non-memorized prompts)")
-    if a.miti_prompt_batch > 1 and MI.METHODS[a.method].batch is None:
-        p.error("--miti_prompt_batch batches SAIL's search; --method %s has none" % a.method)
+    problem = MI.flag_problem(a.method, flagged_by=a.flagged_by, flag_threshold=a.flag_threshold,
+                              flag_fpr=a.flag_fpr, flag_nmem=a.flag_nmem, prompt_batch=a.miti_prompt_batch,
+                              grid=a.grid, sampler=a.sampler, author_settings=a.author_settings,
+                              guidance_scale=a.guidance_scale)
+    if problem:
+        p.error(problem)
     mine = {dest for _, dest in flags[a.method]}
     others = {d for added in flags.values() for _, d in added if d not in mine}
     unset = object()
@@ -93,17 +87,6 @@ def parse_args(argv=None):
     given = sorted(d for d in others if again[d] is not unset)
     if given:  # another method's hyperparameter would be silently ignored
         p.error(f"--{given[0]} is not an option of --method {a.method}")
-    if a.author_settings and a.sampler:
-        p.error("--author_settings chooses the sampler; give one of --sampler and --author_settings")
-    if a.method == "cfg_delay" and a.guidance_scale is not None:
-        p.error("--guidance_scale: cfg_delay's guidance is --cfg_w_pre / --cfg_w_post")
-    if a.author_settings and a.guidance_scale is not None:
-        p.error("--author_settings chooses the guidance scale; give one of --guidance_scale and --author_settings")
-    if a.author_settings and MI.METHODS[a.method].author is None:
-        p.error(f"--author_settings: {a.method} has none (its authors' code samples as the harness: DDIM, "
-                "guidance 7.5)")
-    if MI.METHODS[a.method].grid_field is None and (a.grid or a.flagged_by):
-        p.error(f"--method {a.method} has nothing to grid over or to gate")
     return a, flags[a.method]
 
 
@@ -190,55 +173,13 @@ def main(argv=None):
             write_sidecar(os.path.join(folder, "run.json"), vars(a), model_id=model_id, model=label,
                           prediction_type=model.prediction_type, identity=identity, family=loaded.description(),
                           prompts=len(prompts))  # the count `score` checks the manifest against
-        run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard)
+        run_folder(ctx, loaded.decode, prompts, a.method, st, setting, folder, log, shard, flags=flags, scores=scores,
+                   gen_seed=a.gen_seed, prompt_batch=a.miti_prompt_batch, save_latents=a.save_latents)
         records = D.merged_records(log, len(prompts), shard)
         if shard.main and len(log.paths()) > 1:  # several processes' logs: one manifest, as one process writes
             write_run_log(os.path.join(folder, "manifest.jsonl"), identity, records)
         log.close()
     D.finish(shard)
-
-
-def run_folder(ctx, loaded, prompts, a, st, setting, folder, log, flags, scores, shard):
-    """Generate every prompt of one setting not yet in its manifest (this process's share of them); each record
-    is flushed when done."""
-    todo = [i for i in range(len(prompts)) if i not in log.done]
-    if log.done and shard.main:
-        print(f"{folder}: resuming, {len(log.done)} of {len(prompts)} prompts already done")
-    unreached = 0
-    mine = [i for batch in D.my_batches(todo, 1, shard) for i in batch]
-    if a.miti_prompt_batch > 1:  # the flagged prompts' searches, K at a time
-        ctx = MI.METHODS[a.method].batch(ctx, st, prompts, [i for i in mine if flags is None or flags[i]],
-                                         a.miti_prompt_batch)
-    for i in tqdm(mine, desc=f"{a.method} {setting}".strip(), unit="prompt", disable=not mine):
-        mitigate = flags is None or flags[i]
-        t0 = time.time()
-        plan = (MI.METHODS[a.method].plan if mitigate else MI.plan_none)(ctx, i, prompts[i], st)
-        t1 = time.time()
-        latents = MI.run_plan(ctx, plan)
-        if not bool(latents.isfinite().all()):  # overflow: never saved as black images with exit 0
-            raise UserError(f"prompt {i}: --method {a.method} {setting or '(defaults)'} produced non-finite latents "
-                            "(a guidance or step size too large for this model?); nothing was saved for it")
-        images = loaded.decode(latents)
-        names = [safe_filename(i, prompts[i], suffix=f"_{k}.png") for k in range(len(images))]
-        for name, img in zip(names, images):
-            atomic_save_image(os.path.join(folder, name), img)
-        if a.save_latents:
-            atomic_torch_save(os.path.join(folder, "latents", f"{i:05d}.pt"), plan.latents.detach().float().cpu())
-        rec = dict(index=i, prompt=prompts[i], images=names, method=a.method if mitigate else "none",
-                   mitigated=mitigate, prompts_used=plan.prompts, seeds=[a.gen_seed], search_unet_calls=0,
-                   search_backward_calls=0)
-        # batched SAIL: the batch's seconds shared equally, so that the mean per prompt stays the cost per prompt
-        search = (plan.record["batch_search_seconds"] / plan.record["batch_prompts"] if "batch_prompts" in plan.record
-                  else t1 - t0)
-        rec.update(plan.record, search_seconds=search, generate_seconds=time.time() - t1)
-        if scores is not None:
-            rec["detection_score"] = float(scores[i])
-        if rec.get("reached_threshold") is False or rec.get("reached_target") is False:
-            unreached += 1
-        log.add(rec)
-    if shard.main:
-        print(f"{len(prompts)} prompt(s) done in {folder}" + (
-            f"; {unreached} did not reach the method's threshold / target (see manifest.jsonl)" if unreached else ""))
 
 
 if __name__ == "__main__":

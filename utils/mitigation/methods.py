@@ -106,6 +106,31 @@ def sampling(method, family, sampler=None, author=False, guidance_scale=7.5):
     return sampler, w, (None if (sampler, w) == (DEFAULT_SAMPLER, guidance_scale) else got.get("source"))
 
 
+def flag_problem(method, *, flagged_by=None, flag_threshold=None, flag_fpr=None, flag_nmem=None, prompt_batch=1,
+                 grid=None, sampler=None, author_settings=False, guidance_scale=None):
+    """The first problem of a mitigate_mem.py flag combination for `method` (a message for the parser's error), or
+    None: the gate's flags together, SAIL's prompt batch, the sampler and guidance against --author_settings."""
+    gate = (flag_threshold is not None, flag_fpr is not None)
+    m = METHODS[method]
+    checks = [
+        (flagged_by and gate.count(True) != 1,
+         "--flagged_by needs exactly one of --flag_threshold and --flag_fpr (with --flag_nmem)"),
+        (not flagged_by and (any(gate) or flag_nmem), "--flag_threshold / --flag_fpr / --flag_nmem need --flagged_by"),
+        (flag_fpr is not None and not flag_nmem,
+         "--flag_fpr needs --flag_nmem (detection scores of non-memorized prompts)"),
+        (prompt_batch > 1 and m.batch is None, f"--miti_prompt_batch batches SAIL's search; --method {method} has none"),
+        (author_settings and sampler, "--author_settings chooses the sampler; give one of --sampler and "
+                                      "--author_settings"),
+        (method == "cfg_delay" and guidance_scale is not None,
+         "--guidance_scale: cfg_delay's guidance is --cfg_w_pre / --cfg_w_post"),
+        (author_settings and guidance_scale is not None,
+         "--author_settings chooses the guidance scale; give one of --guidance_scale and --author_settings"),
+        (author_settings and m.author is None,
+         f"--author_settings: {method} has none (its authors' code samples as the harness: DDIM, guidance 7.5)"),
+        (m.grid_field is None and (grid or flagged_by), f"--method {method} has nothing to grid over or to gate")]
+    return next((msg for bad, msg in checks if bad), None)
+
+
 def sampling_identity(sampler, guidance_scale, author_source=None):
     """What a run's sampling adds to its identity: nothing for the harness's DDIM (so that runs from before the
     option resume and stay bit-identical), else {'sampler': name}; the authors' settings' source when used."""
