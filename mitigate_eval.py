@@ -3,13 +3,15 @@
     python mitigate_eval.py fetch --jsonl prompts/sd1_mem.jsonl --out training_images/sd1
     python mitigate_eval.py score --images miti_outputs/sd1/mem --gt training_images/sd1 [--compare OTHER.json]
     python mitigate_eval.py plot miti_outputs/sd1 --similarity sscd --out figures/sd1_fig6
+    python mitigate_eval.py labels miti_outputs/sd1/mem_nomiti --source prompts/memorized_laion_prompts.csv --out L
 
 score: per prompt, the similarity of each generated image to the prompt's training image(s) (max over them),
 averaged over its images, the CLIP score (image vs the original prompt) and the share of nearly blank images.
 Prompts are matched to training images by caption text. SSCD weights are fetched on first use into torch hub's
 cache (checked by SHA-256; --sscd PATH offline). Writes <out>.json (summary, per-prompt rows, arguments, versions)
 and <out>.csv. plot: one point per scored generation folder (method x setting): PREFIX.png and PREFIX.csv, and
-with --grid_prompts a per-prompt image grid PREFIX_grid.png.
+with --grid_prompts a per-prompt image grid PREFIX_grid.png. labels: from the score of a no-mitigation run, each
+memorized prompt's copy status beside its published label (utils/evaluation/label_report.py): L.csv, L.json, L.md.
 """
 import glob
 import os
@@ -20,6 +22,7 @@ from utils import distributed as D
 from utils.evaluation import scoring as E
 from utils.evaluation import fetch as F
 from utils.evaluation import fetch_manifest as FM
+from utils.evaluation import label_report as LR
 from utils.evaluation import similarity as S
 from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint,
     guarded, nonneg_int, nonneg_seconds, seconds, warn)
@@ -29,7 +32,7 @@ from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_cache_path, s
 from utils.mitigation import methods
 from utils.models.families import FAMILIES
 from utils.models.loading import resolve_device
-from utils.prompts import read_jsonl
+from utils.prompts import read_jsonl, read_text
 
 
 
@@ -97,6 +100,16 @@ def parse_args(argv=None):
     g.add_argument("--gt", default=None, help="training-image folder: the grid's first column")
     g.add_argument("--allow_mixed", action="store_true",
                    help="plot runs of different models, seeds, n, steps or prompt lists in one figure on purpose")
+    lab = sub.add_parser("labels", help="label report: which memorized prompts copy, beside their published labels")
+    lab.add_argument("result", help="score result of a --method none run of the memorized prompts, or its folder")
+    lab.add_argument("--similarity", default=None, choices=["sscd", "pixel"], help="in a folder, eval_<this>.json")
+    lab.add_argument("--source", default=None, metavar="FILE",
+                     help="published labels: prompts/sd2_mem.jsonl (overfit_type) or prompts/"
+                          "memorized_laion_prompts.csv (NeMo's VM/TM, SD v1.4); fetched by name, SHA-256 checked")
+    lab.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark files (offline machines)")
+    lab.add_argument("--copy_threshold", type=bounded_float(-1, 1), default=LR.COPY_THRESHOLD,
+                     help="copies: the largest similarity over a prompt's images exceeds this")
+    lab.add_argument("--out", required=True, help="path prefix: PREFIX.csv (detect_eval.py --labels), .json, .md")
     return p.parse_args(argv)
 
 
@@ -140,7 +153,8 @@ def run_score(a):
     if running:  # its manifest is the live progress log: scoring it now would score part of the run
         raise UserError(f"the generation of {manifest} is still running (pid {running[0]}); score it once it ends")
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
-    check_score_outputs(a, manifest, out)
+    E.check_score_outputs(out, manifest, a.gt, a.compare, a.sscd if a.similarity == "sscd" else None,
+                          a.clip_pretrained)
     if a.similarity == "sscd" and not a.sscd:  # the weights' cache, checked before any process starts work
         with flag_hint("or pass --sscd PATH"):
             sscd_cache_path(a.sscd_url)
@@ -190,19 +204,7 @@ def run_score(a):
 
 
 def run_plot(a):
-    paths = []
-    for r in a.results:
-        if os.path.isdir(r):
-            pattern = f"eval_{a.similarity}.json" if a.similarity else None
-            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(r) for f in fs
-                           if (f == pattern if pattern else f.startswith("eval_") and f.endswith(".json")))
-            if not found:
-                raise UserError(f"no score results ({pattern or 'eval_*.json'}) under {r}; run `score` first")
-            paths += found
-        elif os.path.isfile(r):
-            paths.append(r)
-        else:
-            raise UserError(f"{r} is neither a score result nor a folder")
+    paths = E.result_paths(a.results, a.similarity)
     outs = {"--out (figure)": a.out + ".png", "--out (numbers)": a.out + ".csv",
             "--out (image grid)": a.out + "_grid.png" if a.grid_prompts else None}
     # never replace a result read here, nor anything in its folder (generated images, score CSV, manifest) or in
@@ -240,16 +242,16 @@ def run_plot(a):
         print(f"image grid: {a.out}_grid.png")
 
 
-def check_score_outputs(a, manifest, out):
-    """Refuse results that would replace an input: --out must be a .json name (never a generated image or the
-    manifest) and, like the CSV beside it, no input file nor anything inside the training-image folder."""
-    if not out.lower().endswith(".json"):
-        raise UserError(f"--out {out} must be a file name ending in .json (the CSV is written beside it)")
-    inputs = {"--manifest": manifest, "--gt": a.gt, "--compare": a.compare,
-              "--sscd": a.sscd if a.similarity == "sscd" else None,
-              "--clip_pretrained": a.clip_pretrained if a.clip_pretrained and os.path.isfile(a.clip_pretrained)
-              else None}
-    check_outputs({"--out": out, "--out's CSV": os.path.splitext(out)[0] + ".csv"}, inputs)
+def run_labels(a):
+    paths = E.result_paths([a.result], a.similarity)
+    if len(paths) != 1:
+        raise UserError(f"{a.result} holds {len(paths)} score results; choose one with --similarity or its path")
+    outs = {f"--out ({x})": a.out + x for x in (".csv", ".json", ".md")}
+    check_outputs(outs, {"the score result": paths[0], "--source": a.source})
+    source_text = read_text(a.source, a.prompt_mirror) if a.source else None
+    s = LR.make_report(paths[0], a.out, vars(a), methods.describe_run, a.copy_threshold, a.source, source_text)
+    print(", ".join(f"{k} {v}" for k, v in s["status"].items()) + f" of {s['n_prompts']} prompts")
+    print(f"labels: {a.out}.csv (detect_eval.py --labels), summary: {a.out}.json, {a.out}.md")
 
 
 @guarded(memory_hint="use a smaller --batch_size")
@@ -259,6 +261,8 @@ def main(argv=None):
         run_fetch(a)
     elif a.cmd == "plot":
         run_plot(a)
+    elif a.cmd == "labels":
+        run_labels(a)
     else:
         if not os.path.isdir(a.images):
             raise UserError(f"--images {a.images} is not a folder")

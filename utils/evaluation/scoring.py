@@ -205,6 +205,36 @@ def write_score_result(path, arguments, result):
     atomic_write_text(os.path.splitext(path)[0] + ".csv", rows_csv(result["per_prompt"]))
 
 
+def check_score_outputs(out, manifest, gt, compare=None, sscd=None, clip_pretrained=None):
+    """Refuse results that would replace an input: out must be a .json name (never a generated image or the
+    manifest) and, like the CSV beside it, no input file nor anything inside the training-image folder gt."""
+    if not out.lower().endswith(".json"):
+        raise UserError(f"--out {out} must be a file name ending in .json (the CSV is written beside it)")
+    from ..io import check_outputs
+    inputs = {"--manifest": manifest, "--gt": gt, "--compare": compare, "--sscd": sscd,
+              "--clip_pretrained": clip_pretrained if clip_pretrained and os.path.isfile(clip_pretrained) else None}
+    check_outputs({"--out": out, "--out's CSV": os.path.splitext(out)[0] + ".csv"}, inputs)
+
+
+def result_paths(items, similarity=None):
+    """Score-result paths from files and folders (a folder: every eval_<similarity>.json under it, or every
+    eval_*.json when similarity is None), in the order given, folders sorted. UserError for anything else."""
+    paths = []
+    for r in items:
+        if os.path.isdir(r):
+            pattern = f"eval_{similarity}.json" if similarity else None
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(r) for f in fs
+                           if (f == pattern if pattern else f.startswith("eval_") and f.endswith(".json")))
+            if not found:
+                raise UserError(f"no score results ({pattern or 'eval_*.json'}) under {r}; run `score` first")
+            paths += found
+        elif os.path.isfile(r):
+            paths.append(r)
+        else:
+            raise UserError(f"{r} is neither a score result nor a folder")
+    return paths
+
+
 def load_result(path):
     """A results JSON written by `mitigate_eval.py score` (write_score_result); anything else is a UserError."""
     if not os.path.lexists(path):
