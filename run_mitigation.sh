@@ -42,9 +42,9 @@ case "${1:-}" in
   *) echo "error: unknown mode '$1' (use demo, or nothing for Stable Diffusion)" >&2; exit 2 ;;
 esac
 case "$SD_VER" in
-  1) DATA=prompts/sd1_mem.txt; JSONL=prompts/sd1_mem.jsonl; KEYWORDS="" ;;
-  2) DATA=prompts/sd2_mem.txt; JSONL=prompts/sd2_mem.jsonl; KEYWORDS="--shared_gt_keywords paper" ;;
-  demo) DATA=prompts/demo_mem.txt; JSONL=prompts/demo_mem.jsonl; KEYWORDS="" ;;
+  1) DATA=prompts/sd1_mem.txt; JSONL=prompts/sd1_mem.jsonl; KEYWORDS=""; LABELS=prompts/memorized_laion_prompts.csv ;;
+  2) DATA=prompts/sd2_mem.txt; JSONL=prompts/sd2_mem.jsonl; KEYWORDS="--shared_gt_keywords paper"; LABELS=$JSONL ;;
+  demo) DATA=prompts/demo_mem.txt; JSONL=prompts/demo_mem.jsonl; KEYWORDS=""; LABELS="" ;;
   *) echo "error: SD_VER must be 1, 2 or demo" >&2; exit 2 ;;
 esac
 FIGURE=${FIGURE:-$OUT_DIR/sd${SD_VER}_fig6}
@@ -113,3 +113,11 @@ y=clip
 [ "$CLIP_MODEL" = none ] && y=not_blank
 $PYTHON mitigate_eval.py plot "${dirs[@]}" --similarity "$SIMILARITY" --y "$y" --out "$FIGURE" \
   --grid_prompts "$GRID_PROMPTS" --gt "$TRAIN_DIR/sd$SD_VER"
+
+# 4. the label report: which memorized prompts copy, beside their published labels (docs/evaluation.md)
+if [ "$PROMPT_TYPE" = mem ]; then
+  label_src=()
+  [ -n "$LABELS" ] && label_src=(--source "$LABELS")
+  $PYTHON mitigate_eval.py labels "$OUT_DIR/sd$SD_VER/mem_nomiti" --similarity "$SIMILARITY" "${label_src[@]}" \
+    --out "$OUT_DIR/sd${SD_VER}_labels"
+fi
