@@ -23,6 +23,7 @@ from utils.evaluation import scoring as E
 from utils.evaluation import fetch as F
 from utils.evaluation import fetch_manifest as FM
 from utils.evaluation import label_report as LR
+from utils.evaluation import side_effects as SE
 from utils.evaluation import similarity as S
 from utils.cli import (ArgumentParser, UserError, bounded_float, bounded_int, device_name, finite_float, flag_hint,
     guarded, nonneg_int, nonneg_seconds, seconds, warn)
@@ -85,6 +86,9 @@ def parse_args(argv=None):
                    help="results JSON, a name ending in .json (default: <images>/eval_<similarity>.json); the "
                         "per-prompt CSV goes beside it")
     s.add_argument("--compare", default=None, help="another results JSON to print side by side (e.g. baseline)")
+    s.add_argument("--reference", default=None, metavar="NONE_FOLDER",
+                   help="a --method none run of the same prompts: also each image's similarity to its unmitigated "
+                        "twin (same noise) and the paired CLIP change (side effects, docs/mitigation.md)")
     g = sub.add_parser("plot", help="Figure 6: copy similarity vs CLIP score, one point per method and setting")
     g.add_argument("results", nargs="+", help="score result JSONs, or folders searched for them (eval_*.json)")
     g.add_argument("--out", required=True, help="path prefix: writes PREFIX.png and PREFIX.csv")
@@ -98,6 +102,9 @@ def parse_args(argv=None):
     g.add_argument("--grid_pick", nargs="*", default=[], metavar="METHOD=SETTING",
                    help="setting shown per method in the grid (label or folder tag, e.g. sail=thres0.6)")
     g.add_argument("--gt", default=None, help="training-image folder: the grid's first column")
+    g.add_argument("--side", nargs="+", default=None, metavar="RESULT",
+                   help="score results (or folders) of the non-memorized prompts scored with --reference: a second "
+                        "panel, x = similarity to the unmitigated image, y = CLIP change; PREFIX_side.csv")
     g.add_argument("--allow_mixed", action="store_true",
                    help="plot runs of different models, seeds, n, steps or prompt lists in one figure on purpose")
     lab = sub.add_parser("labels", help="label report: which memorized prompts copy, beside their published labels")
@@ -182,8 +189,10 @@ def run_score(a):
         with flag_hint("--clip_pretrained FILE takes a checkpoint; --clip_model none skips CLIP"):
             clip = load_clip(a.clip_model, pretrained, device)
     keywords = E.expand_keywords(a.shared_gt_keywords)
+    reference = SE.Reference(a.reference) if a.reference else None
     result = E.evaluate(manifest, a.images, a.gt, embed, clip, keywords=keywords, thresholds=a.thresholds,
-                        device=device, batch_size=a.batch_size, match_all=a.gt_match == "all", shard=shard)
+                        device=device, batch_size=a.batch_size, match_all=a.gt_match == "all", shard=shard,
+                        reference=reference)
     D.finish(shard)
     if not shard.main:  # the main process writes and reports what all of them scored
         return
@@ -205,12 +214,14 @@ def run_score(a):
 
 def run_plot(a):
     paths = E.result_paths(a.results, a.similarity)
+    side_paths = E.result_paths(a.side, a.similarity) if a.side else []
     outs = {"--out (figure)": a.out + ".png", "--out (numbers)": a.out + ".csv",
-            "--out (image grid)": a.out + "_grid.png" if a.grid_prompts else None}
+            "--out (image grid)": a.out + "_grid.png" if a.grid_prompts else None,
+            "--out (side effects)": a.out + "_side.csv" if a.side else None}
     # never replace a result read here, nor anything in its folder (generated images, score CSV, manifest) or in
     # the training-image folder
-    check_outputs(outs, [("a result", p) for p in paths] + [("a result's folder", os.path.dirname(os.path.abspath(p)))
-                                                            for p in paths] + [("--gt", a.gt)])
+    check_outputs(outs, [("a result", p) for p in paths + side_paths] + [
+        ("a result's folder", os.path.dirname(os.path.abspath(p))) for p in paths + side_paths] + [("--gt", a.gt)])
     results = [E.load_result(p) for p in paths]
     names = {r["similarity"]["name"] for r in results}
     if len(names) > 1:
@@ -230,9 +241,18 @@ def run_plot(a):
         raise UserError(f"{bad} has no CLIP score: score with --clip_model (or plot --y not_blank)")
     clip = next((r["clip"] for r in results if r.get("clip")), None) or {}
     ylabel = (f"mean CLIP score ({clip.get('model')})" if y == "mean_clip" else "share of images not nearly blank")
+    side = None
+    if a.side:
+        side_results = [E.load_result(p) for p in side_paths]
+        mixed = E.mixed_runs(side_results, side_paths)
+        if {r["similarity"]["name"] for r in side_results} != names or (mixed and not a.allow_mixed):
+            raise UserError("the --side results must share the measure of the others and one run (seed, n, ...)")
+        side = E.side_rows(side_results, side_paths, methods)
+        atomic_write_text(a.out + "_side.csv", E.side_csv(side))
+    name = names.pop()
     atomic_write_text(a.out + ".csv", E.figure6_csv(rows, thresholds))
-    atomic_write_bytes(a.out + ".png", E.figure6_plot(rows, f"mean {names.pop()} to the training image", ylabel, y,
-                                                      a.title))
+    atomic_write_bytes(a.out + ".png", E.figure6_plot(rows, f"mean {name} to the training image", ylabel, y,
+                                                      a.title, side, f"mean {name} to the unmitigated image"))
     print(f"{len(rows)} point(s): {a.out}.png, {a.out}.csv")
     if a.grid_prompts:
         picks = dict(p.split("=", 1) for p in a.grid_pick if "=" in p)
