@@ -92,6 +92,7 @@ def test_moved_images_numbers_and_side_panel(runs, capsys):
     with open(runs / "fig_side.csv", newline="") as f:
         rows = {(r["method"], r["gated"]): r for r in csv.DictReader(f)}
     assert float(rows[("none", "False")]["mean_reference_similarity"]) == 1.0
+    assert rows[("none", "False")]["frac_mitigated"] == "0.0"
     assert float(rows[("rna", "False")]["frac_mitigated"]) == pytest.approx(2 / 3)
     assert rows[("rna", "False")]["cost_saved"] == "" and float(rows[("rna", "True")]["cost_saved"]) == 0.0
     assert (runs / "fig.png").stat().st_size > 0

@@ -388,6 +388,8 @@ def side_rows(results, paths, naming):
             raise UserError(f"{path} has no side effects: score it with --reference NONE_FOLDER")
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
         cost, n = run_cost(res, path), res["counts"]["n_prompts"]
+        if method == "none" and cost:
+            cost["n_mitigated"] = 0  # its records carry no `mitigated` flag: none of its prompts is mitigated
         rows.append(dict({k: res["side_effects"].get(k) for k in SIDE_COLUMNS if k in res["side_effects"]},
                          method=method, setting=setting, gated=gated, n_prompts=n, result=path,
                          n_mitigated=cost.get("n_mitigated"), unet_forwards_per_image=cost.get(
@@ -441,7 +443,10 @@ def figure6_plot(rows, xlabel, ylabel, y="mean_clip", title=None, side=None, sid
         fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     else:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
-        _panel(ax2, side, "mean_reference_similarity", "mean_clip_change", dict(_colours(plt, rows, "mean_similarity", y)))
+        # one colour per method in both panels: the memorized panel's first, then methods only the side panel has
+        both = [dict(r, _x=r["mean_similarity"], _y=r[y]) for r in rows]
+        both += [dict(r, _x=r["mean_reference_similarity"], _y=r["mean_clip_change"]) for r in side]
+        _panel(ax2, side, "mean_reference_similarity", "mean_clip_change", dict(_colours(plt, both, "_x", "_y")))
         ax2.axhline(0, color="k", lw=0.5, alpha=0.5)
         ax2.set(xlabel=side_xlabel, ylabel="CLIP change against no mitigation (paired)",
                 title="non-memorized prompts: side effects")
