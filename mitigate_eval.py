@@ -3,13 +3,15 @@
     python mitigate_eval.py fetch --jsonl prompts/sd1_mem.jsonl --out training_images/sd1
     python mitigate_eval.py score --images miti_outputs/sd1/mem --gt training_images/sd1 [--compare OTHER.json]
     python mitigate_eval.py plot miti_outputs/sd1 --similarity sscd --out figures/sd1_fig6
+    python mitigate_eval.py labels miti_outputs/sd1/mem_nomiti --source prompts/memorized_laion_prompts.csv --out L
 
 score: per prompt, the similarity of each generated image to the prompt's training image(s) (max over them),
 averaged over its images, the CLIP score (image vs the original prompt) and the share of nearly blank images.
 Prompts are matched to training images by caption text. SSCD weights are fetched on first use into torch hub's
 cache (checked by SHA-256; --sscd PATH offline). Writes <out>.json (summary, per-prompt rows, arguments, versions)
 and <out>.csv. plot: one point per scored generation folder (method x setting): PREFIX.png and PREFIX.csv, and
-with --grid_prompts a per-prompt image grid PREFIX_grid.png.
+with --grid_prompts a per-prompt image grid PREFIX_grid.png. labels: from the score of a no-mitigation run, each
+memorized prompt's copy status beside its published label (utils/evaluation/label_report.py): L.csv, L.json, L.md.
 """
 import os
 import sys
@@ -19,7 +21,9 @@ from utils import distributed as D
 from utils.evaluation import scoring as E
 from utils.evaluation import fetch as F
 from utils.evaluation import fetch_manifest as FM
+from utils.evaluation import label_report as LR
 from utils.evaluation import matching as M
+from utils.evaluation import side_effects as SE
 from utils.evaluation import similarity as S
 from utils.cli import (CHECK_ONLY_HELP, ArgumentParser, UserError, bounded_float, bounded_int, checked_only,
     device_name, finite_float, flag_hint, guarded, nonneg_int, nonneg_seconds, seconds, warn)
@@ -29,7 +33,7 @@ from utils.models.clip import SSCD_URL, load_clip, load_sscd, sscd_cache_path, s
 from utils.mitigation import methods
 from utils.models.families import FAMILIES
 from utils.models.loading import resolve_device
-from utils.prompts import read_jsonl
+from utils.prompts import read_jsonl, read_text
 
 
 
@@ -82,6 +86,9 @@ def parse_args(argv=None):
                    help="results JSON, a name ending in .json (default: <images>/eval_<similarity>.json); the "
                         "per-prompt CSV goes beside it")
     s.add_argument("--compare", default=None, help="another results JSON to print side by side (e.g. baseline)")
+    s.add_argument("--reference", default=None, metavar="NONE_FOLDER",
+                   help="a --method none run of the same prompts: also each image's similarity to its unmitigated "
+                        "twin (same noise) and the paired CLIP change (side effects, docs/mitigation.md)")
     s.add_argument("--allow_incomplete", action="store_true",
                    help="score a generation that did not finish (a killed run's prompts so far) on purpose")
     s.add_argument("--check_only", action="store_true", help=CHECK_ONLY_HELP)
@@ -98,8 +105,21 @@ def parse_args(argv=None):
     g.add_argument("--grid_pick", nargs="*", default=[], metavar="METHOD=SETTING",
                    help="setting shown per method in the grid (label or folder tag, e.g. sail=thres0.6)")
     g.add_argument("--gt", default=None, help="training-image folder: the grid's first column")
+    g.add_argument("--side", nargs="+", default=None, metavar="RESULT",
+                   help="score results (or folders) of the non-memorized prompts scored with --reference: a second "
+                        "panel, x = similarity to the unmitigated image, y = CLIP change; PREFIX_side.csv")
     g.add_argument("--allow_mixed", action="store_true",
                    help="plot runs of different models, seeds, n, steps or prompt lists in one figure on purpose")
+    lab = sub.add_parser("labels", help="label report: which memorized prompts copy, beside their published labels")
+    lab.add_argument("result", help="score result of a --method none run of the memorized prompts, or its folder")
+    lab.add_argument("--similarity", default=None, choices=["sscd", "pixel"], help="in a folder, eval_<this>.json")
+    lab.add_argument("--source", default=None, metavar="FILE",
+                     help="published labels: prompts/sd2_mem.jsonl (overfit_type) or prompts/"
+                          "memorized_laion_prompts.csv (NeMo's VM/TM, SD v1.4); fetched by name, SHA-256 checked")
+    lab.add_argument("--prompt_mirror", default=None, help="folder with verified benchmark files (offline machines)")
+    lab.add_argument("--copy_threshold", type=bounded_float(-1, 1), default=LR.COPY_THRESHOLD,
+                     help="copies: the largest similarity over a prompt's images exceeds this")
+    lab.add_argument("--out", required=True, help="path prefix: PREFIX.csv (detect_eval.py --labels), .json, .md")
     return p.parse_args(argv)
 
 
@@ -137,7 +157,8 @@ def run_score(a):
     manifest = a.manifest or os.path.join(a.images, "manifest.jsonl")
     M.check_generation_started(manifest)
     out = a.out or os.path.join(a.images, f"eval_{a.similarity}.json")
-    check_score_outputs(a, manifest, out)
+    E.check_score_outputs(out, manifest, a.gt, a.compare, a.sscd if a.similarity == "sscd" else None,
+                          a.clip_pretrained)
     # a run still going, killed midway or otherwise unfinished is refused before any work
     M.check_generation_finished(manifest, *M.read_generation_manifest(manifest), a.allow_incomplete)
     if a.similarity == "sscd" and not a.sscd:  # the weights' cache, checked before any process starts work
@@ -169,8 +190,10 @@ def run_score(a):
         with flag_hint("--clip_pretrained FILE takes a checkpoint; --clip_model none skips CLIP"):
             clip = load_clip(a.clip_model, pretrained, device)
     keywords = E.expand_keywords(a.shared_gt_keywords)
+    reference = SE.Reference(a.reference) if a.reference else None
     result = E.evaluate(manifest, a.images, a.gt, embed, clip, keywords=keywords, thresholds=a.thresholds,
-                        device=device, batch_size=a.batch_size, match_all=a.gt_match == "all", shard=shard)
+                        device=device, batch_size=a.batch_size, match_all=a.gt_match == "all", shard=shard,
+                        reference=reference)
     D.finish(shard)
     if not shard.main:  # the main process writes and reports what all of them scored
         return
@@ -191,25 +214,15 @@ def run_score(a):
 
 
 def run_plot(a):
-    paths = []
-    for r in a.results:
-        if os.path.isdir(r):
-            pattern = f"eval_{a.similarity}.json" if a.similarity else None
-            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(r) for f in fs
-                           if (f == pattern if pattern else f.startswith("eval_") and f.endswith(".json")))
-            if not found:
-                raise UserError(f"no score results ({pattern or 'eval_*.json'}) under {r}; run `score` first")
-            paths += found
-        elif os.path.isfile(r):
-            paths.append(r)
-        else:
-            raise UserError(f"{r} is neither a score result nor a folder")
+    paths = E.result_paths(a.results, a.similarity)
+    side_paths = E.result_paths(a.side, a.similarity) if a.side else []
     outs = {"--out (figure)": a.out + ".png", "--out (numbers)": a.out + ".csv",
-            "--out (image grid)": a.out + "_grid.png" if a.grid_prompts else None}
+            "--out (image grid)": a.out + "_grid.png" if a.grid_prompts else None,
+            "--out (side effects)": a.out + "_side.csv" if a.side else None}
     # never replace a result read here, nor anything in its folder (generated images, score CSV, manifest) or in
     # the training-image folder
-    check_outputs(outs, [("a result", p) for p in paths] + [("a result's folder", os.path.dirname(os.path.abspath(p)))
-                                                            for p in paths] + [("--gt", a.gt)])
+    check_outputs(outs, [("a result", p) for p in paths + side_paths] + [
+        ("a result's folder", os.path.dirname(os.path.abspath(p))) for p in paths + side_paths] + [("--gt", a.gt)])
     results = [E.load_result(p) for p in paths]
     names = {r["similarity"]["name"] for r in results}
     if len(names) > 1:
@@ -229,9 +242,18 @@ def run_plot(a):
         raise UserError(f"{bad} has no CLIP score: score with --clip_model (or plot --y not_blank)")
     clip = next((r["clip"] for r in results if r.get("clip")), None) or {}
     ylabel = (f"mean CLIP score ({clip.get('model')})" if y == "mean_clip" else "share of images not nearly blank")
+    side = None
+    if a.side:
+        side_results = [E.load_result(p) for p in side_paths]
+        mixed = E.mixed_runs(side_results, side_paths)
+        if {r["similarity"]["name"] for r in side_results} != names or (mixed and not a.allow_mixed):
+            raise UserError("the --side results must share the measure of the others and one run (seed, n, ...)")
+        side = E.side_rows(side_results, side_paths, methods)
+        atomic_write_text(a.out + "_side.csv", E.side_csv(side))
+    name = names.pop()
     atomic_write_text(a.out + ".csv", E.figure6_csv(rows, thresholds))
-    atomic_write_bytes(a.out + ".png", E.figure6_plot(rows, f"mean {names.pop()} to the training image", ylabel, y,
-                                                      a.title))
+    atomic_write_bytes(a.out + ".png", E.figure6_plot(rows, f"mean {name} to the training image", ylabel, y,
+                                                      a.title, side, f"mean {name} to the unmitigated image"))
     print(f"{len(rows)} point(s): {a.out}.png, {a.out}.csv")
     if a.grid_prompts:
         picks = dict(p.split("=", 1) for p in a.grid_pick if "=" in p)
@@ -241,16 +263,16 @@ def run_plot(a):
         print(f"image grid: {a.out}_grid.png")
 
 
-def check_score_outputs(a, manifest, out):
-    """Refuse results that would replace an input: --out must be a .json name (never a generated image or the
-    manifest) and, like the CSV beside it, no input file nor anything inside the training-image folder."""
-    if not out.lower().endswith(".json"):
-        raise UserError(f"--out {out} must be a file name ending in .json (the CSV is written beside it)")
-    inputs = {"--manifest": manifest, "--gt": a.gt, "--compare": a.compare,
-              "--sscd": a.sscd if a.similarity == "sscd" else None,
-              "--clip_pretrained": a.clip_pretrained if a.clip_pretrained and os.path.isfile(a.clip_pretrained)
-              else None}
-    check_outputs({"--out": out, "--out's CSV": os.path.splitext(out)[0] + ".csv"}, inputs)
+def run_labels(a):
+    paths = E.result_paths([a.result], a.similarity)
+    if len(paths) != 1:
+        raise UserError(f"{a.result} holds {len(paths)} score results; choose one with --similarity or its path")
+    outs = {f"--out ({x})": a.out + x for x in (".csv", ".json", ".md")}
+    check_outputs(outs, {"the score result": paths[0], "--source": a.source})
+    source_text = read_text(a.source, a.prompt_mirror) if a.source else None
+    s = LR.make_report(paths[0], a.out, vars(a), methods.describe_run, a.copy_threshold, a.source, source_text)
+    print(", ".join(f"{k} {v}" for k, v in s["status"].items()) + f" of {s['n_prompts']} prompts")
+    print(f"labels: {a.out}.csv (detect_eval.py --labels), summary: {a.out}.json, {a.out}.md")
 
 
 @guarded(memory_hint="use a smaller --batch_size")
@@ -260,6 +282,8 @@ def main(argv=None):
         run_fetch(a)
     elif a.cmd == "plot":
         run_plot(a)
+    elif a.cmd == "labels":
+        run_labels(a)
     else:
         if not os.path.isdir(a.images):
             raise UserError(f"--images {a.images} is not a folder")

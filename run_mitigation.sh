@@ -6,6 +6,8 @@
 #                                   into examples/figures/demo_fig6.* (CPU; about 3 h on 2 cores, SAIL most of it)
 # Images: $OUT_DIR/sd<ver>/<prompt_type>_<method>_<setting>/ (none: <prompt_type>_nomiti/), each with
 # manifest.jsonl and, after scoring, eval_<similarity>.json / .csv. Every step resumes when re-run.
+# Side effects (SIDE_EFFECTS=1): every run is repeated on the non-memorized prompts (nmem_*/, same settings and
+# seeds), scored against the unmitigated images of the same noise; the figure's second panel and PREFIX_side.csv.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,6 +19,7 @@ AUTHOR_SETTINGS=${AUTHOR_SETTINGS:-0}   # 1: also each method that has them with
 GEN_NUM=5                # images per prompt (the paper: 5; the reference's script: 4)
 GEN_SEED=42
 PROMPT_TYPE=mem
+SIDE_EFFECTS=${SIDE_EFFECTS:-1}  # 1: also every method on the non-memorized prompts (docs/mitigation.md, side effects)
 MITI_ALPHA=""            # SAIL's weight of ||x_T||; empty = 0.05 (SD v1.4) / 0.01 (SD v2.0)
 MITI_PROMPT_BATCH=1      # SAIL: prompts searched together in each UNet call (same results; raise it on a large GPU)
 OUT_DIR=miti_outputs
@@ -42,9 +45,9 @@ case "${1:-}" in
   *) echo "error: unknown mode '$1' (use demo, or nothing for Stable Diffusion)" >&2; exit 2 ;;
 esac
 case "$SD_VER" in
-  1) DATA=prompts/sd1_mem.txt; JSONL=prompts/sd1_mem.jsonl; KEYWORDS="" ;;
-  2) DATA=prompts/sd2_mem.txt; JSONL=prompts/sd2_mem.jsonl; KEYWORDS="--shared_gt_keywords paper" ;;
-  demo) DATA=prompts/demo_mem.txt; JSONL=prompts/demo_mem.jsonl; KEYWORDS="" ;;
+  1) DATA=prompts/sd1_mem.txt; NMEM=prompts/sd1_nmem.txt; JSONL=prompts/sd1_mem.jsonl; KEYWORDS=""; LABELS=prompts/memorized_laion_prompts.csv ;;
+  2) DATA=prompts/sd2_mem.txt; NMEM=prompts/sd2_nmem.txt; JSONL=prompts/sd2_mem.jsonl; KEYWORDS="--shared_gt_keywords paper"; LABELS=$JSONL ;;
+  demo) DATA=prompts/demo_mem.txt; NMEM=prompts/demo_nmem.txt; JSONL=prompts/demo_mem.jsonl; KEYWORDS=""; LABELS="" ;;
   *) echo "error: SD_VER must be 1, 2 or demo" >&2; exit 2 ;;
 esac
 FIGURE=${FIGURE:-$OUT_DIR/sd${SD_VER}_fig6}
@@ -73,15 +76,24 @@ sail_args=()
 sail_args+=(--miti_prompt_batch "$MITI_PROMPT_BATCH")   # options of SAIL alone (the other methods refuse them)
 common=(--sd_ver "$SD_VER" --data_path "$DATA" --prompt_type "$PROMPT_TYPE" --gen_num "$GEN_NUM"
         --gen_seed "$GEN_SEED" --out_dir "$OUT_DIR")
+SETS=("${common[@]}")   # each run: the memorized prompts, then (side effects) the same run on the non-memorized ones
+[ "$SIDE_EFFECTS" = 1 ] && SETS+=(";" --sd_ver "$SD_VER" --data_path "$NMEM" --prompt_type nmem --gen_num "$GEN_NUM"
+                                  --gen_seed "$GEN_SEED" --out_dir "$OUT_DIR")
+each() {  # each CMD...: run CMD once per prompt set of SETS (its flags appended after CMD's own)
+  local set=() a
+  for a in "${SETS[@]}" ";"; do
+    if [ "$a" = ";" ]; then "$@" "${set[@]}"; set=(); else set+=("$a"); fi
+  done
+}
 
 # 1. generation: no mitigation, then each method's grid (SAIL, the slowest, beside the others on the demo)
-launch mitigate_mem.py "${common[@]}" --method none $EXTRA_ARGS
+each launch mitigate_mem.py --method none $EXTRA_ARGS
 if [ -z "$NEMO_STATS" ]; then NEMO_STATS=prompts/sd${SD_VER}_nmem.txt; [ "$SD_VER" = demo ] && NEMO_STATS=prompts/demo_nmem.txt; fi
 own() { [ "$1" = nemo ] && echo "--nemo_stats_prompts $NEMO_STATS"; true; }   # a method's extra flags
-others() { for m in $METHODS; do [ "$m" = sail ] || launch mitigate_mem.py "${common[@]}" --method "$m" --grid $(own "$m") $EXTRA_ARGS; done
+others() { for m in $METHODS; do [ "$m" = sail ] || each launch mitigate_mem.py --method "$m" --grid $(own "$m") $EXTRA_ARGS; done
   # (docs/mitigation.md: cfg_delay DPM-Solver; ren Euler on SD v2.0; han guidance 7, Euler on SD v2.0)
   if [ "$AUTHOR_SETTINGS" = 1 ]; then for m in $METHODS; do case "$m" in cfg_delay|ren|han_batch|han_sample)
-    launch mitigate_mem.py "${common[@]}" --method "$m" --grid --author_settings $EXTRA_ARGS ;; esac; done; fi; }
+    each launch mitigate_mem.py --method "$m" --grid --author_settings $EXTRA_ARGS ;; esac; done; fi; }
 together() {  # together F G: run shell commands F and G at once; the first to fail stops the other, and the
               # script ends with its exit code (2 for bad input) (as in run_detection.sh)
   "$1" & local a=$!
@@ -97,10 +109,10 @@ together() {  # together F G: run shell commands F and G at once; the first to f
 }
 if [[ " $METHODS " == *" sail "* ]]; then
   if [ "$SD_VER" = demo ]; then
-    sail() { TQDM_DISABLE=1 $PYTHON mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS; }
+    sail() { TQDM_DISABLE=1 each $PYTHON mitigate_mem.py --method sail --grid "${sail_args[@]}" $EXTRA_ARGS; }
     together sail others
   else
-    launch mitigate_mem.py "${common[@]}" --method sail --grid "${sail_args[@]}" $EXTRA_ARGS
+    each launch mitigate_mem.py --method sail --grid "${sail_args[@]}" $EXTRA_ARGS
     others
   fi
 else
@@ -124,7 +136,27 @@ for dir in "$OUT_DIR/sd$SD_VER/${PROMPT_TYPE}"_*/; do
   launch mitigate_eval.py score --images "$dir" --gt "$TRAIN_DIR/sd$SD_VER" --similarity "$SIMILARITY" \
     "${sscd_arg[@]}" "${clip_arg[@]}" $KEYWORDS
 done
+side=()   # the non-memorized runs (gated ones too: gating's share mitigated and cost saved), against nmem_nomiti
+if [ "$SIDE_EFFECTS" = 1 ] && [ "$PROMPT_TYPE" != nmem ]; then
+  side=(--side)
+  for dir in "$OUT_DIR/sd$SD_VER/nmem"_*/; do
+    [ -f "$dir/manifest.jsonl" ] || continue
+    dir=${dir%/}
+    side+=("$dir")
+    [ "$dir/eval_$SIMILARITY.json" -nt "$dir/manifest.jsonl" ] && continue
+    launch mitigate_eval.py score --images "$dir" --gt "$TRAIN_DIR/sd$SD_VER" --similarity "$SIMILARITY" \
+      "${sscd_arg[@]}" "${clip_arg[@]}" --gt_match all --reference "$OUT_DIR/sd$SD_VER/nmem_nomiti"
+  done
+fi
 y=clip
 [ "$CLIP_MODEL" = none ] && y=not_blank
 $PYTHON mitigate_eval.py plot "${dirs[@]}" --similarity "$SIMILARITY" --y "$y" --out "$FIGURE" \
-  --grid_prompts "$GRID_PROMPTS" --gt "$TRAIN_DIR/sd$SD_VER"
+  --grid_prompts "$GRID_PROMPTS" --gt "$TRAIN_DIR/sd$SD_VER" "${side[@]}"
+
+# 4. the label report: which memorized prompts copy, beside their published labels (docs/evaluation.md)
+if [ "$PROMPT_TYPE" = mem ]; then
+  label_src=()
+  [ -n "$LABELS" ] && label_src=(--source "$LABELS")
+  $PYTHON mitigate_eval.py labels "$OUT_DIR/sd$SD_VER/mem_nomiti" --similarity "$SIMILARITY" "${label_src[@]}" \
+    --out "$OUT_DIR/sd${SD_VER}_labels"
+fi

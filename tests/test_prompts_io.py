@@ -1,5 +1,6 @@
 """Prompt files (fetch by name with hash checks, reading rules) and result-file helpers."""
 import hashlib
+import io
 import json
 import os
 
@@ -7,11 +8,13 @@ import pytest
 
 from utils.cli import UserError
 from utils.io import ProgressLog, atomic_write_json, safe_filename
-from utils.prompts import KNOWN_FILES, ensure_prompt_file, read_prompts, truncated_prompts
+from utils.prompts import KNOWN_FILES, SOURCES, ensure_prompt_file, read_prompts, truncated_prompts
 
 
 def test_every_benchmark_file_comes_from_the_mirror_hash_checked(prompt_mirror, tmp_path):
     for name, digest in KNOWN_FILES.items():
+        if name in SOURCES and not os.path.isfile(os.path.join(prompt_mirror, name)):
+            continue  # another release than the paper's (the label sources): the mirror may not carry it
         path = ensure_prompt_file(tmp_path / name, mirror=prompt_mirror)
         with open(path, "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest
@@ -37,6 +40,28 @@ def test_missing_unknown_file_and_offline_fetch_fail_clearly(tmp_path, monkeypat
     monkeypatch.setattr("utils.prompts.UPSTREAM", "http://127.0.0.1:9/")
     with pytest.raises(UserError, match="prompt_mirror"):
         ensure_prompt_file(tmp_path / "sd1_nmem.txt", timeout=2)
+
+
+def test_label_source_is_fetched_from_its_own_pinned_release_hash_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEMSHARP_PROMPT_MIRROR", raising=False)
+    seen = []
+
+    class Reply(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fake_urlopen(url, timeout):
+        seen.append(url)
+        return Reply(b"Caption;type\nnot NeMo's file;VM\n")
+    monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
+    with pytest.raises(UserError, match="SHA-256"):
+        ensure_prompt_file(tmp_path / "memorized_laion_prompts.csv")
+    assert seen == [SOURCES["memorized_laion_prompts.csv"] + "memorized_laion_prompts.csv"]
+    assert "/f952eded64fca0bcf42e0bb3be9a01d64653cfdb/" in seen[0]  # a commit, not a branch: the hash stays valid
+    assert not (tmp_path / "memorized_laion_prompts.csv").exists()
 
 
 def test_reading_rules_bom_crlf_blank_lines_and_verbatim_text(tmp_path, capsys):

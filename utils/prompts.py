@@ -16,7 +16,12 @@ KNOWN_FILES = {
     "sd1_mem.jsonl": "b882b7d82b3fb603769beced712c327e47f7899dfa7c483e0183ec133c221580",
     "sd2_mem.jsonl": "fc2f6553f676e8fb94bf5b2eddfef80915131aeca23fa44e49c54edd6968ca74",
     "sample_mitigation.txt": "617387b617cab8f07397b89b1105794d1d4d09655d993ba9a8ddd89c7d183728",
+    # SD v1.4's verbatim (VM) / template (TM) labels of the same 500 captions: NeMo's release (Hintersdorf et al.)
+    "memorized_laion_prompts.csv": "0b527a5965dc463e7a3e0d234ff7fd5489b1a76869c456dbb209dc753cb4af25",
 }
+# Files that come from elsewhere than UPSTREAM (pinned to a commit, so the hash stays valid).
+SOURCES = {"memorized_laion_prompts.csv": "https://raw.githubusercontent.com/ml-research/"
+           "localizing_memorization_in_diffusion_models/f952eded64fca0bcf42e0bb3be9a01d64653cfdb/prompts/"}
 MIRROR_ENV = "MEMSHARP_PROMPT_MIRROR"  # a folder holding verified copies, for machines without internet
 CLIP_MAX_TOKENS = 77
 
@@ -52,7 +57,7 @@ def ensure_prompt_file(path, mirror=None, timeout=30):
         else:
             warn(f"mirror {mirror} has no {name}; trying the network")
     if data is None:
-        url = UPSTREAM + name
+        url = SOURCES.get(name, UPSTREAM) + name
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:
                 data, source = r.read(), url

@@ -3,7 +3,8 @@
 A labels file is a CSV with a header and one row per memorized prompt, in the prompt file's order: `prompt` (the
 caption, verbatim), `status` (copies / does not copy / no training image: whether its generations copy a training
 image) and `source_label` (the published memorization type: SD v2.0's overfit_type MV/RV/TV, Webster's matching,
-retrieval and template verbatim; or verbatim / template). A subset needs only its own column.
+retrieval and template verbatim; NeMo's VM / TM for SD v1.4; or verbatim / template). A subset needs only its own
+column.
 """
 import csv
 
@@ -15,7 +16,9 @@ SUBSETS = ("all", "copies", "verbatim", "template")
 STATUSES = ("copies", "does not copy", "no training image")
 # Webster (2023)'s types as SD v2.0's prompt file names them: matching (MV) and retrieval (RV) verbatim copy one
 # image; template verbatim (TV) copies a layout shared by many images with varying details.
-SOURCE_KINDS = {"mv": "verbatim", "rv": "verbatim", "verbatim": "verbatim", "tv": "template", "template": "template"}
+# NeMo's memorized_laion_prompts.csv (SD v1.4) says VM (verbatim) or TM (template memorization).
+SOURCE_KINDS = {"mv": "verbatim", "rv": "verbatim", "vm": "verbatim", "verbatim": "verbatim", "tv": "template",
+                "tm": "template", "template": "template"}
 _COLUMN = {"copies": "status", "verbatim": "source_label", "template": "source_label"}
 
 

@@ -14,6 +14,7 @@ import torch
 
 from . import matching as M
 from .cost import image_cost
+from . import side_effects as SE
 from . import similarity as S
 from ..cli import UserError, warn
 from .fetch_manifest import MANIFEST_NAME, read_manifest
@@ -61,18 +62,22 @@ def expand_keywords(words):
 
 
 def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thresholds=(0.5, 0.7), device="cpu",
-             batch_size=32, match_all=False, shard=None):
+             batch_size=32, match_all=False, shard=None, reference=None):
     """Score every prompt of a generation manifest. embed: images -> (N, D) unit vectors (pixel_embedder or
     sscd_embedder); clip: (model, preprocess, tokenizer) or None. match_all: judge every prompt against every
     training image (max over all, as a retrieval over the training set) instead of its caption's images.
     shard: a utils.distributed.Shard when several processes share the prompts (each scores its share; every
     process gets all rows back, in manifest order, so the summary is the one a single process computes).
+    reference: a side_effects.Reference (a no-mitigation run of the same prompts): each row then also gets its
+    images' similarity to the unmitigated ones and the CLIP change, and the result a `side_effects` summary.
 
     Returns a dict: summary, counts, per_prompt rows, unmatched_prompts, missing_images, extra_files,
     shared_gt_keywords, generation_header, manifest, gt (the caller adds what describes the measures).
     """
     from tqdm import tqdm
     header, records = M.read_generation_manifest(manifest)
+    if reference is not None:
+        reference.check_run(header)
     gt_recs = M.ground_truth_records(read_manifest(os.path.join(gt_dir, MANIFEST_NAME)), gt_dir)
     matches, unmatched = M.match_captions([r["prompt"] for r in records], [g["caption"] for g in gt_recs])
     if match_all:
@@ -113,6 +118,9 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
                 c = S.clip_scores(*clip, images, [rec["prompt"]] * len(images), device, batch_size).tolist()
                 if _all_finite(c, "CLIP score", rec["index"]):
                     row.update(clip_per_image=c, clip_mean=sum(c) / len(c))
+        if reference is not None:
+            row.update(reference.compare(rec, paths, images, row["clip_per_image"], embed, clip, device,
+                                         batch_size, open_image))
         rows.append((pos, row))
     rows = [row for _, row in sorted((r for part in D.gather(shard, rows) for r in part), key=lambda r: r[0])]
     img_sims = [x for r in rows if r["similarity_mean"] is not None for x in r["similarity_per_image"]]
@@ -125,7 +133,8 @@ def evaluate(manifest, images_dir, gt_dir, embed, clip=None, *, keywords=(), thr
               "n_extra_files": len(extra)}
     summary = S.summarize(img_sims, prompt_sims, prompt_clips, thresholds)
     summary["frac_blank"] = blank_fraction(rows)
-    return {"thresholds": list(thresholds), "summary": summary, "match": "all" if match_all else "caption",
+    side = {} if reference is None else {"side_effects": SE.summarize(rows, reference.manifest)}
+    return {**side, "thresholds": list(thresholds), "summary": summary, "match": "all" if match_all else "caption",
             "counts": counts, "unmatched_prompts": [records[i]["prompt"] for i in unmatched],
             "missing_images": [{"index": i, "file": n, "reason": why} for i, n, why in missing], "extra_files": extra,
             "shared_gt_keywords": list(keywords), "generation_header": header,
@@ -196,6 +205,13 @@ def print_summary(result):
           f"image, of which {c['n_unmatched']} unmatched; {c['n_no_images']} without images), {c['n_images']} images")
     for label, v in metric_lines(result)[:-1]:
         print(f"  {label:<38} {_fmt(v)}")
+    side = result.get("side_effects")
+    if side:
+        print(f"  against no mitigation ({side['n_prompts_paired']} prompts paired, same noise):")
+        print(f"  {'similarity to the unmitigated image':<38} {_fmt(side['mean_reference_similarity'])} ± "
+              f"{_fmt(side['se_reference_similarity'])}")
+        print(f"  {'CLIP change':<38} {_fmt(side['mean_clip_change'], sign=True)} ± {_fmt(side['se_clip_change'])}")
+        print(f"  {'pixel-identical images':<38} {_fmt(side['frac_identical_images'])}")
 
 
 def write_score_result(path, arguments, result):
@@ -203,6 +219,36 @@ def write_score_result(path, arguments, result):
     `path` with the run's arguments and versions, and its per-prompt rows as CSV beside it (read: load_result)."""
     write_sidecar(path, arguments, **result)
     atomic_write_text(os.path.splitext(path)[0] + ".csv", rows_csv(result["per_prompt"]))
+
+
+def check_score_outputs(out, manifest, gt, compare=None, sscd=None, clip_pretrained=None):
+    """Refuse results that would replace an input: out must be a .json name (never a generated image or the
+    manifest) and, like the CSV beside it, no input file nor anything inside the training-image folder gt."""
+    if not out.lower().endswith(".json"):
+        raise UserError(f"--out {out} must be a file name ending in .json (the CSV is written beside it)")
+    from ..io import check_outputs
+    inputs = {"--manifest": manifest, "--gt": gt, "--compare": compare, "--sscd": sscd,
+              "--clip_pretrained": clip_pretrained if clip_pretrained and os.path.isfile(clip_pretrained) else None}
+    check_outputs({"--out": out, "--out's CSV": os.path.splitext(out)[0] + ".csv"}, inputs)
+
+
+def result_paths(items, similarity=None):
+    """Score-result paths from files and folders (a folder: every eval_<similarity>.json under it, or every
+    eval_*.json when similarity is None), in the order given, folders sorted. UserError for anything else."""
+    paths = []
+    for r in items:
+        if os.path.isdir(r):
+            pattern = f"eval_{similarity}.json" if similarity else None
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(r) for f in fs
+                           if (f == pattern if pattern else f.startswith("eval_") and f.endswith(".json")))
+            if not found:
+                raise UserError(f"no score results ({pattern or 'eval_*.json'}) under {r}; run `score` first")
+            paths += found
+        elif os.path.isfile(r):
+            paths.append(r)
+        else:
+            raise UserError(f"{r} is neither a score result nor a folder")
+    return paths
 
 
 def load_result(path):
@@ -324,6 +370,51 @@ def figure6_rows(results, paths, naming):
     return [{k: v for k, v in r.items() if k != "_key"} for r in rows]
 
 
+SIDE_COLUMNS = ["method", "setting", "gated", "mean_reference_similarity", "se_reference_similarity",
+                "mean_clip_change", "se_clip_change", "frac_identical_images", "frac_unchanged_prompts",
+                "n_prompts_paired", "n_prompts", "n_mitigated", "frac_mitigated", "unet_forwards_per_image",
+                "cost_ratio", "cost_saved", "result"]
+
+
+def side_rows(results, paths, naming):
+    """One row per score result of the non-memorized prompts scored with --reference: method, setting, gating,
+    its side_effects summary, the share of prompts the run mitigated and its cost (run_cost), and for a gated run
+    the cost saved against the same method and setting ungated (1 - ratio of their UNet evaluations per image;
+    None without that run). Sorted as figure6_rows. A result without side effects is a UserError."""
+    METHODS, describe_run, setting_sort_key = naming.METHODS, naming.describe_run, naming.setting_sort_key
+    rows = []
+    for res, path in zip(results, paths):
+        if not res.get("side_effects"):
+            raise UserError(f"{path} has no side effects: score it with --reference NONE_FOLDER")
+        method, setting, settings, gated = describe_run(res.get("generation_header") or {})
+        cost, n = run_cost(res, path), res["counts"]["n_prompts"]
+        if method == "none" and cost:
+            cost["n_mitigated"] = 0  # its records carry no `mitigated` flag: none of its prompts is mitigated
+        rows.append(dict({k: res["side_effects"].get(k) for k in SIDE_COLUMNS if k in res["side_effects"]},
+                         method=method, setting=setting, gated=gated, n_prompts=n, result=path,
+                         n_mitigated=cost.get("n_mitigated"), unet_forwards_per_image=cost.get(
+                             "unet_forwards_per_image"), cost_ratio=cost.get("cost_ratio"),
+                         frac_mitigated=None if cost.get("n_mitigated") is None else cost["n_mitigated"] / n,
+                         _key=(list(METHODS).index(method) if method in METHODS else len(METHODS), gated,
+                               setting_sort_key(method, settings))))
+    full = {(r["method"], r["setting"]): r["cost_ratio"] for r in rows if not r["gated"]}
+    for r in rows:
+        base = full.get((r["method"], r["setting"])) if r["gated"] else None
+        r["cost_saved"] = 1 - r["cost_ratio"] / base if base and r["cost_ratio"] is not None else None
+    rows.sort(key=lambda r: r["_key"])
+    return [{k: v for k, v in r.items() if k != "_key"} for r in rows]
+
+
+def side_csv(rows):
+    """The side-effect rows as CSV text (floats written exactly, with repr)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SIDE_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else repr(r[c]) if isinstance(r[c], float) else r[c] for c in SIDE_COLUMNS])
+    return buf.getvalue()
+
+
 def figure6_csv(rows, thresholds):
     """The figure's numbers as CSV text (floats written exactly, with repr)."""
     buf = io.StringIO()
@@ -338,40 +429,72 @@ def figure6_csv(rows, thresholds):
     return buf.getvalue()
 
 
-def figure6_plot(rows, xlabel, ylabel, y="mean_clip", title=None):
+def figure6_plot(rows, xlabel, ylabel, y="mean_clip", title=None, side=None, side_xlabel=None):
     """Figure 6: x = mean copy similarity, y = the chosen measure; one colour per method (gated runs hollow), each
-    point labelled with its setting, the no-mitigation point as a black star. Returns PNG bytes."""
+    point labelled with its setting, the no-mitigation point as a black star. side: side_rows of the
+    non-memorized prompts: a second panel beside it, x = mean similarity to the unmitigated image (side_xlabel),
+    y = mean CLIP change, same colours and marks. Returns PNG bytes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..io import figure_png
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    if side is None:
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    else:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
+        # one colour per method in both panels: the memorized panel's first, then methods only the side panel has
+        both = [dict(r, _x=r["mean_similarity"], _y=r[y]) for r in rows]
+        both += [dict(r, _x=r["mean_reference_similarity"], _y=r["mean_clip_change"]) for r in side]
+        _panel(ax2, side, "mean_reference_similarity", "mean_clip_change", dict(_colours(plt, both, "_x", "_y")))
+        ax2.axhline(0, color="k", lw=0.5, alpha=0.5)
+        ax2.set(xlabel=side_xlabel, ylabel="CLIP change against no mitigation (paired)",
+                title="non-memorized prompts: side effects")
+        ax2.grid(alpha=0.3)
+        if ax2.get_legend_handles_labels()[0]:
+            ax2.legend(fontsize=7, loc="best")
+    _panel(ax, rows, "mean_similarity", y, dict(_colours(plt, rows, "mean_similarity", y)))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _colours(plt, rows, x, y):
+    """(method, gated) -> colour, in the order the groups with a point first appear in rows (the memorized
+    panel's order, as that panel always coloured them), so both panels colour a method alike."""
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    seen = {}
+    for r in rows:
+        key = (r["method"], r["gated"])
+        if key not in seen and r["method"] != "none" and r[x] is not None and r[y] is not None:
+            seen[key] = next(cycle)
+    return seen.items()
+
+
+def _panel(ax, rows, x, y, colours):
+    """One scatter panel of figure6_plot: one group per (method, gated), the setting beside each point."""
+    from itertools import count
+    spare = count()
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["gated"]), []).append(r)
     for (method, gated), rs in groups.items():
-        pts = [(r["mean_similarity"], r[y], r["setting"]) for r in rs if r["mean_similarity"] is not None
-               and r[y] is not None]
+        pts = [(r[x], r[y], r["setting"]) for r in rs if r[x] is not None and r[y] is not None]
         if not pts:
             continue
         name = method + (" (gated)" if gated else "")
         if method == "none":
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=180, c="k", label=name, zorder=3)
             continue
-        c = next(colours)
+        c = colours.get((method, gated)) or f"C{next(spare) % 10}"
         if len({p[2].split("=")[0] for p in pts}) == 1 and "," not in pts[0][2]:  # one hyperparameter: a curve
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, lw=0.6, alpha=0.5)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, label=name, zorder=3,
                    facecolors="none" if gated else c, edgecolors=c)
         for xv, yv, lab in pts:
             ax.annotate(lab, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=6, color=c)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return figure_png(fig)
 
 
 def image_grid(results, prompt_indices, naming, picks=None, gt_dir=None):
