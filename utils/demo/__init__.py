@@ -24,13 +24,17 @@ DEMO = register(dataclasses.replace(
 
 # The flow demo (train_demo_flow.py, docs/demo.md "The flow demo"): the SD3 profile on its own folder, so that its
 # results are labelled as the demo's and it can carry demo-calibrated values of its own.
-# No paper publishes a value for a flow model. Rule (docs/flow.md): the flow demo is the UNet demo's twin (same
-# data, same 4 x 8 x 8 latent), so it takes the values the demo takes: Asthana & Belagiannis's SD v1.4 anisotropy
-# weights, which the demo inherits from SD1.
+# No paper publishes a value for a flow model. Rules (docs/flow.md, docs/demo.md "The flow demo"): the flow demo is
+# the UNet demo's twin (same data, same 4 x 8 x 8 latent), so it takes the anisotropy weights the demo takes
+# (Asthana & Belagiannis's SD v1.4 weights, which the demo inherits from SD1) and SAIL's alpha of the demo (0.02,
+# for the same 256-dimensional latent); SAIL's threshold by the demo's calibration rule: the 95th percentile of
+# the proxy p(x_T) of the non-memorized prompts at random noise (2.19 on demo_nmem.txt, seed 42, n = 4) plus
+# alpha * E||x_T|| (0.02 * 16 = 0.32), rounded: 2.5.
 DEMO_FLOW = register(dataclasses.replace(
     SD3, name="demo_flow", title="the bundled flow demo (SD3-shaped, rectified flow, 32 px)",
-    paths=(DEMO_FLOW_MODEL_DIR,), hparams=dict(SD3.hparams, aniso_weights=SD1.hparams["aniso_weights"]),
-    by_rule=("aniso_weights",)))
+    paths=(DEMO_FLOW_MODEL_DIR,), hparams=dict(SD3.hparams, aniso_weights=SD1.hparams["aniso_weights"],
+                                                sail_alpha=0.02, sail_thres=2.5),
+    by_rule=("aniso_weights", "sail_alpha", "sail_thres")))
 
 
 def _tiny(prediction_type="epsilon"):
