@@ -43,7 +43,9 @@ def build_flow_components(seed, demo_dir, tokenizer):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     vae = AutoencoderKL.from_pretrained(os.path.join(demo_dir, "vae"))
-    vae.register_to_config(shift_factor=0.0)
+    # shift_factor: read by SD3's pipeline; the source name is the project's relative path, not this machine's,
+    # so that a rebuild anywhere writes the committed config byte for byte
+    vae.register_to_config(shift_factor=0.0, _name_or_path="demo_model/vae")
     demo_text = CLIPTextModel.from_pretrained(os.path.join(demo_dir, "text_encoder"))
     width = demo_text.config.hidden_size
     torch.manual_seed(seed)
