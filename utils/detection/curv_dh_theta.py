@@ -9,7 +9,7 @@ import torch
 from .base import option, register
 from .curv_dh import CurvDh, CurvDhSettings, hutchinson_diagonal
 from .curv_ds import spatial_mean
-from .curv_ds_theta import companion_of, theta_problems
+from .curv_ds_theta import AgainstCheckpoint, companion_of
 from .maps import MAPS
 
 
@@ -25,20 +25,11 @@ class ThetaDhSettings(CurvDhSettings):
 
 
 @register
-class CurvDhTheta(CurvDh):
+class CurvDhTheta(AgainstCheckpoint, CurvDh):
     name = "curv_dh_theta"
     Settings = ThetaDhSettings
     description = ("spatial mean of ReLU(-sum over channels of diag(d f/d x)), f = -(eps_c(theta) - eps_c(theta~)), "
                    "theta~ an earlier checkpoint, by Hutchinson's estimator (Kim & Lee's Delta h_theta~ map); maps saved")
-
-    def companion(self):
-        return self.settings.curv_theta or None
-
-    def check(self):
-        return super().check() + theta_problems(self.name, self.settings.curv_theta)
-
-    def prepare(self, p):
-        companion_of(p, self.name, self.settings.curv_theta)
 
     def on_step(self, p, s):
         if s.i != self.settings.curv_step:

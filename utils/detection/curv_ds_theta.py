@@ -25,6 +25,20 @@ def companion_of(p, name, model_id):
     return p.companions[model_id]
 
 
+class AgainstCheckpoint:
+    """What both curv_*_theta detectors add to their curv_* base: the second model (settings.curv_theta) named as
+    the pass's companion, checked when the settings are, and required in the pass."""
+
+    def companion(self):
+        return self.settings.curv_theta or None
+
+    def check(self):
+        return super().check() + theta_problems(self.name, self.settings.curv_theta)
+
+    def prepare(self, p):
+        companion_of(p, self.name, self.settings.curv_theta)
+
+
 @dataclasses.dataclass(frozen=True)
 class ThetaSettings(CurvSettings):
     """curv_ds_theta's options: the second model (and curv_step, shared with curv_ds)."""
@@ -37,20 +51,11 @@ class ThetaSettings(CurvSettings):
 
 
 @register
-class CurvDsTheta(CurvDs):
+class CurvDsTheta(AgainstCheckpoint, CurvDs):
     name = "curv_ds_theta"
     Settings = ThetaSettings
     description = ("spatial mean of sum over channels of (s_c(theta) - s_c(theta~))^2 at the target step, theta~ "
                    "an earlier checkpoint (Kim & Lee's Delta s_theta~ map), per generation; maps saved")
-
-    def companion(self):
-        return self.settings.curv_theta or None
-
-    def check(self):
-        return super().check() + theta_problems(self.name, self.settings.curv_theta)
-
-    def prepare(self, p):
-        companion_of(p, self.name, self.settings.curv_theta)
 
     def on_step(self, p, s):
         if s.i != self.settings.curv_step:
