@@ -91,9 +91,11 @@ each launch mitigate_mem.py --method none $EXTRA_ARGS
 if [ -z "$NEMO_STATS" ]; then NEMO_STATS=prompts/sd${SD_VER}_nmem.txt; [ "$SD_VER" = demo ] && NEMO_STATS=prompts/demo_nmem.txt; fi
 own() { [ "$1" = nemo ] && echo "--nemo_stats_prompts $NEMO_STATS"; true; }   # a method's extra flags
 others() { for m in $METHODS; do [ "$m" = sail ] || each launch mitigate_mem.py --method "$m" --grid $(own "$m") $EXTRA_ARGS; done
-  # (docs/mitigation.md: cfg_delay DPM-Solver; ren Euler on SD v2.0; han guidance 7, Euler on SD v2.0)
-  if [ "$AUTHOR_SETTINGS" = 1 ]; then for m in $METHODS; do case "$m" in cfg_delay|ren|han_batch|han_sample)
-    each launch mitigate_mem.py --method "$m" --grid --author_settings $EXTRA_ARGS ;; esac; done; fi; }
+  # the methods that have author settings are read from their plug-ins (docs/mitigation.md: cfg_delay DPM-Solver;
+  # ren Euler on SD v2.0; han_* guidance 7, Euler on SD v2.0; nemo guidance 7)
+  if [ "$AUTHOR_SETTINGS" = 1 ]; then local have; have=" $(authored) "; for m in $METHODS; do case "$have" in *" $m "*)
+    each launch mitigate_mem.py --method "$m" --grid --author_settings $(own "$m") $EXTRA_ARGS ;; esac; done; fi; }
+authored() { $PYTHON -c "from utils.mitigation.methods import METHODS; print(*(k for k, m in METHODS.items() if m.author))"; }
 together() {  # together F G: run shell commands F and G at once; the first to fail stops the other, and the
               # script ends with its exit code (2 for bad input) (as in run_detection.sh)
   "$1" & local a=$!

@@ -87,3 +87,26 @@ def test_author_settings_and_bad_choices(base, tiny_eps_dir, capsys):
     assert not (tmp / "author" / "deis_model").exists()  # refused before anything was written
     # with DDIM the DEIS-saved model still runs (its config builds DDIM)
     assert exit_code(mitigate_mem.main, [*deis_argv, "--no_mitigation"]) == 0
+
+
+def test_run_mitigation_author_settings_runs_every_method_that_has_them(tmp_path):
+    """AUTHOR_SETTINGS=1 bash run_mitigation.sh demo: one --grid --author_settings run per method whose plug-in
+    declares author settings (read from the plug-ins, not a list in the script), NeMo with its statistics prompts.
+    PYTHON is a stand-in that records the script calls and hands `-c` queries to the real interpreter."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    py = tmp_path / "py"
+    py.write_text(f'#!/usr/bin/env bash\ncase "$1" in -c) exec {sys.executable} "$@" ;; esac\n'
+                  f'echo "$*" >> {tmp_path}/calls\nexit 0\n')
+    py.chmod(0o755)
+    p = subprocess.run(["bash", os.path.join(root, "run_mitigation.sh"), "demo"], cwd=tmp_path, timeout=100,
+                       env=dict(os.environ, PYTHON=str(py), AUTHOR_SETTINGS="1", SIDE_EFFECTS="0"),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    authored = [c.split() for c in (tmp_path / "calls").read_text().splitlines() if "--author_settings" in c]
+    methods = [c[c.index("--method") + 1] for c in authored]
+    assert methods == ["cfg_delay", "ren", "han_batch", "han_sample", "nemo"]
+    assert all("--grid" in c for c in authored)
+    assert [c[c.index("--nemo_stats_prompts") + 1] for c in authored if "--nemo_stats_prompts" in c] == \
+        ["prompts/demo_nmem.txt"]
