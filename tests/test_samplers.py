@@ -110,3 +110,24 @@ def test_run_mitigation_author_settings_runs_every_method_that_has_them(tmp_path
     assert all("--grid" in c for c in authored)
     assert [c[c.index("--nemo_stats_prompts") + 1] for c in authored if "--nemo_stats_prompts" in c] == \
         ["prompts/demo_nmem.txt"]
+
+
+def test_figure_draws_each_sampling_variant_as_its_own_curve():
+    """A method's runs under another sampler or guidance (--author_settings) are their own group in Figure 6:
+    their own legend entry in the method's colour, triangles and a dashed curve, beside the harness's solid one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils.evaluation import scoring as E
+    assert MI.run_variant({"sampler": "euler", "guidance_scale": 7.0}) == "euler, w=7"
+    assert MI.run_variant({"guidance_scale": 7.5}) == "" and MI.run_variant({}) == ""
+    rows = [dict(method="han_sample", gated=False, variant=v, setting=f"l_target={t}" + (f", {v}" if v else ""),
+                 mean_similarity=t, mean_clip=t / 2) for v in ("", "w=7") for t in (0.2, 0.3, 0.4)]
+    fig, ax = plt.subplots()
+    E._panel(ax, rows, "mean_similarity", "mean_clip", {("han_sample", False): "C3"})
+    assert [line.get_linestyle() for line in ax.lines] == ["-", "--"]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[0.2, 0.3, 0.4]] * 2  # never mixing the two groups
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["han_sample", "han_sample (w=7)"]
+    assert len({tuple(h.get_facecolor()[0]) for h in handles}) == 1  # one colour per method
+    plt.close(fig)

@@ -359,13 +359,15 @@ def figure6_rows(results, paths, naming):
     rows = []
     for res, path in zip(results, paths):
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
+        variant = naming.run_variant(res.get("generation_header") or {})
         s, c = res["summary"], res["counts"]
-        rows.append(dict(method=method, setting=setting, gated=gated, mean_similarity=s["mean_similarity"],
+        rows.append(dict(method=method, setting=setting, gated=gated, variant=variant,
+                         mean_similarity=s["mean_similarity"],
                          mean_clip=s["mean_clip"], frac_above={t: s[f"frac_above_{t:g}"] for t in res["thresholds"]},
                          frac_blank=s.get("frac_blank"), n_prompts=c["n_evaluated"], n_images=c["n_images"],
                          result=path, **run_cost(res, path),
                          _key=(list(METHODS).index(method) if method in METHODS else len(METHODS), gated,
-                               setting_sort_key(method, settings))))
+                               variant, setting_sort_key(method, settings))))
     rows.sort(key=lambda r: r["_key"])
     return [{k: v for k, v in r.items() if k != "_key"} for r in rows]
 
@@ -387,16 +389,17 @@ def side_rows(results, paths, naming):
         if not res.get("side_effects"):
             raise UserError(f"{path} has no side effects: score it with --reference NONE_FOLDER")
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
+        variant = naming.run_variant(res.get("generation_header") or {})
         cost, n = run_cost(res, path), res["counts"]["n_prompts"]
         if method == "none" and cost:
             cost["n_mitigated"] = 0  # its records carry no `mitigated` flag: none of its prompts is mitigated
         rows.append(dict({k: res["side_effects"].get(k) for k in SIDE_COLUMNS if k in res["side_effects"]},
-                         method=method, setting=setting, gated=gated, n_prompts=n, result=path,
+                         method=method, setting=setting, gated=gated, variant=variant, n_prompts=n, result=path,
                          n_mitigated=cost.get("n_mitigated"), unet_forwards_per_image=cost.get(
                              "unet_forwards_per_image"), cost_ratio=cost.get("cost_ratio"),
                          frac_mitigated=None if cost.get("n_mitigated") is None else cost["n_mitigated"] / n,
                          _key=(list(METHODS).index(method) if method in METHODS else len(METHODS), gated,
-                               setting_sort_key(method, settings))))
+                               variant, setting_sort_key(method, settings))))
     full = {(r["method"], r["setting"]): r["cost_ratio"] for r in rows if not r["gated"]}
     for r in rows:
         base = full.get((r["method"], r["setting"])) if r["gated"] else None
@@ -474,24 +477,27 @@ def _colours(plt, rows, x, y):
 
 
 def _panel(ax, rows, x, y, colours):
-    """One scatter panel of figure6_plot: one group per (method, gated), the setting beside each point."""
+    """One scatter panel of figure6_plot: one group per (method, gated, sampling variant), the setting beside each
+    point; a variant (another sampler or guidance scale, e.g. --author_settings) in its method's colour with
+    triangles and a dashed curve."""
     from itertools import count
     spare = count()
     groups = {}
     for r in rows:
-        groups.setdefault((r["method"], r["gated"]), []).append(r)
-    for (method, gated), rs in groups.items():
+        groups.setdefault((r["method"], r["gated"], r.get("variant", "")), []).append(r)
+    for (method, gated, variant), rs in groups.items():
         pts = [(r[x], r[y], r["setting"]) for r in rs if r[x] is not None and r[y] is not None]
         if not pts:
             continue
-        name = method + (" (gated)" if gated else "")
+        name = method + (" (gated)" if gated else "") + (f" ({variant})" if variant else "")
         if method == "none":
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=180, c="k", label=name, zorder=3)
             continue
         c = colours.get((method, gated)) or f"C{next(spare) % 10}"
-        if len({p[2].split("=")[0] for p in pts}) == 1 and "," not in pts[0][2]:  # one hyperparameter: a curve
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, lw=0.6, alpha=0.5)
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, label=name, zorder=3,
+        own = [p[2][:-len(variant)].rstrip(", ") if variant else p[2] for p in pts]  # without the variant
+        if len({lab.split("=")[0] for lab in own}) == 1 and "," not in own[0]:  # one hyperparameter: a curve
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if variant else "-", color=c, lw=0.6, alpha=0.5)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, label=name, zorder=3, marker="^" if variant else "o",
                    facecolors="none" if gated else c, edgecolors=c)
         for xv, yv, lab in pts:
             ax.annotate(lab, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=6, color=c)

@@ -164,9 +164,16 @@ def describe_run(header):
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged or hand-edited header
         raise UserError(f"a generation header of method {method!r} without its settings ({type(e).__name__}: "
                         f"{one_line(e)}): not a header written by mitigate_mem.py") from None
+    variant = run_variant(header)
+    if variant:
+        label = ", ".join(([label] if label else []) + [variant])
+    return method, label, settings, bool(header.get("gate"))
+
+
+def run_variant(header):
+    """How a generation header's sampling differs from the harness's (DDIM, guidance 7.5), as label text, e.g.
+    'euler, w=7'; '' for the harness's own (the figure draws each variant of a method as its own curve)."""
     extra = [header["sampler"]] if header.get("sampler") else []
     if header.get("guidance_scale", 7.5) != 7.5:
         extra.append(f"w={header['guidance_scale']:g}")
-    if extra:
-        label = ", ".join(([label] if label else []) + extra)
-    return method, label, settings, bool(header.get("gate"))
+    return ", ".join(extra)
