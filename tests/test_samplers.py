@@ -131,3 +131,14 @@ def test_figure_draws_each_sampling_variant_as_its_own_curve():
     assert labels == ["han_sample", "han_sample (w=7)"]
     assert len({tuple(h.get_facecolor()[0]) for h in handles}) == 1  # one colour per method
     plt.close(fig)
+
+
+def test_image_grid_default_pick_is_a_run_of_the_harness_sampling():
+    """The image grid's default column for a method is the middle of its runs under the harness's sampling, not
+    of those and its author-settings runs together; an asked-for setting is found among all of them."""
+    from utils.evaluation import scoring as E
+    cands = [((v, (0, t)), f"rho={t}" + (", w=7" if v else ""), f"{t}{v}") for v in (False, True) for t in (1, 2, 3)]
+    tag = MI.folder_tag
+    assert E.grid_pick("han_batch", cands, None, tag)[1] == "rho=2"
+    assert E.grid_pick("han_batch", cands, "rho=3, w=7", tag)[1] == "rho=3, w=7"
+    assert E.grid_pick("han_batch", cands[3:], None, tag)[1] == "rho=2, w=7"  # only variants: their middle

@@ -503,10 +503,23 @@ def _panel(ax, rows, x, y, colours):
             ax.annotate(lab, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=6, color=c)
 
 
+def grid_pick(method, cands, want, folder_tag):
+    """The run of `method` shown in the image grid: cands are ((is a sampling variant, setting sort key), setting
+    label, result); want a setting label or folder tag (UserError when none has it), or None: the middle setting
+    of the runs under the harness's own sampling (of all of them when there are none of those)."""
+    cands = sorted(cands, key=lambda c: c[0])
+    hit = [c for c in cands if want in (c[1], folder_tag(c[1]))]
+    if want and not hit:
+        raise UserError(f"no {method} result with setting {want!r}; there are: {', '.join(c[1] for c in cands)}")
+    own = [c for c in cands if not c[0][0]] or cands
+    return hit[0] if want else own[(len(own) - 1) // 2]
+
+
 def image_grid(results, prompt_indices, naming, picks=None, gt_dir=None):
     """Figures 7-8: one row per chosen prompt index, one column per method, each cell the prompt's first image
     (k = 0: the same initial noise under every method but SAIL); the training image first when gt_dir is given.
-    picks: {method: setting label or folder tag}; default the middle setting of the method's non-gated runs.
+    picks: {method: setting label or folder tag}; default the middle setting of the method's non-gated runs under the
+    harness's own sampling (of all its non-gated runs when it has none of those).
     results: score results (their manifests locate the images); naming as in figure6_rows. Returns PNG bytes."""
     import matplotlib
     matplotlib.use("Agg")
@@ -518,16 +531,12 @@ def image_grid(results, prompt_indices, naming, picks=None, gt_dir=None):
     runs = {}
     for res in results:
         method, setting, settings, gated = describe_run(res.get("generation_header") or {})
-        if not gated:
-            runs.setdefault(method, []).append((setting_sort_key(method, settings), setting, res))
+        if not gated:  # the harness's own sampling first, so that the default pick is one of its runs
+            variant = naming.run_variant(res.get("generation_header") or {})
+            runs.setdefault(method, []).append(((bool(variant), setting_sort_key(method, settings)), setting, res))
     chosen = []
     for method in sorted(runs, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS)):
-        cands = sorted(runs[method], key=lambda c: c[0])
-        want = (picks or {}).get(method)
-        hit = [c for c in cands if want in (c[1], folder_tag(c[1]))]
-        if want and not hit:
-            raise UserError(f"no {method} result with setting {want!r}; there are: {', '.join(c[1] for c in cands)}")
-        _, label, res = hit[0] if want else cands[(len(cands) - 1) // 2]
+        _, label, res = grid_pick(method, runs[method], (picks or {}).get(method), folder_tag)
         _, records = scored_manifest(res, "a score result")
         chosen.append((method, label, os.path.dirname(res["manifest"]), {r["index"]: r for r in records}))
     gt = _first_training_images(gt_dir) if gt_dir else None
