@@ -3,7 +3,8 @@
 # scheduler and UNet calls; then the training images, the scores and the figure.
 #   bash run_mitigation.sh          SD v1.4 (SD_VER=2 bash run_mitigation.sh: SD v2.0): SSCD + CLIP ViT-H-14 (GPU)
 #   bash run_mitigation.sh demo     the bundled demo model: pixel cosine + the demo CLIP model, the figure and table
-#                                   into examples/figures/demo_fig6.* (CPU; about 3 h on 2 cores, SAIL most of it)
+#                                   into examples/figures/demo_fig6.* (CPU; SIDE_EFFECTS=0: about 1 h 45 min on 2 idle
+#                                   cores, han_sample's grid the longest; the default doubles it: docs/mitigation.md)
 # Images: $OUT_DIR/sd<ver>/<prompt_type>_<method>_<setting>/ (none: <prompt_type>_nomiti/), each with
 # manifest.jsonl and, after scoring, eval_<similarity>.json / .csv. Every step resumes when re-run.
 # Side effects (SIDE_EFFECTS=1): every run is repeated on the non-memorized prompts (nmem_*/, same settings and
