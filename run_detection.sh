@@ -48,45 +48,12 @@ case "${1:-}" in
   *) echo "error: unknown mode '$1' (use demo, demo16, demo_flow, or nothing for Stable Diffusion)" >&2; exit 2 ;;
 esac
 
-LAUNCH=("$PYTHON")
-if [ "$NUM_PROCESSES" -gt 1 ]; then
-  LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision no
-          --dynamo_backend no)
-  EXIT_DIR=$(mktemp -d)   # where launched processes leave the code they end with on bad input (utils/cli.py)
-  trap 'rm -rf "$EXIT_DIR"' EXIT
-fi
-
-launch() {  # launch SCRIPT ARGS...: one command; under the launcher (NUM_PROCESSES > 1) its arguments are checked
-            # once in one process first (--check_only: bad input is one error line and exit 2 before the launcher
-            # starts), and a code a launched process left (2: bad input met inside a shard) replaces the
-            # launcher's own exit code (1 whatever the processes' codes; docs/multi_gpu.md)
-  if [ "$NUM_PROCESSES" -le 1 ]; then "$PYTHON" "$@"; return; fi
-  "$PYTHON" "$@" --check_only > /dev/null || return
-  local codes rc=0
-  codes=$(mktemp -d "$EXIT_DIR/run.XXXXXX")
-  MEMSHARP_EXIT_DIR="$codes" "${LAUNCH[@]}" "$@" || rc=$?
-  if [ "$rc" -ne 0 ] && compgen -G "$codes/*.code" > /dev/null; then rc=$(sort -n "$codes"/*.code | tail -n 1); fi
-  return "$rc"
-}
+source ./run_common.sh   # launch and together (also run_mitigation.sh's)
 
 run() {  # run() SET N METRICS: one detect_mem.py call
   launch detect_mem.py --sd_ver "$ver" --data_path "$1" --gen_num "$2" --metrics "$3" \
     --hvp_sampling_num "$HVP_SAMPLING_NUM" --wen_steps "$WEN_STEPS" --tile_px "$TILE_PX" \
     --nemo_ssim "$NEMO_SSIM" --gen_seed "$GEN_SEED" --batch_size "$BATCH_SIZE" --out_dir "$OUT_DIR" $EXTRA_ARGS
-}
-
-together() {  # together F G: run shell commands F and G at once; the first to fail stops the other, and the
-              # script ends with its exit code (2 for bad input)
-  "$1" & local a=$!
-  "$2" & local b=$!
-  local rc=0 first=
-  wait -n -p first "$a" "$b" || rc=$?
-  if [ "$rc" -ne 0 ]; then
-    for p in "$a" "$b"; do pkill -TERM -P "$p" 2>/dev/null || true; kill -TERM "$p" 2>/dev/null || true; done
-    wait "$a" "$b" 2>/dev/null || true
-    exit "$rc"
-  fi
-  wait "$([ "$first" = "$a" ] && echo "$b" || echo "$a")" || exit $?
 }
 
 for ver in $SD_VERS; do

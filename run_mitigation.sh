@@ -52,26 +52,7 @@ case "$SD_VER" in
   *) echo "error: SD_VER must be 1, 2 or demo" >&2; exit 2 ;;
 esac
 FIGURE=${FIGURE:-$OUT_DIR/sd${SD_VER}_fig6}
-LAUNCH=("$PYTHON")
-if [ "$NUM_PROCESSES" -gt 1 ]; then
-  LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision no
-          --dynamo_backend no)
-  EXIT_DIR=$(mktemp -d)   # where launched processes leave the code they end with on bad input (utils/cli.py)
-  trap 'rm -rf "$EXIT_DIR"' EXIT
-fi
-
-launch() {  # launch SCRIPT ARGS...: one command; under the launcher (NUM_PROCESSES > 1) its arguments are checked
-            # once in one process first (--check_only: bad input is one error line and exit 2 before the launcher
-            # starts), and a code a launched process left (2: bad input met inside a shard) replaces the
-            # launcher's own exit code (1 whatever the processes' codes; docs/multi_gpu.md)
-  if [ "$NUM_PROCESSES" -le 1 ]; then "$PYTHON" "$@"; return; fi
-  "$PYTHON" "$@" --check_only > /dev/null || return
-  local codes rc=0
-  codes=$(mktemp -d "$EXIT_DIR/run.XXXXXX")
-  MEMSHARP_EXIT_DIR="$codes" "${LAUNCH[@]}" "$@" || rc=$?
-  if [ "$rc" -ne 0 ] && compgen -G "$codes/*.code" > /dev/null; then rc=$(sort -n "$codes"/*.code | tail -n 1); fi
-  return "$rc"
-}
+source ./run_common.sh   # launch and together (also run_detection.sh's)
 sail_args=()
 [ -n "$MITI_ALPHA" ] && sail_args=(--miti_alpha "$MITI_ALPHA")
 sail_args+=(--miti_prompt_batch "$MITI_PROMPT_BATCH")   # options of SAIL alone (the other methods refuse them)
@@ -97,19 +78,6 @@ others() { for m in $METHODS; do [ "$m" = sail ] || each launch mitigate_mem.py 
   if [ "$AUTHOR_SETTINGS" = 1 ]; then local have; have=" $(authored) "; for m in $METHODS; do case "$have" in *" $m "*)
     each launch mitigate_mem.py --method "$m" --grid --author_settings $(own "$m") $EXTRA_ARGS ;; esac; done; fi; }
 authored() { $PYTHON -c "from utils.mitigation.methods import METHODS; print(*(k for k, m in METHODS.items() if m.author))"; }
-together() {  # together F G: run shell commands F and G at once; the first to fail stops the other, and the
-              # script ends with its exit code (2 for bad input) (as in run_detection.sh)
-  "$1" & local a=$!
-  "$2" & local b=$!
-  local rc=0 first=
-  wait -n -p first "$a" "$b" || rc=$?
-  if [ "$rc" -ne 0 ]; then
-    for p in "$a" "$b"; do pkill -TERM -P "$p" 2>/dev/null || true; kill -TERM "$p" 2>/dev/null || true; done
-    wait "$a" "$b" 2>/dev/null || true
-    exit "$rc"
-  fi
-  wait "$([ "$first" = "$a" ] && echo "$b" || echo "$a")" || exit $?
-}
 if [[ " $METHODS " == *" sail "* ]]; then
   if [ "$SD_VER" = demo ]; then
     sail() { TQDM_DISABLE=1 each $PYTHON mitigate_mem.py --method sail --grid "${sail_args[@]}" $EXTRA_ARGS; }
