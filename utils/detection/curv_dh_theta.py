@@ -6,22 +6,16 @@ import dataclasses
 
 import torch
 
-from .base import option, register
+from .base import register
 from .curv_dh import CurvDh, CurvDhSettings, hutchinson_diagonal
 from .curv_ds import spatial_mean
-from .curv_ds_theta import AgainstCheckpoint, companion_of
+from .curv_ds_theta import AgainstCheckpoint, ThetaOption, companion_of
 from .maps import MAPS
 
 
 @dataclasses.dataclass(frozen=True)
-class ThetaDhSettings(CurvDhSettings):
+class ThetaDhSettings(ThetaOption, CurvDhSettings):
     """curv_dh_theta's options: curv_dh's (one flag each, shared) and the second model (shared with curv_ds_theta)."""
-    curv_theta: str = option("", metavar="MODEL_ID")  # curv_*_theta: earlier checkpoint (theirs: SD v1-1 for v1.4)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.curv_theta, str):
-            raise ValueError("curv_theta must be a model id (a string)")
 
 
 @register

@@ -40,14 +40,20 @@ class AgainstCheckpoint:
 
 
 @dataclasses.dataclass(frozen=True)
-class ThetaSettings(CurvSettings):
-    """curv_ds_theta's options: the second model (and curv_step, shared with curv_ds)."""
+class ThetaOption:
+    """The second model's option, declared once for both curv_*_theta detectors' settings: put it first among the
+    bases (ThetaOption, <curv settings>), so that its check runs after theirs."""
     curv_theta: str = option("", metavar="MODEL_ID")  # curv_*_theta: earlier checkpoint (theirs: SD v1-1 for v1.4)
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.curv_theta, str):
             raise ValueError("curv_theta must be a model id (a string)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThetaSettings(ThetaOption, CurvSettings):
+    """curv_ds_theta's options: the second model (and curv_step, shared with curv_ds)."""
 
 
 @register
